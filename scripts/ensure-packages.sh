@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install the OS packages Kiln's local stack and tests need, when they are missing.
+# Idempotent and non-interactive. Usage: scripts/ensure-packages.sh [server|browser|all]
+set -euo pipefail
+want="${1:-server}"
+pkgs=()
+need() { command -v "$1" >/dev/null 2>&1 || pkgs+=("$2"); }
+case "$want" in
+  server|all)
+    compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || pkgs+=(postgresql)
+    need redis-server redis-server
+    need curl curl
+    ;;&
+  browser|all)
+    need chromium chromium
+    need chromedriver chromium-driver
+    ;;
+esac
+[ "${#pkgs[@]}" -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+export DEBIAN_FRONTEND=noninteractive
+echo "kiln: installing ${pkgs[*]} from the OS packages" >&2
+$SUDO dpkg --configure -a >/dev/null 2>&1 || true
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null

@@ -1,0 +1,86 @@
+//! `kiln-api` settings: flags, or the environment variables named beside each, with defaults
+//! suited to the local stack.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct ApiConfig {
+    /// Address to serve REST, GraphQL and the console on.
+    #[arg(long, env = "KILN_API_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://kiln:kiln@127.0.0.1:5432/kiln")]
+    pub database_url: String,
+    /// Maximum PostgreSQL connections in this process's pool.
+    #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+    /// Redis URL (rate limits and session-revocation fan-out).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix for every Redis key this deployment uses.
+    #[arg(long, env = "KILN_RATE_LIMIT_NAMESPACE", default_value = "kiln")]
+    pub redis_namespace: String,
+    /// The URL users reach this API at (links in the console, `iss` of tokens).
+    #[arg(long, env = "KILN_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
+    pub public_url: String,
+    /// Access-token lifetime in seconds.
+    #[arg(long, env = "KILN_ACCESS_TOKEN_TTL_SECS", default_value_t = 900)]
+    pub access_token_ttl_secs: i64,
+    /// Session (refresh-token family) lifetime in days.
+    #[arg(long, env = "KILN_SESSION_TTL_DAYS", default_value_t = 30)]
+    pub session_ttl_days: i64,
+    /// Rotate the JWT signing key when the newest is older than this many hours.
+    #[arg(long, env = "KILN_SIGNING_KEY_ROTATE_HOURS", default_value_t = 24 * 7)]
+    pub signing_key_rotate_hours: i64,
+    /// Sign-in attempts allowed per client IP per minute.
+    #[arg(long, env = "KILN_LOGIN_LIMIT_PER_IP", default_value_t = 30)]
+    pub login_limit_per_ip: u32,
+    /// Sign-in attempts allowed per account per minute.
+    #[arg(long, env = "KILN_LOGIN_LIMIT_PER_ACCOUNT", default_value_t = 10)]
+    pub login_limit_per_account: u32,
+    /// Sign-ups allowed per client IP per hour.
+    #[arg(long, env = "KILN_SIGNUP_LIMIT_PER_IP", default_value_t = 20)]
+    pub signup_limit_per_ip: u32,
+    /// Take the client address from `X-Forwarded-For` (only behind a trusted proxy).
+    #[arg(long, env = "KILN_TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
+    /// Operator account to create or update at start-up (with `--admin-password`).
+    #[arg(long, env = "KILN_ADMIN_EMAIL")]
+    pub admin_email: Option<String>,
+    /// The operator account's password.
+    #[arg(long, env = "KILN_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+    /// Mark session cookies `Secure` (set when serving over HTTPS).
+    #[arg(long, env = "KILN_SECURE_COOKIES", default_value_t = false)]
+    pub secure_cookies: bool,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+impl ApiConfig {
+    /// Settings for tests: everything default except what the caller sets.
+    pub fn for_tests(database_url: String, redis_url: String, namespace: String) -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 0).into(),
+            database_url,
+            db_max_connections: 8,
+            redis_url,
+            redis_namespace: namespace,
+            public_url: "http://127.0.0.1".into(),
+            access_token_ttl_secs: 900,
+            session_ttl_days: 30,
+            signing_key_rotate_hours: 24 * 7,
+            login_limit_per_ip: 1000,
+            login_limit_per_account: 1000,
+            signup_limit_per_ip: 1000,
+            trust_forwarded_for: false,
+            admin_email: None,
+            admin_password: None,
+            secure_cookies: false,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The REST surface (`/v1/…`) and its OpenAPI document.
+
+pub mod extract;
+mod identity;
+mod orgs;
+
+use axum::Json;
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use futures::future::BoxFuture;
+use kiln_domain::OrgId;
+use kiln_store::{Claim, IdempotencyScope};
+use serde::Serialize;
+use sqlx::PgConnection;
+use utoipa::OpenApi;
+
+use crate::error::{ApiError, FieldError, Problem};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/auth/signup", post(identity::signup))
+        .route("/v1/auth/login", post(identity::login))
+        .route("/v1/auth/refresh", post(identity::refresh))
+        .route("/v1/auth/logout", post(identity::logout))
+        .route("/v1/me", get(identity::me))
+        .route("/v1/orgs", get(orgs::list).post(orgs::create))
+        .route("/v1/orgs/{org}", get(orgs::get))
+        .route("/v1/orgs/{org}/members", get(orgs::members).post(orgs::member_add))
+        .route("/v1/orgs/{org}/members/{user}", delete(orgs::member_remove).patch(orgs::member_update))
+        .route("/v1/orgs/{org}/api-keys", get(orgs::api_keys).post(orgs::api_key_create))
+        .route("/v1/orgs/{org}/api-keys/{key}", delete(orgs::api_key_revoke))
+        .route("/v1/orgs/{org}/audit-log", get(orgs::audit_log))
+        .route("/openapi.json", get(openapi_json))
+}
+
+/// Answer for unknown paths: a problem, not an empty 404.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("resource")
+}
+
+pub async fn method_not_allowed() -> Response {
+    let mut p = ApiError::NotFound("resource").problem();
+    p.status = 405;
+    p.title = "Method not allowed".into();
+    p.detail = "this resource does not support that method".into();
+    p.kind = "https://kiln.dev/problems/method-not-allowed".into();
+    let mut r = (StatusCode::METHOD_NOT_ALLOWED, Json(p)).into_response();
+    r.headers_mut().insert("content-type", HeaderValue::from_static("application/problem+json"));
+    r
+}
+
+/// Run a creating operation in one transaction, guarded by an optional `Idempotency-Key`:
+/// the key is claimed in the same transaction as the effect, so a duplicate (even a concurrent
+/// one) gets the first answer, and a failure leaves nothing behind.
+pub async fn idempotent<T, F>(
+    state: &AppState,
+    org: Option<OrgId>,
+    principal: String,
+    key: Option<String>,
+    fingerprint: Vec<u8>,
+    status: StatusCode,
+    effect: F,
+) -> Result<Response, ApiError>
+where
+    T: Serialize,
+    F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ApiError>>,
+{
+    let mut tx = state.store.begin().await?;
+    let scope = key.map(|key| IdempotencyScope { org: org.map_or_else(|| "-".to_owned(), |o| o.to_string()), principal, key });
+    if let Some(scope) = &scope {
+        match state.store.idempotency_claim(&mut tx, scope, &fingerprint).await? {
+            Claim::New => {}
+            Claim::Mismatch => return Err(ApiError::IdempotencyMismatch),
+            Claim::Replay { status, body } => {
+                tx.rollback().await.map_err(kiln_store::StoreError::from)?;
+                let code = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                let mut r = (code, Json(body)).into_response();
+                r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(r);
+            }
+        }
+    }
+    let value = effect(&mut tx).await?;
+    let body = serde_json::to_value(&value).map_err(ApiError::internal)?;
+    if let Some(scope) = &scope {
+        state.store.idempotency_complete(&mut tx, scope, status.as_u16(), &body).await?;
+    }
+    tx.commit().await.map_err(kiln_store::StoreError::from)?;
+    Ok((status, Json(body)).into_response())
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Kiln API",
+        version = "1",
+        description = "Kiln: a multi-tenant GPU cloud. Errors are application/problem+json (RFC 9457). \
+                       Authenticate with `Authorization: Bearer <access token or API key>`."
+    ),
+    paths(
+        identity::signup, identity::login, identity::refresh, identity::logout, identity::me,
+        orgs::list, orgs::create, orgs::get,
+        orgs::members, orgs::member_add, orgs::member_update, orgs::member_remove,
+        orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
+        orgs::audit_log,
+    ),
+    components(schemas(Problem, FieldError)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "identity", description = "Accounts, sign-in and sessions"),
+        (name = "orgs", description = "Orgs, members, API keys and the audit log"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An access token from /v1/auth/login, or an API key (`kiln_…`)")).build()),
+        );
+    }
+}
+
+/// The OpenAPI 3.1 document, as served at `/openapi.json` and checked in as `openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    Json(openapi())
+}

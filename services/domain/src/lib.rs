@@ -1,0 +1,14 @@
+//! Kiln's domain vocabulary, shared by every control-plane crate.
+//!
+//! Everything here is plain data and pure functions: typed identifiers with their public
+//! prefixes (`org_…`), inputs parsed into validated types at the edge (`Email`, `Password`,
+//! `OrgName`), and the one permission table that says what each org role may do. No crate
+//! below the HTTP/GraphQL edge ever handles a bare `Uuid` or an unvalidated string.
+
+pub mod ids;
+pub mod inputs;
+pub mod roles;
+
+pub use ids::{ApiKeyId, IdParseError, OrgId, SessionId, UserId};
+pub use inputs::{ApiKeyName, Email, InputError, OrgName, Password, PersonName};
+pub use roles::{Permission, Role, RoleParseError};
