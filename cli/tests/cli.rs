@@ -1,0 +1,424 @@
+//! The real `kiln` binary against a real kiln-api (in-process, own database per test).
+//!
+//! Needs DATABASE_URL and REDIS_URL (as `make test` sets them).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kiln_testkit::TestApp;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+/// One person's `kiln`: its own config directory, pointed at one server.
+struct Kiln {
+    home: tempfile::TempDir,
+    url: String,
+}
+
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn ok(self) -> Self {
+        assert_eq!(
+            self.code, 0,
+            "kiln failed:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Kiln {
+    fn new(app: &TestApp) -> Self {
+        Self {
+            home: tempfile::tempdir().unwrap(),
+            url: app.url.clone(),
+        }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.home
+            .path()
+            .join("config")
+            .join("kiln")
+            .join("config.toml")
+    }
+
+    fn config(&self) -> toml::Table {
+        std::fs::read_to_string(self.config_path())
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn write_config(&self, t: &toml::Table) {
+        std::fs::write(self.config_path(), toml::to_string(t).unwrap()).unwrap();
+    }
+
+    async fn run(&self, args: &[&str]) -> Run {
+        self.run_with(args, None, &[]).await
+    }
+
+    /// Run `kiln args…` with `stdin` and extra environment; the server keeps serving meanwhile.
+    async fn run_with(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Run {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(args)
+            .env("HOME", self.home.path())
+            .env("XDG_CONFIG_HOME", self.home.path().join("config"))
+            .env("KILN_API_URL", &self.url)
+            .env_remove("KILN_API_KEY")
+            .env_remove("KILN_ORG")
+            .env_remove("KILN_PASSWORD")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn kiln");
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(input.as_bytes()).await.unwrap();
+            drop(pipe);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("kiln {args:?} did not finish in 60 s"))
+            .unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn login(&self, email: &str, password: &str) -> Run {
+        self.run_with(
+            &["login", "--email", email, "--password-stdin"],
+            Some(&format!("{password}\n")),
+            &[],
+        )
+        .await
+    }
+}
+
+fn items(v: &Value) -> &Vec<Value> {
+    v["items"].as_array().expect("a list answer has items")
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_new_user_signs_in_and_manages_orgs_keys_and_members(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let bob = app.user("bob").await;
+    let kiln = Kiln::new(&app);
+
+    let out = kiln.login(&ada.email, &ada.password).await.ok();
+    assert!(
+        out.stdout.contains("Signed in") && out.stdout.contains(&ada.email),
+        "{out:?}"
+    );
+
+    // The session is saved privately.
+    let path = kiln.config_path();
+    assert!(path.is_file(), "config at {}", path.display());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "config mode is {mode:o}");
+    }
+    let cfg = kiln.config();
+    assert_eq!(cfg["api_url"].as_str(), Some(app.url.as_str()));
+    assert_eq!(
+        cfg["org"].as_str(),
+        Some(ada.org_id.as_str()),
+        "the personal org is the default"
+    );
+    assert!(cfg["refresh_token"].as_str().is_some_and(|t| !t.is_empty()));
+
+    // The personal org is listed.
+    let orgs = kiln.run(&["orgs", "--output", "json"]).await.ok().json();
+    let personal = items(&orgs)
+        .iter()
+        .find(|o| o["id"] == ada.org_id.as_str())
+        .expect("personal org listed");
+    assert_eq!(personal["personal"], true);
+    assert_eq!(personal["role"], "owner");
+    // …and in the table, marked as the default.
+    let table = kiln.run(&["orgs"]).await.ok().stdout;
+    assert!(table.contains("ID") && table.contains("NAME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with('*') && l.contains(&ada.org_id)),
+        "{table}"
+    );
+
+    // A new org.
+    let created = kiln
+        .run(&["orgs", "create", "Research Lab", "--output", "json"])
+        .await
+        .ok()
+        .json();
+    let lab = created["id"].as_str().unwrap().to_owned();
+    assert_eq!(created["name"], "Research Lab");
+    let orgs = kiln.run(&["orgs", "list", "-o", "json"]).await.ok().json();
+    assert_eq!(items(&orgs).len(), 2);
+
+    // An API key in the new org: the secret is printed once, the list shows its prefix only.
+    let out = kiln
+        .run(&["--org", &lab, "api-keys", "create", "ci"])
+        .await
+        .ok();
+    let secret = out
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("kiln_"))
+        .unwrap_or_else(|| panic!("no secret in {out:?}"))
+        .to_owned();
+    assert!(
+        out.stdout.to_lowercase().contains("only this once"),
+        "{}",
+        out.stdout
+    );
+    let list = kiln
+        .run(&["--org", &lab, "api-keys", "list"])
+        .await
+        .ok()
+        .stdout;
+    let listed = kiln
+        .run(&["--org", &lab, "api-keys", "list", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    let key = &items(&listed)[0];
+    let prefix = key["prefix"].as_str().unwrap();
+    assert!(secret.starts_with(prefix), "{secret} starts with {prefix}");
+    assert!(list.contains(prefix) && list.contains("active"), "{list}");
+    assert!(
+        !list.contains(&secret) && !listed.to_string().contains(&secret),
+        "the secret is never listed"
+    );
+
+    // The key works for scripts via KILN_API_KEY…
+    let me = kiln
+        .run_with(
+            &["whoami", "-o", "json"],
+            None,
+            &[("KILN_API_KEY", &secret)],
+        )
+        .await
+        .ok()
+        .json();
+    assert_eq!(me["api_key"]["org_id"], lab.as_str());
+    // …until revoked.
+    let key_id = key["id"].as_str().unwrap();
+    kiln.run(&["--org", &lab, "api-keys", "revoke", key_id])
+        .await
+        .ok();
+    let listed = kiln
+        .run(&["--org", &lab, "api-keys", "list", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    assert!(!items(&listed)[0]["revoked_at"].is_null());
+    assert!(
+        kiln.run(&["--org", &lab, "api-keys", "list"])
+            .await
+            .ok()
+            .stdout
+            .contains("revoked")
+    );
+    let out = kiln
+        .run_with(&["whoami"], None, &[("KILN_API_KEY", &secret)])
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("KILN_API_KEY"), "{}", out.stderr);
+
+    // Members, in the org made the default.
+    let out = kiln.run(&["orgs", "use", &lab]).await.ok();
+    assert!(out.stdout.contains("Research Lab"), "{out:?}");
+    assert_eq!(kiln.config()["org"].as_str(), Some(lab.as_str()));
+    let out = kiln
+        .run(&["members", "add", &bob.email, "--role", "admin"])
+        .await
+        .ok();
+    assert!(out.stdout.contains(&bob.email), "{out:?}");
+    let members = kiln.run(&["members", "--output", "json"]).await.ok().json();
+    let row = items(&members)
+        .iter()
+        .find(|m| m["email"] == bob.email.as_str())
+        .expect("bob is listed");
+    assert_eq!(row["role"], "admin");
+    assert_eq!(row["user_id"], bob.user_id.as_str());
+    assert_eq!(items(&members).len(), 2);
+
+    kiln.run(&["members", "set-role", &bob.user_id, "viewer"])
+        .await
+        .ok();
+    let table = kiln.run(&["members"]).await.ok().stdout;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&bob.email) && l.contains("viewer")),
+        "{table}"
+    );
+    kiln.run(&["members", "remove", &bob.user_id]).await.ok();
+    let members = kiln.run(&["members", "-o", "json"]).await.ok().json();
+    assert_eq!(items(&members).len(), 1);
+
+    // Sign out: the server session ends and the tokens are forgotten.
+    let refresh = kiln.config()["refresh_token"].as_str().unwrap().to_owned();
+    kiln.run(&["logout"]).await.ok();
+    assert!(!kiln.config().contains_key("refresh_token"));
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": refresh })),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 401, "the session was revoked");
+    let out = kiln.run(&["orgs"]).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("kiln login"), "{}", out.stderr);
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_expired_access_token_is_refreshed_transparently(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+
+    // Expired by the clock: refreshed before the call.
+    let mut cfg = kiln.config();
+    let first_refresh = cfg["refresh_token"].as_str().unwrap().to_owned();
+    cfg.insert("access_token".into(), "garbage".into());
+    cfg.insert("access_expires_at".into(), "2000-01-01T00:00:00Z".into());
+    kiln.write_config(&cfg);
+    let orgs = kiln.run(&["orgs", "-o", "json"]).await.ok().json();
+    assert_eq!(items(&orgs).len(), 1);
+    let cfg = kiln.config();
+    let second_refresh = cfg["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(
+        second_refresh, first_refresh,
+        "a new refresh token was saved"
+    );
+    assert_ne!(cfg["access_token"].as_str(), Some("garbage"));
+    let expires = cfg["access_expires_at"].as_str().unwrap();
+    assert!(expires > "2001", "new expiry saved: {expires}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(kiln.config_path())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+
+    // Rejected by the server (401) although not expired by the clock: refreshed and retried once.
+    let mut cfg = kiln.config();
+    cfg.insert("access_token".into(), "garbage".into());
+    kiln.write_config(&cfg);
+    kiln.run(&["whoami"]).await.ok();
+    let cfg = kiln.config();
+    assert_ne!(cfg["refresh_token"].as_str(), Some(second_refresh.as_str()));
+    assert_ne!(cfg["access_token"].as_str(), Some("garbage"));
+
+    // When the session is over, the user is told to sign in again.
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/v1/auth/logout",
+            None,
+            Some(json!({ "refresh_token": cfg["refresh_token"].as_str().unwrap() })),
+        )
+        .await;
+    assert!(status.is_success());
+    let mut cfg = kiln.config();
+    cfg.insert("access_token".into(), "garbage".into());
+    kiln.write_config(&cfg);
+    let out = kiln.run(&["orgs"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("kiln login"), "{}", out.stderr);
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn mistakes_are_explained(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let bob = app.user("bob").await;
+    let kiln = Kiln::new(&app);
+
+    // A wrong password.
+    let out = kiln.login(&ada.email, "not-the-right-password").await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("email or password is wrong"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !kiln.config_path().exists() || !kiln.config().contains_key("refresh_token"),
+        "nothing saved"
+    );
+
+    // Not signed in yet.
+    let out = kiln.run(&["members"]).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("kiln login"), "{}", out.stderr);
+
+    // A bad role is reported on its field.
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let out = kiln
+        .run(&["members", "add", &bob.email, "--role", "emperor"])
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.trim_start().starts_with("role:")),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+
+    // An org that is not yours.
+    let out = kiln.run(&["--org", &bob.org_id, "members"]).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+
+    // Usage errors exit 2.
+    let out = kiln.run(&["members", "add"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    let out = kiln.run(&["orgs", "--output", "yaml"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+}
