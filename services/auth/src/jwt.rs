@@ -175,7 +175,7 @@ mod tests {
     #[test]
     fn rotation_keeps_old_tokens_valid_and_signs_with_the_newest() {
         let old = SigningKey::generate(now() - 100);
-        let t_old = ring(&[old.clone()]).issue(UserId::new(), SessionId::new(), now()).unwrap();
+        let t_old = ring(std::slice::from_ref(&old)).issue(UserId::new(), SessionId::new(), now()).unwrap();
         let new = SigningKey::generate(now());
         let rotated = ring(&[old.clone(), new.clone()]);
         assert_eq!(rotated.signing_kid(), Some(new.kid.as_str()));
@@ -188,12 +188,12 @@ mod tests {
     #[test]
     fn expired_wrong_audience_wrong_issuer_and_forged_tokens_are_refused() {
         let k = SigningKey::generate(now());
-        let r = ring(&[k.clone()]);
+        let r = ring(std::slice::from_ref(&k));
         let expired = r.issue(UserId::new(), SessionId::new(), now() - 10_000).unwrap();
         assert!(r.verify(&expired).is_err());
-        let other_aud = KeyRing::new("kiln", "somebody-else", 900, &[k.clone()]);
+        let other_aud = KeyRing::new("kiln", "somebody-else", 900, std::slice::from_ref(&k));
         assert!(r.verify(&other_aud.issue(UserId::new(), SessionId::new(), now()).unwrap()).is_err());
-        let other_iss = KeyRing::new("evil", "kiln-api", 900, &[k.clone()]);
+        let other_iss = KeyRing::new("evil", "kiln-api", 900, std::slice::from_ref(&k));
         assert!(r.verify(&other_iss.issue(UserId::new(), SessionId::new(), now()).unwrap()).is_err());
         let future = r.issue(UserId::new(), SessionId::new(), now() + 3600).unwrap();
         assert!(r.verify(&future).is_err(), "nbf in the future must be refused");
@@ -206,7 +206,7 @@ mod tests {
     #[test]
     fn the_algorithm_is_pinned() {
         let k = SigningKey::generate(now());
-        let r = ring(&[k.clone()]);
+        let r = ring(std::slice::from_ref(&k));
         let t = r.issue(UserId::new(), SessionId::new(), now()).unwrap();
         // Re-head the token as alg=none and as HS512: both refused.
         let parts: Vec<&str> = t.split('.').collect();

@@ -36,6 +36,19 @@ pub struct AuditRecord {
     pub created_at: OffsetDateTime,
 }
 
+type AuditRow = (
+    i64,
+    Option<Uuid>,
+    Option<Uuid>,
+    Option<String>,
+    Option<Uuid>,
+    String,
+    Option<String>,
+    Option<String>,
+    serde_json::Value,
+    OffsetDateTime,
+);
+
 impl Store {
     pub async fn audit_record(&self, conn: &mut PgConnection, e: &AuditEvent) -> StoreResult<()> {
         sqlx::query(
@@ -61,16 +74,18 @@ impl Store {
     }
 
     /// The org's events, newest first: everything recorded against the org, plus the sign-in
-    /// events of its current members.
+    /// events of its current members since they joined (admins answer for their members'
+    /// access, not for what those people did before or elsewhere).
     pub async fn audit_list(&self, scope: &OrgScope, limit: u32, before: Option<i64>) -> StoreResult<PageOf<AuditRecord>> {
         let limit = limit.clamp(1, crate::PageRequest::MAX_LIMIT);
-        let rows: Vec<(i64, Option<Uuid>, Option<Uuid>, Option<String>, Option<Uuid>, String, Option<String>, Option<String>, serde_json::Value, OffsetDateTime)> =
-            sqlx::query_as(
+        let rows: Vec<AuditRow> = sqlx::query_as(
                 "SELECT e.id, e.org_id, e.actor_user_id, u.email, e.actor_api_key_id, e.action, e.target, e.ip, e.details, e.created_at
                  FROM audit_events e LEFT JOIN users u ON u.id = e.actor_user_id
                  WHERE ($2::bigint IS NULL OR e.id < $2)
                    AND (e.org_id = $1
-                        OR (e.org_id IS NULL AND e.actor_user_id IN (SELECT user_id FROM memberships WHERE org_id = $1)))
+                        OR (e.org_id IS NULL AND EXISTS (
+                            SELECT 1 FROM memberships m
+                            WHERE m.org_id = $1 AND m.user_id = e.actor_user_id AND e.created_at >= m.created_at)))
                  ORDER BY e.id DESC LIMIT $3",
             )
             .bind(scope.org_id().as_uuid())

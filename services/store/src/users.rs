@@ -45,6 +45,7 @@ pub enum RefreshOutcome {
 }
 
 type UserRow = (Uuid, String, String, bool, OffsetDateTime);
+type MeRow = (Uuid, String, String, bool, OffsetDateTime, sqlx::types::Json<Vec<MembershipView>>);
 
 fn user_from_row((id, email, name, is_operator, created_at): UserRow) -> UserRecord {
     UserRecord { id: UserId::from_uuid(id), email: Email::from_trusted(email), name, is_operator, created_at }
@@ -129,8 +130,7 @@ impl Store {
 
     /// The user and all their memberships, in one round trip.
     pub async fn me(&self, id: UserId) -> StoreResult<Me> {
-        let row: Option<(Uuid, String, String, bool, OffsetDateTime, sqlx::types::Json<Vec<MembershipView>>)> =
-            sqlx::query_as(
+        let row: Option<MeRow> = sqlx::query_as(
                 "SELECT u.id, u.email, u.name, u.is_operator, u.created_at,
                         COALESCE((SELECT json_agg(json_build_object(
                                     'org_id', o.id, 'org_name', o.name, 'role', m.role, 'personal', o.personal)

@@ -1,0 +1,266 @@
+//! `kiln-bench`: an end-to-end benchmark of `kiln-api` on loopback.
+//!
+//! It creates a throw-away database, runs the real `kiln-api` binary against it as a child
+//! process on a free 127.0.0.1 port, signs a user up, and measures:
+//!
+//! * `api.login.*` — sequential `POST /v1/auth/login` latency (password hashing dominates);
+//! * `api.me.*` — `GET /v1/me` under closed-loop load from N keep-alive HTTP/1.1 connections
+//!   (hyper's low-level client, one connection per task, so the client costs little).
+//!
+//! Stdout carries only `BENCH <name> <value> <unit>` lines; everything else goes to stderr.
+//! The child and the database are removed at the end, also on failure, Ctrl-C or SIGTERM.
+//! The load targets only the child on 127.0.0.1 and is bounded in time and request count.
+
+mod load;
+mod server;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln-bench",
+    about = "Benchmark kiln-api on loopback; prints BENCH lines"
+)]
+pub struct Args {
+    /// An existing database on the server to benchmark against; the benchmark creates (and
+    /// drops) its own `kiln_bench_<random>` database there, so the role needs CREATEDB.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://kiln:kiln@127.0.0.1:5432/kiln"
+    )]
+    database_url: String,
+
+    /// Redis for the API's rate limits (under a fresh namespace per run).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+
+    /// The kiln-api binary [default: `kiln-api` next to this executable].
+    #[arg(long, env = "KILN_API_BIN")]
+    api_bin: Option<PathBuf>,
+
+    /// Concurrent keep-alive connections for the GET /v1/me load.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    connections: u32,
+
+    /// Measured seconds of GET /v1/me load (after the warm-up).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    duration_secs: u64,
+
+    /// Seconds of GET /v1/me load before measuring.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup_secs: u64,
+
+    /// Upper bound on the number of GET /v1/me requests, warm-up included.
+    #[arg(long, default_value_t = 20_000_000)]
+    max_requests: u64,
+
+    /// Measured sequential logins.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    logins: u32,
+
+    /// Sequential logins before measuring.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(0..=1_000))]
+    login_warmup: u32,
+
+    /// How long kiln-api may take to migrate and to answer /healthz.
+    #[arg(long, default_value_t = 60)]
+    startup_timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kiln-bench: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Print one figure. Stdout holds nothing else.
+fn figure(name: &str, value: impl std::fmt::Display, unit: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout is not worth a panic; the figure is lost either way.
+    let _ = writeln!(out, "BENCH {name} {value} {unit}");
+    let _ = out.flush();
+}
+
+fn ms(micros: u64) -> String {
+    format!("{:.3}", micros as f64 / 1000.0)
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let api_bin = match &args.api_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name("kiln-api"),
+    };
+    if !api_bin.is_file() {
+        bail!(
+            "kiln-api binary not found at {} (set KILN_API_BIN or --api-bin)",
+            api_bin.display()
+        );
+    }
+
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let mut child = None;
+    let outcome = tokio::select! {
+        r = bench(args, &api_bin, &db.url, &run_id, &mut child) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
+    if let Some(child) = child {
+        server::stop(child).await;
+    }
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn bench(
+    args: &Args,
+    api_bin: &std::path::Path,
+    db_url: &str,
+    run_id: &str,
+    child: &mut Option<tokio::process::Child>,
+) -> Result<()> {
+    let startup = Duration::from_secs(args.startup_timeout_secs);
+    server::migrate(api_bin, db_url, startup).await?;
+    let api = server::start(api_bin, db_url, &args.redis_url, run_id, startup, child).await?;
+    let base = format!("http://{}", api.addr);
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+
+    // A user of our own.
+    let email = format!("bench-{run_id}@example.com");
+    let password = format!("Bench-{}-pw!", Uuid::new_v4().simple());
+    let resp = http
+        .post(format!("{base}/v1/auth/signup"))
+        .json(&json!({ "email": email, "password": password, "name": "Bench User" }))
+        .send()
+        .await
+        .context("POST /v1/auth/signup")?;
+    let status = resp.status();
+    if status != reqwest::StatusCode::CREATED {
+        bail!(
+            "signup answered {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    // Sequential logins.
+    let login_body = json!({ "email": email, "password": password });
+    let mut login_hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut access_token = String::new();
+    eprintln!(
+        "kiln-bench: {} sequential logins after {} warm-up",
+        args.logins, args.login_warmup
+    );
+    for i in 0..(args.login_warmup + args.logins) {
+        let started = Instant::now();
+        let resp = http
+            .post(format!("{base}/v1/auth/login"))
+            .json(&login_body)
+            .send()
+            .await
+            .context("POST /v1/auth/login")?;
+        let status = resp.status();
+        let body = resp.bytes().await.context("reading the login answer")?;
+        let elapsed = started.elapsed();
+        if status != reqwest::StatusCode::OK {
+            bail!(
+                "login answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        if i >= args.login_warmup {
+            login_hist.saturating_record(elapsed.as_micros().try_into().unwrap_or(u64::MAX));
+        }
+        if access_token.is_empty() {
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).context("parsing the login answer")?;
+            access_token = v["access_token"]
+                .as_str()
+                .context("login answer has no access_token")?
+                .to_owned();
+        }
+    }
+    figure(
+        "api.login.p50_ms",
+        ms(login_hist.value_at_quantile(0.50)),
+        "ms",
+    );
+    figure(
+        "api.login.p99_ms",
+        ms(login_hist.value_at_quantile(0.99)),
+        "ms",
+    );
+
+    // One checked call before the load, for a clear error if /v1/me does not work.
+    let resp = http
+        .get(format!("{base}/v1/me"))
+        .bearer_auth(&access_token)
+        .send()
+        .await
+        .context("GET /v1/me")?;
+    let status = resp.status();
+    if status != reqwest::StatusCode::OK {
+        bail!(
+            "GET /v1/me answered {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+
+    eprintln!(
+        "kiln-bench: GET /v1/me from {} connections: {} s warm-up, {} s measured",
+        args.connections, args.warmup_secs, args.duration_secs
+    );
+    let report = load::run(load::Plan {
+        addr: api.addr,
+        path: "/v1/me".to_owned(),
+        authorization: format!("Bearer {access_token}"),
+        connections: args.connections,
+        warmup: Duration::from_secs(args.warmup_secs),
+        duration: Duration::from_secs(args.duration_secs),
+        max_requests: args.max_requests,
+    })
+    .await?;
+    let secs = report.measured.as_secs_f64();
+    figure(
+        "api.me.rps",
+        format!("{:.1}", report.ok as f64 / secs),
+        "req/s",
+    );
+    figure(
+        "api.me.p50_ms",
+        ms(report.latency.value_at_quantile(0.50)),
+        "ms",
+    );
+    figure(
+        "api.me.p99_ms",
+        ms(report.latency.value_at_quantile(0.99)),
+        "ms",
+    );
+    figure("api.me.errors", report.errors, "count");
+    if report.ok == 0 {
+        bail!("no GET /v1/me succeeded under load");
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# `make down`: stop what `make up` started — the Kiln services by their pid files, then the
+# PostgreSQL / Redis servers that scripts/services.sh started (servers that were already
+# running are left alone). Idempotent. .kiln/env and .kiln/logs are kept.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.kiln"
+
+log() { echo "kiln down: $*" >&2; }
+
+for name in kiln-gateway kiln-api; do
+  pidfile="$STATE/pids/$name.pid"
+  [ -f "$pidfile" ] || continue
+  pid="$(cat "$pidfile")"
+  # Only a live process that still runs $name (not a recycled pid).
+  args="$(ps -p "$pid" -o args= 2>/dev/null || true)"
+  if [ -n "$args" ] && case " $args" in *"/$name"*|*" $name"*) true ;; *) false ;; esac; then
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 20))
+    while kill -0 "$pid" 2>/dev/null; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        log "$name (pid $pid) still running after 20 s: killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        break
+      fi
+      sleep 0.2
+    done
+  fi
+  rm -f "$pidfile"
+done
+
+"$ROOT/scripts/services.sh" stop

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# `make up`: the whole local stack, natively. PostgreSQL + Redis (scripts/services.sh), then
+# kiln-api (migrated) on 127.0.0.1:8080 and kiln-gateway on 127.0.0.1:8090 in the background.
+# Writes .kiln/env. Running it again is harmless: healthy services are left running, unless
+# their binary was rebuilt since they started, in which case they are restarted.
+#
+# Env: PROFILE=release builds and runs release binaries (default: debug, shared with tests).
+#      CARGO_TARGET_DIR as for cargo (default: ${TMPDIR:-/tmp}/kiln-target, as in the Makefile).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STATE="$ROOT/.kiln"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${TMPDIR:-/tmp}/kiln-target}"
+PROFILE="${PROFILE:-debug}"
+
+API_ADDR=127.0.0.1:8080
+GATEWAY_ADDR=127.0.0.1:8090
+API_URL="http://$API_ADDR"
+GATEWAY_URL="http://$GATEWAY_ADDR"
+ADMIN_EMAIL=admin@kiln.local
+HEALTH_DEADLINE_SECS=60
+
+log() { echo "kiln up: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+mkdir -p "$STATE/logs" "$STATE/pids"
+
+# 1. PostgreSQL and Redis.
+"$ROOT/scripts/services.sh" start
+eval "$("$ROOT/scripts/services.sh" env)"   # DATABASE_URL, REDIS_URL
+
+# 2. Build.
+case "$PROFILE" in
+  debug)   cargo build --bins ;;
+  release) cargo build --bins --release ;;
+  *)       die "PROFILE must be debug or release, not '$PROFILE'" ;;
+esac
+BIN="$CARGO_TARGET_DIR/$PROFILE"
+
+# 3. The operator password: generated once, then read back from .kiln/env.
+ADMIN_PASSWORD=""
+if [ -f "$STATE/env" ]; then
+  ADMIN_PASSWORD="$(sed -n 's/^KILN_ADMIN_PASSWORD=//p' "$STATE/env" | tail -n1)"
+fi
+if [ "${#ADMIN_PASSWORD}" -lt 20 ]; then
+  ADMIN_PASSWORD="$(head -c 24 /dev/urandom | base64 | tr '+/' 'xy' | tr -d '=\n')"
+fi
+
+# 4. Schema.
+DATABASE_URL="$DATABASE_URL" "$BIN/kiln-api" migrate
+
+# 5. Services.
+healthy() { curl -fs --max-time 2 -o /dev/null "$1/healthz"; }
+
+# our_pid NAME: the pid from .kiln/pids/NAME.pid when that process is alive and runs NAME
+# (not a recycled pid).
+our_pid() {
+  local f="$STATE/pids/$1.pid" pid args
+  [ -f "$f" ] || return 1
+  pid="$(cat "$f")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  args="$(ps -p "$pid" -o args= 2>/dev/null)" || return 1
+  case " $args" in *"/$1"*|*" $1"*) echo "$pid" ;; *) return 1 ;; esac
+}
+
+stop_pid() {
+  local pid="$1" deadline=$((SECONDS + 15))
+  kill -TERM "$pid" 2>/dev/null || return 0
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$SECONDS" -ge "$deadline" ]; then kill -KILL "$pid" 2>/dev/null || true; break; fi
+    sleep 0.2
+  done
+}
+
+# start_service NAME URL SUBCOMMAND ENV...: start `$BIN/NAME [SUBCOMMAND]` with ENV, unless it
+# is already up and current.
+start_service() {
+  local name="$1" url="$2" sub="$3"; shift 3
+  local pid pidfile="$STATE/pids/$name.pid" logfile="$STATE/logs/$name.log"
+  if pid="$(our_pid "$name")"; then
+    if [ "$BIN/$name" -nt "$pidfile" ]; then
+      log "$name (pid $pid) runs an older binary: restarting it"
+      stop_pid "$pid"
+    elif healthy "$url"; then
+      log "$name already running (pid $pid)"
+      return 0
+    else
+      log "$name (pid $pid) does not answer $url/healthz: restarting it"
+      stop_pid "$pid"
+    fi
+  fi
+  rm -f "$pidfile"
+  if healthy "$url"; then
+    die "something that is not ours already answers $url/healthz; stop it first"
+  fi
+  log "starting $name (log: ${logfile#"$ROOT"/})"
+  echo "=== $(date -u +%FT%TZ) starting $name" >>"$logfile"
+  # shellcheck disable=SC2086 # $sub is one word or none
+  env "$@" nohup "$BIN/$name" $sub </dev/null >>"$logfile" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+# wait_healthy NAME URL: poll URL/healthz until it answers; on failure show the log and fail.
+wait_healthy() {
+  local name="$1" url="$2" pid deadline=$((SECONDS + HEALTH_DEADLINE_SECS))
+  pid="$(cat "$STATE/pids/$name.pid")"
+  until healthy "$url"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      log "$name exited before answering $url/healthz; last lines of .kiln/logs/$name.log:"
+      tail -n 40 "$STATE/logs/$name.log" >&2
+      rm -f "$STATE/pids/$name.pid"
+      exit 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      log "$name did not answer $url/healthz within ${HEALTH_DEADLINE_SECS} s; last lines of .kiln/logs/$name.log:"
+      tail -n 40 "$STATE/logs/$name.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+RUST_LOG="${RUST_LOG:-info}"
+start_service kiln-api "$API_URL" serve \
+  RUST_LOG="$RUST_LOG" \
+  KILN_API_LISTEN="$API_ADDR" \
+  DATABASE_URL="$DATABASE_URL" \
+  REDIS_URL="$REDIS_URL" \
+  KILN_PUBLIC_URL="$API_URL" \
+  KILN_ADMIN_EMAIL="$ADMIN_EMAIL" \
+  KILN_ADMIN_PASSWORD="$ADMIN_PASSWORD"
+start_service kiln-gateway "$GATEWAY_URL" "" \
+  RUST_LOG="$RUST_LOG" \
+  KILN_GATEWAY_LISTEN="$GATEWAY_ADDR" \
+  DATABASE_URL="$DATABASE_URL" \
+  REDIS_URL="$REDIS_URL"
+wait_healthy kiln-api "$API_URL"
+wait_healthy kiln-gateway "$GATEWAY_URL"
+
+# 6. .kiln/env
+umask 077
+cat >"$STATE/env.tmp" <<EOF
+# Written by scripts/up.sh (make up). Shell KEY=value lines: \`set -a; . .kiln/env; set +a\`
+KILN_API_URL=$API_URL
+KILN_GATEWAY_URL=$GATEWAY_URL
+KILN_ADMIN_EMAIL=$ADMIN_EMAIL
+KILN_ADMIN_PASSWORD=$ADMIN_PASSWORD
+DATABASE_URL=$DATABASE_URL
+REDIS_URL=$REDIS_URL
+# KILN_DEMO_IMAGE and KILN_DEMO_VM_IMAGE arrive with the pods/endpoints and instances issues.
+EOF
+mv "$STATE/env.tmp" "$STATE/env"
+
+cat <<EOF
+
+Kiln is up.
+  console  $API_URL/
+  API      $API_URL   (GraphQL at $API_URL/graphql)
+  gateway  $GATEWAY_URL
+  operator $ADMIN_EMAIL / $ADMIN_PASSWORD
+Log in at the console with that email and password, or from a shell:
+  set -a; source .kiln/env; set +a
+  kiln login
+Logs: .kiln/logs/   Stop: make down
+EOF
