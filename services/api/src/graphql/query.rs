@@ -1,0 +1,79 @@
+//! Reads: the same as `GET /v1/me`, `/v1/orgs…`, members, API keys and the audit log.
+//!
+//! Root fields are nullable so that one failing field does not null its siblings.
+
+use async_graphql::{Context, ID, Object, Result};
+
+use super::{caller, gql, page_limit, state};
+use crate::ops::{self, parse_org};
+use crate::views::*;
+
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// The caller (the signed-in user, or the user who created the API key) and their memberships.
+    async fn me(&self, ctx: &Context<'_>) -> Result<Option<MeView>> {
+        Ok(Some(ops::identity::me(state(ctx), caller(ctx)?).await.map_err(gql)?))
+    }
+
+    /// Orgs the caller belongs to.
+    async fn orgs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<OrgList>> {
+        let list = ops::orgs::list(state(ctx), caller(ctx)?, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// One org the caller belongs to (`not-found` otherwise).
+    async fn org(&self, ctx: &Context<'_>, id: ID) -> Result<Option<OrgView>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&id).map_err(gql)?;
+        Ok(Some(ops::orgs::get(state(ctx), caller, org).await.map_err(gql)?))
+    }
+
+    /// The org's members.
+    async fn members(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<MemberList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let list = ops::orgs::members(state(ctx), caller, org, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// The org's API keys (never their secrets).
+    async fn api_keys(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<ApiKeyList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let list = ops::api_keys::list(state(ctx), caller, org, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// The org's audit log, newest first (admins and owners).
+    async fn audit_log(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<AuditList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let list = ops::audit::list(state(ctx), caller, org, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        Ok(Some(list))
+    }
+}
