@@ -25,14 +25,20 @@ pub use fantoccini;
 pub const STEP: Duration = Duration::from_secs(20);
 
 fn env_or(var: &str, default: &str) -> String {
-    std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// Where screenshots go: `$KILN_SCREENSHOT_DIR`, else `<workspace>/target/screenshots`.
 pub fn screenshot_dir() -> PathBuf {
     match std::env::var_os("KILN_SCREENSHOT_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("screenshots"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+            .join("screenshots"),
     }
 }
 
@@ -62,13 +68,20 @@ impl Chromedriver {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("start {bin} (install the chromium-driver package): {e}"));
-        let driver = Self { child, url: format!("http://127.0.0.1:{port}") };
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("http client");
+        let driver = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("http client");
         let status = format!("{}/status", driver.url);
         kiln_testkit::eventually("chromedriver to be ready", STEP, || {
             let (http, status) = (http.clone(), status.clone());
             async move {
-                let body: serde_json::Value = http.get(&status).send().await.ok()?.json().await.ok()?;
+                let body: serde_json::Value =
+                    http.get(&status).send().await.ok()?.json().await.ok()?;
                 body["value"]["ready"].as_bool().filter(|r| *r)
             }
         })
@@ -80,7 +93,11 @@ impl Chromedriver {
 impl Drop for Chromedriver {
     fn drop(&mut self) {
         // The group's id is chromedriver's pid; `kill -- -PGID` reaches every process in it.
-        let _ = Command::new("kill").arg("-KILL").arg("--").arg(format!("-{}", self.child.id())).status();
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg("--")
+            .arg(format!("-{}", self.child.id()))
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -103,7 +120,9 @@ impl Browser {
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"],
             }
         });
-        let serde_json::Value::Object(caps) = caps else { unreachable!("a JSON object") };
+        let serde_json::Value::Object(caps) = caps else {
+            unreachable!("a JSON object")
+        };
         // chromedriver speaks plain HTTP on loopback: no TLS connector needed.
         let client = ClientBuilder::new(HttpConnector::new())
             .capabilities(caps)
@@ -111,29 +130,52 @@ impl Browser {
             .await
             .unwrap_or_else(|e| panic!("start a Chromium session ({binary}): {e}"));
         let shots = screenshot_dir().join(name);
-        std::fs::create_dir_all(&shots).unwrap_or_else(|e| panic!("create {}: {e}", shots.display()));
-        Self { client, shots, taken: AtomicU32::new(0) }
+        std::fs::create_dir_all(&shots)
+            .unwrap_or_else(|e| panic!("create {}: {e}", shots.display()));
+        Self {
+            client,
+            shots,
+            taken: AtomicU32::new(0),
+        }
     }
 
     /// Save a PNG of the page as `NN-<step>.png`; returns its path.
     pub async fn screenshot(&self, step: &str) -> PathBuf {
         let n = self.taken.fetch_add(1, Ordering::Relaxed) + 1;
-        let png = self.client.screenshot().await.unwrap_or_else(|e| panic!("screenshot {step}: {e}"));
+        let png = self
+            .client
+            .screenshot()
+            .await
+            .unwrap_or_else(|e| panic!("screenshot {step}: {e}"));
         let path = self.shots.join(format!("{n:02}-{step}.png"));
         std::fs::write(&path, png).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         path
     }
 
     pub async fn goto(&self, url: &str) {
-        self.client.goto(url).await.unwrap_or_else(|e| panic!("open {url}: {e}"));
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("open {url}: {e}"));
     }
 
     /// Wait (up to [`STEP`]) for an element matching `css`.
     pub async fn wait_for(&self, css: &str) -> Element {
-        match self.client.wait().at_most(STEP).for_element(Locator::Css(css)).await {
+        match self
+            .client
+            .wait()
+            .at_most(STEP)
+            .for_element(Locator::Css(css))
+            .await
+        {
             Ok(element) => element,
             Err(e) => {
-                let here = self.client.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+                let here = self
+                    .client
+                    .current_url()
+                    .await
+                    .map(|u| u.to_string())
+                    .unwrap_or_default();
                 panic!("waiting for `{css}` on {here}: {e}")
             }
         }
@@ -141,9 +183,20 @@ impl Browser {
 
     /// Wait (up to [`STEP`]) until the browser is at `path` (with its query, if any).
     pub async fn wait_for_path(&self, path: &str) {
-        let target = self.client.current_url().await.expect("current url").join(path).expect("a path");
+        let target = self
+            .client
+            .current_url()
+            .await
+            .expect("current url")
+            .join(path)
+            .expect("a path");
         if let Err(e) = self.client.wait().at_most(STEP).for_url(&target).await {
-            let here = self.client.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+            let here = self
+                .client
+                .current_url()
+                .await
+                .map(|u| u.to_string())
+                .unwrap_or_default();
             panic!("waiting to reach {target}, still at {here}: {e}");
         }
     }
@@ -151,22 +204,41 @@ impl Browser {
     /// Type into the field `css` (emptied first).
     pub async fn fill(&self, css: &str, text: &str) {
         let field = self.wait_for(css).await;
-        field.clear().await.unwrap_or_else(|e| panic!("clear {css}: {e}"));
-        field.send_keys(text).await.unwrap_or_else(|e| panic!("type into {css}: {e}"));
+        field
+            .clear()
+            .await
+            .unwrap_or_else(|e| panic!("clear {css}: {e}"));
+        field
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("type into {css}: {e}"));
     }
 
     pub async fn click(&self, css: &str) {
-        self.wait_for(css).await.click().await.unwrap_or_else(|e| panic!("click {css}: {e}"));
+        self.wait_for(css)
+            .await
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
     /// The visible text of the first element matching `css` (waiting for it).
     pub async fn text(&self, css: &str) -> String {
-        self.wait_for(css).await.text().await.unwrap_or_else(|e| panic!("text of {css}: {e}"))
+        self.wait_for(css)
+            .await
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("text of {css}: {e}"))
     }
 
     /// The current `value` of a form field.
     pub async fn value(&self, css: &str) -> String {
-        self.wait_for(css).await.prop("value").await.unwrap_or_else(|e| panic!("value of {css}: {e}")).unwrap_or_default()
+        self.wait_for(css)
+            .await
+            .prop("value")
+            .await
+            .unwrap_or_else(|e| panic!("value of {css}: {e}"))
+            .unwrap_or_default()
     }
 
     /// Accept a `confirm()` dialog, waiting (up to [`STEP`]) for it to open.

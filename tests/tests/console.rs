@@ -28,10 +28,17 @@ async fn a_person_runs_an_org_from_the_console(pool: PgPool) {
     b.fill("#password", "short").await;
     b.click("#create-account").await;
     let error = b.text("#password-error").await;
-    assert!(error.contains("at least 12 characters"), "password error: {error}");
+    assert!(
+        error.contains("at least 12 characters"),
+        "password error: {error}"
+    );
     assert_eq!(b.value("#email").await, email, "the email is kept");
     assert_eq!(b.value("#name").await, "Ada Lovelace", "the name is kept");
-    assert_eq!(b.value("#password").await, "", "the password is not sent back");
+    assert_eq!(
+        b.value("#password").await,
+        "",
+        "the password is not sent back"
+    );
     b.screenshot("signup-short-password").await;
 
     // Sign up properly: on to the sign-in page.
@@ -54,17 +61,34 @@ async fn a_person_runs_an_org_from_the_console(pool: PgPool) {
     b.fill("#org-name", "Difference Engines").await;
     b.click("#create-org").await;
     let title = b.text("#org-title").await;
-    assert!(title.contains("Difference Engines") && title.contains("owner"), "org title: {title}");
+    assert!(
+        title.contains("Difference Engines") && title.contains("owner"),
+        "org title: {title}"
+    );
     let org_id = b.text("#org-id").await;
     assert!(org_id.starts_with("org_"), "org id: {org_id}");
     b.screenshot("org-created").await;
 
     // Switch to the personal org and back with the switcher in the top bar.
-    let personal = b.wait_for("#org-switcher option[data-personal]").await.attr("value").await.expect("attr").expect("a value");
-    b.wait_for("#org-switcher").await.select_by_value(&personal).await.expect("pick the personal org");
+    let personal = b
+        .wait_for("#org-switcher option[data-personal]")
+        .await
+        .attr("value")
+        .await
+        .expect("attr")
+        .expect("a value");
+    b.wait_for("#org-switcher")
+        .await
+        .select_by_value(&personal)
+        .await
+        .expect("pick the personal org");
     b.wait_for_path(&format!("/orgs/{personal}")).await;
     assert!(b.text("#org-title").await.contains("Ada Lovelace's org"));
-    b.wait_for("#org-switcher").await.select_by_value(&org_id).await.expect("pick the new org");
+    b.wait_for("#org-switcher")
+        .await
+        .select_by_value(&org_id)
+        .await
+        .expect("pick the new org");
     b.wait_for_path(&format!("/orgs/{org_id}")).await;
     assert!(b.text("#org-title").await.contains("Difference Engines"));
     b.screenshot("switched-org").await;
@@ -82,22 +106,38 @@ async fn a_person_runs_an_org_from_the_console(pool: PgPool) {
     assert_eq!(me["api_key"]["org_id"], org_id.as_str());
     b.goto(&format!("{}/orgs/{org_id}/api-keys", app.url)).await;
     b.wait_for("#api-keys tr[data-name='ci-deploy']").await;
-    assert!(b.client.find(fantoccini_css("#new-key-secret")).await.is_err(), "the secret is shown only once");
+    assert!(
+        b.client
+            .find(fantoccini_css("#new-key-secret"))
+            .await
+            .is_err(),
+        "the secret is shown only once"
+    );
 
     // Add a second person (signed up over REST) as a member.
     let grace = app.user("grace").await;
     b.click("#tab-members").await;
     b.fill("#member-email", &grace.email).await;
-    b.wait_for("#member-role").await.select_by_value("member").await.expect("pick a role");
+    b.wait_for("#member-role")
+        .await
+        .select_by_value("member")
+        .await
+        .expect("pick a role");
     b.click("#add-member").await;
-    let row = b.text(&format!("#members tr[data-email='{}']", grace.email)).await;
+    let row = b
+        .text(&format!("#members tr[data-email='{}']", grace.email))
+        .await;
     assert!(row.contains("member"), "grace's row: {row}");
     assert!(b.text("#notice").await.contains("Added grace@example.com"));
     b.screenshot("member-added").await;
 
     // The ops' rules show up as messages: the only owner cannot step down.
     let me_row = format!("#members tr[data-email='{email}']");
-    b.wait_for(&format!("{me_row} select")).await.select_by_value("admin").await.expect("pick admin");
+    b.wait_for(&format!("{me_row} select"))
+        .await
+        .select_by_value("admin")
+        .await
+        .expect("pick admin");
     b.click(&format!("{me_row} .role-form button")).await;
     let alert = b.text("#alert").await;
     assert!(alert.contains("at least one owner"), "alert: {alert}");
@@ -105,9 +145,11 @@ async fn a_person_runs_an_org_from_the_console(pool: PgPool) {
 
     // Revoke the key: REST now refuses it.
     b.click("#tab-api-keys").await;
-    b.click("#api-keys tr[data-name='ci-deploy'] .actions button").await;
+    b.click("#api-keys tr[data-name='ci-deploy'] .actions button")
+        .await;
     b.accept_dialog().await;
-    b.wait_for("#api-keys tr.revoked[data-name='ci-deploy']").await;
+    b.wait_for("#api-keys tr.revoked[data-name='ci-deploy']")
+        .await;
     assert!(b.text("#notice").await.contains("Revoked"));
     b.screenshot("api-key-revoked").await;
     let (status, body) = app.get("/v1/me", &secret).await;
@@ -116,8 +158,12 @@ async fn a_person_runs_an_org_from_the_console(pool: PgPool) {
     // The audit log shows the key's creation (and the rest).
     b.click("#tab-audit-log").await;
     let created = b.text("#audit-log tr[data-action='api_key.create']").await;
-    assert!(created.contains(email) && created.contains("ci-deploy"), "audit row: {created}");
-    b.wait_for("#audit-log tr[data-action='api_key.revoke']").await;
+    assert!(
+        created.contains(email) && created.contains("ci-deploy"),
+        "audit row: {created}"
+    );
+    b.wait_for("#audit-log tr[data-action='api_key.revoke']")
+        .await;
     b.wait_for("#audit-log tr[data-action='member.add']").await;
     b.screenshot("audit-log").await;
 
@@ -129,7 +175,8 @@ async fn a_person_runs_an_org_from_the_console(pool: PgPool) {
     b.screenshot("signed-out").await;
     b.goto(&format!("{}/orgs/{org_id}/members", app.url)).await;
     b.wait_for("#login-form").await;
-    b.wait_for_path(&format!("/login?next=%2Forgs%2F{org_id}%2Fmembers")).await;
+    b.wait_for_path(&format!("/login?next=%2Forgs%2F{org_id}%2Fmembers"))
+        .await;
 
     b.close().await;
     drop(driver);
@@ -143,7 +190,10 @@ fn fantoccini_css(css: &str) -> kiln_tests::fantoccini::Locator<'_> {
 // ---- without a browser ----
 
 fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("http client")
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
 }
 
 /// The `name=value` pairs a response sets, in a `Cookie` header's form.
@@ -155,7 +205,11 @@ fn cookies_set(headers: &HeaderMap) -> Vec<(String, String, String)> {
         .filter_map(|v| {
             let (pair, attrs) = v.split_once(';').unwrap_or((v, ""));
             let (name, value) = pair.split_once('=')?;
-            Some((name.trim().to_owned(), value.trim().to_owned(), attrs.to_owned()))
+            Some((
+                name.trim().to_owned(),
+                value.trim().to_owned(),
+                attrs.to_owned(),
+            ))
         })
         .collect()
 }
@@ -170,11 +224,19 @@ fn cookie_header(cookies: &[(String, String, String)]) -> String {
 }
 
 fn location(headers: &HeaderMap) -> String {
-    headers.get(LOCATION).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+    headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Sign in through the console's form; returns the cookies it set.
-async fn console_login(app: &TestApp, email: &str, password: &str) -> Vec<(String, String, String)> {
+async fn console_login(
+    app: &TestApp,
+    email: &str,
+    password: &str,
+) -> Vec<(String, String, String)> {
     let resp = no_redirects()
         .post(format!("{}/login", app.url))
         .form(&[("email", email), ("password", password), ("next", "/")])
@@ -194,25 +256,54 @@ async fn console_refuses_cross_site_posts_and_hides_other_orgs(pool: PgPool) {
     let http = no_redirects();
 
     // Signed out: org pages send you to sign in, and back here afterwards.
-    let resp = http.get(format!("{}/orgs/{}/members", app.url, ada.org_id)).send().await.expect("GET");
+    let resp = http
+        .get(format!("{}/orgs/{}/members", app.url, ada.org_id))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
-    assert_eq!(location(resp.headers()), format!("/login?next=%2Forgs%2F{}%2Fmembers", ada.org_id));
-    let resp = http.get(format!("{}/", app.url)).send().await.expect("GET /");
+    assert_eq!(
+        location(resp.headers()),
+        format!("/login?next=%2Forgs%2F{}%2Fmembers", ada.org_id)
+    );
+    let resp = http
+        .get(format!("{}/", app.url))
+        .send()
+        .await
+        .expect("GET /");
     assert_eq!(location(resp.headers()), "/login");
 
     // Signing in sets the two session cookies, HttpOnly and SameSite=Strict.
     let set = console_login(&app, &ada.email, &ada.password).await;
     for name in ["kiln_access", "kiln_refresh"] {
-        let (_, value, attrs) = set.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("{name} is set: {set:?}"));
+        let (_, value, attrs) = set
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is set: {set:?}"));
         assert!(!value.is_empty());
-        assert!(attrs.contains("HttpOnly") && attrs.contains("SameSite=Strict") && attrs.contains("Path=/"), "{name}: {attrs}");
+        assert!(
+            attrs.contains("HttpOnly")
+                && attrs.contains("SameSite=Strict")
+                && attrs.contains("Path=/"),
+            "{name}: {attrs}"
+        );
     }
     let cookies = cookie_header(&set);
 
     // Own org: a page. Someone else's org, or no org at all: a not-found page, not a hint.
-    let resp = http.get(format!("{}/orgs/{}/members", app.url, ada.org_id)).header("cookie", &cookies).send().await.expect("GET");
+    let resp = http
+        .get(format!("{}/orgs/{}/members", app.url, ada.org_id))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(resp.status(), StatusCode::OK);
-    let csp = resp.headers().get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let csp = resp
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     assert!(csp.contains("frame-ancestors 'none'"), "csp: {csp}");
     assert!(resp.text().await.expect("body").contains("ada@example.com"));
     for path in [
@@ -221,11 +312,24 @@ async fn console_refuses_cross_site_posts_and_hides_other_orgs(pool: PgPool) {
         format!("/orgs/{}/api-keys", grace.org_id),
         "/orgs/org_not-an-id/members".to_owned(),
     ] {
-        let resp = http.get(format!("{}{path}", app.url)).header("cookie", &cookies).send().await.expect("GET");
+        let resp = http
+            .get(format!("{}{path}", app.url))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("GET");
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
-        assert!(resp.headers()["content-type"].to_str().unwrap_or_default().starts_with("text/html"));
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap_or_default()
+                .starts_with("text/html")
+        );
         let body = resp.text().await.expect("body");
-        assert!(body.contains("Not found") && !body.contains("grace"), "{path}: {body}");
+        assert!(
+            body.contains("Not found") && !body.contains("grace"),
+            "{path}: {body}"
+        );
     }
 
     // A form posted from another site is refused, and nothing happens.
@@ -250,9 +354,20 @@ async fn console_refuses_cross_site_posts_and_hides_other_orgs(pool: PgPool) {
         .expect("POST members");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let (_, orgs) = app.get("/v1/orgs", &ada.access_token).await;
-    assert!(!orgs.to_string().contains("Phished"), "no org was made: {orgs}");
-    let (_, members) = app.get(&format!("/v1/orgs/{}/members", ada.org_id), &ada.access_token).await;
-    assert!(!members.to_string().contains("grace"), "nobody was added: {members}");
+    assert!(
+        !orgs.to_string().contains("Phished"),
+        "no org was made: {orgs}"
+    );
+    let (_, members) = app
+        .get(
+            &format!("/v1/orgs/{}/members", ada.org_id),
+            &ada.access_token,
+        )
+        .await;
+    assert!(
+        !members.to_string().contains("grace"),
+        "nobody was added: {members}"
+    );
 
     // The same form from the console itself works.
     let resp = http
@@ -275,7 +390,12 @@ async fn console_refuses_cross_site_posts_and_hides_other_orgs(pool: PgPool) {
         .await
         .expect("POST members");
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let (_, members) = app.get(&format!("/v1/orgs/{}/members", grace.org_id), &grace.access_token).await;
+    let (_, members) = app
+        .get(
+            &format!("/v1/orgs/{}/members", grace.org_id),
+            &grace.access_token,
+        )
+        .await;
     assert!(!members.to_string().contains("ada@"), "{members}");
 
     app.stop().await;
@@ -287,22 +407,38 @@ async fn console_refreshes_a_rejected_access_token_and_signs_out(pool: PgPool) {
     let ada = app.user("ada").await;
     let http = no_redirects();
     let set = console_login(&app, &ada.email, &ada.password).await;
-    let refresh = set.iter().find(|(n, _, _)| n == "kiln_refresh").map(|(_, v, _)| v.clone()).expect("refresh cookie");
+    let refresh = set
+        .iter()
+        .find(|(n, _, _)| n == "kiln_refresh")
+        .map(|(_, v, _)| v.clone())
+        .expect("refresh cookie");
 
     // An access token the server rejects, with a good refresh token: the page still opens, and
     // a new pair of cookies comes back.
     let resp = http
         .get(format!("{}/orgs/{}", app.url, ada.org_id))
-        .header("cookie", format!("kiln_access=not-a-token; kiln_refresh={refresh}"))
+        .header(
+            "cookie",
+            format!("kiln_access=not-a-token; kiln_refresh={refresh}"),
+        )
         .send()
         .await
         .expect("GET");
     assert_eq!(resp.status(), StatusCode::OK);
     let renewed = cookies_set(resp.headers());
-    let new_refresh = renewed.iter().find(|(n, _, _)| n == "kiln_refresh").map(|(_, v, _)| v.clone()).expect("a new refresh cookie");
+    let new_refresh = renewed
+        .iter()
+        .find(|(n, _, _)| n == "kiln_refresh")
+        .map(|(_, v, _)| v.clone())
+        .expect("a new refresh cookie");
     assert_ne!(new_refresh, refresh, "the refresh token rotates");
     let cookies = cookie_header(&renewed);
-    let resp = http.get(format!("{}/", app.url)).header("cookie", &cookies).send().await.expect("GET /");
+    let resp = http
+        .get(format!("{}/", app.url))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("GET /");
     assert_eq!(resp.status(), StatusCode::OK);
 
     // A bad refresh token as well: sign in again, and the cookies are cleared.
@@ -314,16 +450,45 @@ async fn console_refreshes_a_rejected_access_token_and_signs_out(pool: PgPool) {
         .expect("GET /");
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(resp.headers()), "/login");
-    assert!(cookies_set(resp.headers()).iter().any(|(n, v, a)| n == "kiln_access" && v.is_empty() && a.contains("Max-Age=0")));
+    assert!(
+        cookies_set(resp.headers())
+            .iter()
+            .any(|(n, v, a)| n == "kiln_access" && v.is_empty() && a.contains("Max-Age=0"))
+    );
 
     // Sign out ends the session on the server, not only in the browser.
-    let resp = http.post(format!("{}/logout", app.url)).header("cookie", &cookies).send().await.expect("POST /logout");
+    let resp = http
+        .post(format!("{}/logout", app.url))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("POST /logout");
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(resp.headers()), "/login");
-    let resp = http.get(format!("{}/", app.url)).header("cookie", &cookies).send().await.expect("GET /");
-    assert_eq!(resp.status(), StatusCode::SEE_OTHER, "the old cookies no longer work");
-    let (status, _) = app.call(reqwest::Method::POST, "/v1/auth/refresh", None, Some(json!({ "refresh_token": new_refresh }))).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "the session's refresh token is dead");
+    let resp = http
+        .get(format!("{}/", app.url))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("GET /");
+    assert_eq!(
+        resp.status(),
+        StatusCode::SEE_OTHER,
+        "the old cookies no longer work"
+    );
+    let (status, _) = app
+        .call(
+            reqwest::Method::POST,
+            "/v1/auth/refresh",
+            None,
+            Some(json!({ "refresh_token": new_refresh })),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the session's refresh token is dead"
+    );
 
     app.stop().await;
 }
@@ -338,18 +503,37 @@ async fn viewers_see_read_only_pages_and_the_server_enforces_it(pool: PgPool) {
     let http = no_redirects();
     let cookies = cookie_header(&console_login(&app, &grace.email, &grace.password).await);
 
-    let resp = http.get(format!("{}/orgs/{}/members", app.url, ada.org_id)).header("cookie", &cookies).send().await.expect("GET");
+    let resp = http
+        .get(format!("{}/orgs/{}/members", app.url, ada.org_id))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.text().await.expect("body");
     assert!(body.contains("ada@example.com") && body.contains("grace@example.com"));
-    for absent in ["add-member-form", "role-form", "tab-api-keys", "tab-audit-log", "Remove</button>"] {
-        assert!(!body.contains(absent), "a viewer's members page has no `{absent}`");
+    for absent in [
+        "add-member-form",
+        "role-form",
+        "tab-api-keys",
+        "tab-audit-log",
+        "Remove</button>",
+    ] {
+        assert!(
+            !body.contains(absent),
+            "a viewer's members page has no `{absent}`"
+        );
     }
     assert!(body.contains("Leave</button>"), "anyone may leave");
 
     // The pages a viewer cannot use are refused by the same ops as REST.
     for path in ["api-keys", "audit-log"] {
-        let resp = http.get(format!("{}/orgs/{}/{path}", app.url, ada.org_id)).header("cookie", &cookies).send().await.expect("GET");
+        let resp = http
+            .get(format!("{}/orgs/{}/{path}", app.url, ada.org_id))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("GET");
         assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
     }
     let resp = http
@@ -361,7 +545,12 @@ async fn viewers_see_read_only_pages_and_the_server_enforces_it(pool: PgPool) {
         .expect("POST members");
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert!(resp.text().await.expect("body").contains("may not do this"));
-    let (_, members) = app.get(&format!("/v1/orgs/{}/members", ada.org_id), &ada.access_token).await;
+    let (_, members) = app
+        .get(
+            &format!("/v1/orgs/{}/members", ada.org_id),
+            &ada.access_token,
+        )
+        .await;
     assert!(!members.to_string().contains("carol"), "{members}");
 
     app.stop().await;

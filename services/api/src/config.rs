@@ -11,7 +11,11 @@ pub struct ApiConfig {
     #[arg(long, env = "KILN_API_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://kiln:kiln@127.0.0.1:5432/kiln")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://kiln:kiln@127.0.0.1:5432/kiln"
+    )]
     pub database_url: String,
     /// Maximum PostgreSQL connections in this process's pool.
     #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 16)]

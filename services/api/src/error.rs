@@ -18,7 +18,10 @@ pub struct FieldError {
 
 impl From<InputError> for FieldError {
     fn from(e: InputError) -> Self {
-        Self { field: e.field.to_owned(), message: e.message }
+        Self {
+            field: e.field.to_owned(),
+            message: e.message,
+        }
     }
 }
 
@@ -60,7 +63,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn field(field: &str, message: impl Into<String>) -> Self {
-        ApiError::Validation(vec![FieldError { field: field.to_owned(), message: message.into() }])
+        ApiError::Validation(vec![FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        }])
     }
 
     pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
@@ -69,7 +75,9 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Validation(_) | ApiError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation(_) | ApiError::IdempotencyMismatch => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -103,7 +111,10 @@ impl ApiError {
         let (title, detail, errors) = match self {
             ApiError::Validation(errs) => (
                 "Your request has invalid fields",
-                errs.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "),
+                errs.iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 errs.clone(),
             ),
             ApiError::BadRequest(d) => ("Bad request", d.clone(), vec![]),
@@ -121,8 +132,16 @@ impl ApiError {
                 format!("slow down; retry after {} seconds", retry_after.as_secs()),
                 vec![],
             ),
-            ApiError::PayloadTooLarge => ("Payload too large", "the request body is too large".to_owned(), vec![]),
-            ApiError::Internal(_) => ("Internal error", "something went wrong on our side; it has been logged".to_owned(), vec![]),
+            ApiError::PayloadTooLarge => (
+                "Payload too large",
+                "the request body is too large".to_owned(),
+                vec![],
+            ),
+            ApiError::Internal(_) => (
+                "Internal error",
+                "something went wrong on our side; it has been logged".to_owned(),
+                vec![],
+            ),
         };
         Problem {
             kind: format!("https://kiln.dev/problems/{}", self.code()),
@@ -145,7 +164,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { what } => ApiError::NotFound(what),
             StoreError::Conflict { what } => ApiError::Conflict(format!("{what} already exists")),
-            StoreError::LastOwner => ApiError::Conflict("an org must keep at least one owner".into()),
+            StoreError::LastOwner => {
+                ApiError::Conflict("an org must keep at least one owner".into())
+            }
             other => ApiError::internal(other),
         }
     }
@@ -155,7 +176,9 @@ impl From<AuthzError> for ApiError {
     fn from(e: AuthzError) -> Self {
         match e {
             AuthzError::NotFound => ApiError::NotFound("org"),
-            AuthzError::Forbidden { role } => ApiError::Forbidden(format!("your role `{role}` may not do this")),
+            AuthzError::Forbidden { role } => {
+                ApiError::Forbidden(format!("your role `{role}` may not do this"))
+            }
             AuthzError::Store(s) => s.into(),
         }
     }
@@ -183,15 +206,18 @@ impl IntoResponse for ApiError {
         let problem = self.problem();
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut resp = (self.status(), body).into_response();
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        if let ApiError::RateLimited { retry_after } = &self {
-            if let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let ApiError::RateLimited { retry_after } = &self
+            && let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         if let ApiError::Unauthenticated(_) = &self {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

@@ -63,7 +63,11 @@ pub fn spawn_upkeep(state: AppState) -> tokio::task::JoinHandle<()> {
             if let Err(error) = state.rotate_and_reload_keys().await {
                 tracing::warn!(%error, "signing key upkeep failed");
             }
-            match state.store.idempotency_purge(time::Duration::hours(24)).await {
+            match state
+                .store
+                .idempotency_purge(time::Duration::hours(24))
+                .await
+            {
                 Ok(n) if n > 0 => tracing::info!(purged = n, "forgot old idempotency keys"),
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "idempotency purge failed"),
@@ -73,10 +77,16 @@ pub fn spawn_upkeep(state: AppState) -> tokio::task::JoinHandle<()> {
 }
 
 /// Serve until the future `shutdown` resolves.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let upkeep = spawn_upkeep(state.clone());
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     upkeep.abort();
     result
 }

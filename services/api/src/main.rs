@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use kiln_api::ApiConfig;
 
 #[derive(Parser)]
-#[command(name = "kiln-api", about = "Kiln's public API: REST, GraphQL and the web console")]
+#[command(
+    name = "kiln-api",
+    about = "Kiln's public API: REST, GraphQL and the web console"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -26,7 +29,9 @@ async fn main() -> anyhow::Result<()> {
     kiln_telemetry::init_tracing("kiln-api");
     let cli = Cli::parse();
     let config = cli.config;
-    let store = kiln_store::Store::connect(&config.database_url, 2).await.context("connecting to PostgreSQL")?;
+    let store = kiln_store::Store::connect(&config.database_url, 2)
+        .await
+        .context("connecting to PostgreSQL")?;
     store.migrate().await.context("applying migrations")?;
     if matches!(cli.command, Some(Command::Migrate)) {
         tracing::info!("migrations applied");
@@ -34,15 +39,23 @@ async fn main() -> anyhow::Result<()> {
     }
     let listen = config.listen;
     let admin = (config.admin_email.clone(), config.admin_password.clone());
-    let state = kiln_api::connect(config).await.context("connecting to PostgreSQL and Redis")?;
+    let state = kiln_api::connect(config)
+        .await
+        .context("connecting to PostgreSQL and Redis")?;
     if let (Some(email), Some(password)) = admin {
         let email = kiln_domain::Email::parse("KILN_ADMIN_EMAIL", &email)?;
         let password = kiln_domain::Password::new_for("KILN_ADMIN_PASSWORD", &password, &email)?;
         let hash = state.hasher.hash(password.expose())?;
-        state.store.user_ensure_operator(&email, &hash).await.context("creating the operator account")?;
+        state
+            .store
+            .user_ensure_operator(&email, &hash)
+            .await
+            .context("creating the operator account")?;
         tracing::info!(%email, "operator account ready");
     }
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-api listening");
     kiln_api::serve(listener, state, shutdown_signal()).await?;
     Ok(())

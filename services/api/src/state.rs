@@ -56,7 +56,11 @@ pub fn now_unix() -> i64 {
 
 impl AppState {
     /// Connect nothing: build from parts that are already connected.
-    pub async fn new(store: Store, limiter: RateLimiter, config: ApiConfig) -> anyhow::Result<Self> {
+    pub async fn new(
+        store: Store,
+        limiter: RateLimiter,
+        config: ApiConfig,
+    ) -> anyhow::Result<Self> {
         let hasher = PasswordHasher::new()?;
         let issuer = config.public_url.trim_end_matches('/').to_owned();
         let ring = KeyRing::new(issuer, "kiln-api", config.access_token_ttl_secs, &[]);
@@ -74,7 +78,10 @@ impl AppState {
     }
 
     pub fn keyring(&self) -> Arc<KeyRing> {
-        self.keyring.read().map(|k| k.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.keyring
+            .read()
+            .map(|k| k.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Rotate the signing key if it is due, then load the live keys. Run at start-up and
@@ -83,7 +90,9 @@ impl AppState {
         let rotate_after = time::Duration::hours(self.config.signing_key_rotate_hours.max(1));
         // Keep a retired signer verifying for two token lifetimes after it stopped signing.
         let retire_after = time::Duration::seconds(self.config.access_token_ttl_secs * 2 + 60);
-        self.store.signing_keys_rotate(rotate_after, retire_after).await?;
+        self.store
+            .signing_keys_rotate(rotate_after, retire_after)
+            .await?;
         self.reload_keys().await
     }
 
@@ -107,7 +116,9 @@ impl AppState {
                 .store
                 .api_key_authenticate(&SecretDigest::of(token))
                 .await?
-                .ok_or(ApiError::Unauthenticated("the API key is invalid, expired or revoked"))?;
+                .ok_or(ApiError::Unauthenticated(
+                    "the API key is invalid, expired or revoked",
+                ))?;
             return Ok(Principal::ApiKey {
                 key_id: auth.key_id,
                 org_id: auth.org_id,
@@ -117,7 +128,8 @@ impl AppState {
         }
         let invalid = ApiError::Unauthenticated("the access token is invalid or expired");
         let mut ring = self.keyring();
-        let kid = KeyRing::kid_of(token).map_err(|_| ApiError::Unauthenticated("the access token is malformed"))?;
+        let kid = KeyRing::kid_of(token)
+            .map_err(|_| ApiError::Unauthenticated("the access token is malformed"))?;
         if !ring.knows(&kid) && self.may_reload_keys() {
             // Another replica may have rotated: look again, at most once a second.
             self.reload_keys().await?;
@@ -126,13 +138,23 @@ impl AppState {
         let claims = ring.verify(token).map_err(|_| invalid)?;
         let (user_id, session_id) = match (claims.user_id(), claims.session_id()) {
             (Ok(u), Ok(s)) => (u, s),
-            _ => return Err(ApiError::Unauthenticated("the access token is invalid or expired")),
+            _ => {
+                return Err(ApiError::Unauthenticated(
+                    "the access token is invalid or expired",
+                ));
+            }
         };
-        let is_operator = self
-            .session_live(session_id, user_id)
-            .await?
-            .ok_or(ApiError::Unauthenticated("the session has ended; sign in again"))?;
-        Ok(Principal::User { user_id, session_id, is_operator })
+        let is_operator =
+            self.session_live(session_id, user_id)
+                .await?
+                .ok_or(ApiError::Unauthenticated(
+                    "the session has ended; sign in again",
+                ))?;
+        Ok(Principal::User {
+            user_id,
+            session_id,
+            is_operator,
+        })
     }
 
     fn may_reload_keys(&self) -> bool {
@@ -142,13 +164,16 @@ impl AppState {
             .unwrap_or(true)
     }
 
-    async fn session_live(&self, session: SessionId, user: UserId) -> Result<Option<bool>, ApiError> {
-        if let Ok(cache) = self.sessions.lock() {
-            if let Some((at, op)) = cache.get(&session) {
-                if at.elapsed() < SESSION_CACHE_TTL {
-                    return Ok(Some(*op));
-                }
-            }
+    async fn session_live(
+        &self,
+        session: SessionId,
+        user: UserId,
+    ) -> Result<Option<bool>, ApiError> {
+        if let Ok(cache) = self.sessions.lock()
+            && let Some((at, op)) = cache.get(&session)
+            && at.elapsed() < SESSION_CACHE_TTL
+        {
+            return Ok(Some(*op));
         }
         let live = self.store.session_check(session, user).await?;
         if let Ok(mut cache) = self.sessions.lock() {

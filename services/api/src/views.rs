@@ -10,7 +10,9 @@ use utoipa::ToSchema;
 
 /// RFC 3339 UTC.
 pub fn ts(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC).format(&Rfc3339).unwrap_or_default()
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 fn ots(t: Option<OffsetDateTime>) -> Option<String> {
@@ -32,7 +34,13 @@ pub struct UserView {
 
 impl From<&UserRecord> for UserView {
     fn from(u: &UserRecord) -> Self {
-        Self { id: u.id.to_string(), email: u.email.to_string(), name: u.name.clone(), is_operator: u.is_operator, created_at: ts(u.created_at) }
+        Self {
+            id: u.id.to_string(),
+            email: u.email.to_string(),
+            name: u.name.clone(),
+            is_operator: u.is_operator,
+            created_at: ts(u.created_at),
+        }
     }
 }
 
@@ -75,7 +83,13 @@ pub struct OrgView {
 
 impl OrgView {
     pub fn new(o: &OrgRecord, role: kiln_domain::Role) -> Self {
-        Self { id: o.id.to_string(), name: o.name.clone(), personal: o.personal, created_at: ts(o.created_at), role: role.to_string() }
+        Self {
+            id: o.id.to_string(),
+            name: o.name.clone(),
+            personal: o.personal,
+            created_at: ts(o.created_at),
+            role: role.to_string(),
+        }
     }
 }
 
@@ -108,7 +122,13 @@ pub struct MemberView {
 
 impl From<&MemberRecord> for MemberView {
     fn from(m: &MemberRecord) -> Self {
-        Self { user_id: m.user_id.to_string(), email: m.email.clone(), name: m.name.clone(), role: m.role.to_string(), joined_at: ts(m.joined_at) }
+        Self {
+            user_id: m.user_id.to_string(),
+            email: m.email.clone(),
+            name: m.name.clone(),
+            role: m.role.to_string(),
+            joined_at: ts(m.joined_at),
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! GraphQL at `/graphql`, over real HTTP against a real server and database: the same answers
 //! and the same authorisation as the REST identity API, and the checked-in SDL.
 
-#![allow(clippy::unwrap_used, reason = "a test that cannot unwrap should fail right there")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test that cannot unwrap should fail right there"
+)]
 
 use std::path::Path;
 
@@ -14,7 +17,14 @@ use sqlx::PgPool;
 
 /// POST a GraphQL request; GraphQL answers 200 even when fields fail.
 async fn gql(app: &TestApp, token: Option<&str>, query: &str, variables: Value) -> Value {
-    let (status, body) = app.call(Method::POST, "/graphql", token, Some(json!({ "query": query, "variables": variables }))).await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            "/graphql",
+            token,
+            Some(json!({ "query": query, "variables": variables })),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body
 }
@@ -29,7 +39,9 @@ fn data(body: &Value) -> &Value {
 /// The only error of an answer: (code, HTTP status equivalent, message).
 #[track_caller]
 fn only_error(body: &Value) -> (String, u64, String) {
-    let errors = body["errors"].as_array().unwrap_or_else(|| panic!("expected errors: {body}"));
+    let errors = body["errors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("expected errors: {body}"));
     assert_eq!(errors.len(), 1, "{body}");
     error_of(&errors[0])
 }
@@ -37,8 +49,13 @@ fn only_error(body: &Value) -> (String, u64, String) {
 #[track_caller]
 fn error_of(e: &Value) -> (String, u64, String) {
     (
-        e["extensions"]["code"].as_str().unwrap_or_else(|| panic!("no code: {e}")).to_owned(),
-        e["extensions"]["status"].as_u64().unwrap_or_else(|| panic!("no status: {e}")),
+        e["extensions"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no code: {e}"))
+            .to_owned(),
+        e["extensions"]["status"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no status: {e}")),
         e["message"].as_str().unwrap_or_default().to_owned(),
     )
 }
@@ -56,7 +73,8 @@ fn error_fields(body: &Value) -> Vec<String> {
     f
 }
 
-const ME: &str = "{ me { user { id email } memberships { orgId role personal } apiKey { id orgId role } } }";
+const ME: &str =
+    "{ me { user { id email } memberships { orgId role personal } apiKey { id orgId role } } }";
 
 // ---- identity ----
 
@@ -74,10 +92,14 @@ async fn signup_login_me_refresh_and_logout(pool: PgPool) {
     assert_eq!(s["user"]["email"], "ada@example.com");
     assert_eq!(s["org"]["role"], "owner");
     assert_eq!(s["org"]["personal"], true);
-    let (user_id, org_id) = (s["user"]["id"].as_str().unwrap().to_owned(), s["org"]["id"].as_str().unwrap().to_owned());
+    let (user_id, org_id) = (
+        s["user"]["id"].as_str().unwrap().to_owned(),
+        s["org"]["id"].as_str().unwrap().to_owned(),
+    );
 
     let login = "mutation($input: LoginInput!) { login(input: $input) { accessToken refreshToken expiresIn tokenType } }";
-    let creds = json!({ "input": { "email": "ada@example.com", "password": "correct horse battery" } });
+    let creds =
+        json!({ "input": { "email": "ada@example.com", "password": "correct horse battery" } });
     let body = gql(&app, None, login, creds.clone()).await;
     let pair = &data(&body)["login"];
     assert_eq!(pair["tokenType"], "Bearer");
@@ -88,7 +110,10 @@ async fn signup_login_me_refresh_and_logout(pool: PgPool) {
     let body = gql(&app, Some(&access), ME, json!({})).await;
     let me = &data(&body)["me"];
     assert_eq!(me["user"]["id"], user_id.as_str());
-    assert_eq!(me["memberships"], json!([{ "orgId": org_id, "role": "owner", "personal": true }]));
+    assert_eq!(
+        me["memberships"],
+        json!([{ "orgId": org_id, "role": "owner", "personal": true }])
+    );
     assert_eq!(me["apiKey"], Value::Null);
     // The REST view of the same caller agrees.
     let (status, rest) = app.get("/v1/me", &access).await;
@@ -99,7 +124,10 @@ async fn signup_login_me_refresh_and_logout(pool: PgPool) {
     // Refresh rotates; the spent token presented again ends the session.
     let refresh_q = "mutation($t: String!) { refresh(input: { refreshToken: $t }) { accessToken refreshToken } }";
     let body = gql(&app, None, refresh_q, json!({ "t": refresh })).await;
-    let new_access = data(&body)["refresh"]["accessToken"].as_str().unwrap().to_owned();
+    let new_access = data(&body)["refresh"]["accessToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     data(&gql(&app, Some(&new_access), ME, json!({})).await);
     let body = gql(&app, None, refresh_q, json!({ "t": refresh })).await;
     let (code, status, message) = only_error(&body);
@@ -111,7 +139,10 @@ async fn signup_login_me_refresh_and_logout(pool: PgPool) {
 
     // Logout ends the caller's own session.
     let body = gql(&app, None, login, creds).await;
-    let access = data(&body)["login"]["accessToken"].as_str().unwrap().to_owned();
+    let access = data(&body)["login"]["accessToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let body = gql(&app, Some(&access), "mutation { logout }", json!({})).await;
     assert_eq!(data(&body)["logout"], true);
     let (code, _, _) = only_error(&gql(&app, Some(&access), ME, json!({})).await);
@@ -121,20 +152,47 @@ async fn signup_login_me_refresh_and_logout(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn no_token_or_a_bad_token_is_unauthenticated(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    for token in [None, Some("not.a.jwt"), Some("kiln_0123456789abcdefghijklmnopqrstuv")] {
+    for token in [
+        None,
+        Some("not.a.jwt"),
+        Some("kiln_0123456789abcdefghijklmnopqrstuv"),
+    ] {
         let body = gql(&app, token, ME, json!({})).await;
         let (code, status, _) = only_error(&body);
-        assert_eq!((code.as_str(), status), ("unauthenticated", 401), "token {token:?}: {body}");
+        assert_eq!(
+            (code.as_str(), status),
+            ("unauthenticated", 401),
+            "token {token:?}: {body}"
+        );
         assert_eq!(body["data"]["me"], Value::Null);
 
-        let body = gql(&app, token, "mutation { createOrg(input: { name: \"Acme\" }) { id } }", json!({})).await;
-        assert_eq!(only_error(&body).0, "unauthenticated", "token {token:?}: {body}");
+        let body = gql(
+            &app,
+            token,
+            "mutation { createOrg(input: { name: \"Acme\" }) { id } }",
+            json!({}),
+        )
+        .await;
+        assert_eq!(
+            only_error(&body).0,
+            "unauthenticated",
+            "token {token:?}: {body}"
+        );
     }
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM orgs").fetch_one(app.store().pool()).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM orgs")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 
     // A stale token does not get in the way of fields that need none.
-    let body = gql(&app, Some("not.a.jwt"), "mutation { signup(input: { email: \"x\", password: \"\", name: \"X\" }) { user { id } } }", json!({})).await;
+    let body = gql(
+        &app,
+        Some("not.a.jwt"),
+        "mutation { signup(input: { email: \"x\", password: \"\", name: \"X\" }) { user { id } } }",
+        json!({}),
+    )
+    .await;
     assert_eq!(only_error(&body).0, "validation", "{body}");
 }
 
@@ -147,63 +205,158 @@ async fn orgs_members_and_api_keys_round_trip_and_rest_agrees(pool: PgPool) {
     let bob = app.user("bob").await;
     let t = Some(alice.access_token.as_str());
 
-    let body = gql(&app, t, "mutation { createOrg(input: { name: \"Acme\" }) { id name role personal } }", json!({})).await;
+    let body = gql(
+        &app,
+        t,
+        "mutation { createOrg(input: { name: \"Acme\" }) { id name role personal } }",
+        json!({}),
+    )
+    .await;
     let org = &data(&body)["createOrg"];
-    assert_eq!((org["name"].as_str(), org["role"].as_str(), org["personal"].as_bool()), (Some("Acme"), Some("owner"), Some(false)));
+    assert_eq!(
+        (
+            org["name"].as_str(),
+            org["role"].as_str(),
+            org["personal"].as_bool()
+        ),
+        (Some("Acme"), Some("owner"), Some(false))
+    );
     let org_id = org["id"].as_str().unwrap().to_owned();
     let vars = json!({ "org": org_id, "user": bob.user_id, "email": bob.email });
-    let body = gql(&app, t, "query($org: ID!) { orgs { items { id } nextCursor } org(id: $org) { name } }", vars.clone()).await;
-    let ids: Vec<&str> = data(&body)["orgs"]["items"].as_array().unwrap().iter().filter_map(|o| o["id"].as_str()).collect();
-    assert!(ids.contains(&org_id.as_str()) && ids.contains(&alice.org_id.as_str()), "{body}");
+    let body = gql(
+        &app,
+        t,
+        "query($org: ID!) { orgs { items { id } nextCursor } org(id: $org) { name } }",
+        vars.clone(),
+    )
+    .await;
+    let ids: Vec<&str> = data(&body)["orgs"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&org_id.as_str()) && ids.contains(&alice.org_id.as_str()),
+        "{body}"
+    );
     assert_eq!(body["data"]["org"]["name"], "Acme");
 
     let body = gql(&app, t, "mutation($org: ID!, $email: String!) { addMember(orgId: $org, input: { email: $email, role: \"viewer\" }) { userId role } }", vars.clone()).await;
-    assert_eq!(data(&body)["addMember"], json!({ "userId": bob.user_id, "role": "viewer" }));
+    assert_eq!(
+        data(&body)["addMember"],
+        json!({ "userId": bob.user_id, "role": "viewer" })
+    );
     let body = gql(&app, t, "mutation($org: ID!, $user: ID!) { updateMember(orgId: $org, userId: $user, input: { role: \"member\" }) { role } }", vars.clone()).await;
     assert_eq!(data(&body)["updateMember"]["role"], "member");
-    let body = gql(&app, t, "query($org: ID!) { members(orgId: $org) { items { userId role } } }", vars.clone()).await;
+    let body = gql(
+        &app,
+        t,
+        "query($org: ID!) { members(orgId: $org) { items { userId role } } }",
+        vars.clone(),
+    )
+    .await;
     assert_eq!(data(&body)["members"]["items"].as_array().unwrap().len(), 2);
 
     // An API key: the secret once, then the same key through GraphQL and REST.
     let body = gql(&app, t, "mutation($org: ID!) { createApiKey(orgId: $org, input: { name: \"ci\" }) { id prefix key role } }", vars.clone()).await;
     let created = data(&body)["createApiKey"].clone();
-    let (key_id, secret) = (created["id"].as_str().unwrap().to_owned(), created["key"].as_str().unwrap().to_owned());
+    let (key_id, secret) = (
+        created["id"].as_str().unwrap().to_owned(),
+        created["key"].as_str().unwrap().to_owned(),
+    );
     assert!(secret.starts_with(created["prefix"].as_str().unwrap()) && secret.starts_with("kiln_"));
     assert_eq!(created["role"], "member", "the default role");
     let body = gql(&app, t, "query($org: ID!) { apiKeys(orgId: $org) { items { id name prefix role createdBy revokedAt } } }", vars.clone()).await;
     let listed = data(&body)["apiKeys"]["items"].clone();
-    assert_eq!(listed, json!([{ "id": key_id, "name": "ci", "prefix": created["prefix"], "role": "member", "createdBy": alice.user_id, "revokedAt": null }]));
-    let (status, rest) = app.get(&format!("/v1/orgs/{org_id}/api-keys"), &alice.access_token).await;
+    assert_eq!(
+        listed,
+        json!([{ "id": key_id, "name": "ci", "prefix": created["prefix"], "role": "member", "createdBy": alice.user_id, "revokedAt": null }])
+    );
+    let (status, rest) = app
+        .get(&format!("/v1/orgs/{org_id}/api-keys"), &alice.access_token)
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!((&rest["items"][0]["id"], &rest["items"][0]["prefix"]), (&listed[0]["id"], &listed[0]["prefix"]));
-    assert!(!rest.to_string().contains(&secret) && !listed.to_string().contains(&secret), "the secret is shown once");
+    assert_eq!(
+        (&rest["items"][0]["id"], &rest["items"][0]["prefix"]),
+        (&listed[0]["id"], &listed[0]["prefix"])
+    );
+    assert!(
+        !rest.to_string().contains(&secret) && !listed.to_string().contains(&secret),
+        "the secret is shown once"
+    );
 
     // The key is a caller of its own.
     let body = gql(&app, Some(&secret), ME, json!({})).await;
-    assert_eq!(data(&body)["me"]["apiKey"], json!({ "id": key_id, "orgId": org_id, "role": "member" }));
+    assert_eq!(
+        data(&body)["me"]["apiKey"],
+        json!({ "id": key_id, "orgId": org_id, "role": "member" })
+    );
 
     let body = gql(&app, t, "mutation($org: ID!, $key: ID!) { revokeApiKey(orgId: $org, keyId: $key) { id revokedAt } }", json!({ "org": org_id, "key": key_id })).await;
-    let revoked_at = data(&body)["revokeApiKey"]["revokedAt"].as_str().expect("revokedAt").to_owned();
-    let (_, rest) = app.get(&format!("/v1/orgs/{org_id}/api-keys"), &alice.access_token).await;
+    let revoked_at = data(&body)["revokeApiKey"]["revokedAt"]
+        .as_str()
+        .expect("revokedAt")
+        .to_owned();
+    let (_, rest) = app
+        .get(&format!("/v1/orgs/{org_id}/api-keys"), &alice.access_token)
+        .await;
     assert_eq!(rest["items"][0]["revoked_at"], revoked_at.as_str());
-    assert_eq!(only_error(&gql(&app, Some(&secret), ME, json!({})).await).0, "unauthenticated", "a revoked key stops working");
+    assert_eq!(
+        only_error(&gql(&app, Some(&secret), ME, json!({})).await).0,
+        "unauthenticated",
+        "a revoked key stops working"
+    );
 
     // Everything above is in the audit log, the same through both surfaces, with the client's address.
     // (The log also holds the members' org-less events, such as sign-ins; look at the org's own.)
-    let body = gql(&app, t, "query($org: ID!) { auditLog(orgId: $org) { items { id orgId action ip details } } }", vars.clone()).await;
+    let body = gql(
+        &app,
+        t,
+        "query($org: ID!) { auditLog(orgId: $org) { items { id orgId action ip details } } }",
+        vars.clone(),
+    )
+    .await;
     let all = data(&body)["auditLog"]["items"].as_array().unwrap().clone();
-    let events: Vec<&Value> = all.iter().filter(|e| e["orgId"] == org_id.as_str()).collect();
+    let events: Vec<&Value> = all
+        .iter()
+        .filter(|e| e["orgId"] == org_id.as_str())
+        .collect();
     let actions: Vec<&str> = events.iter().filter_map(|e| e["action"].as_str()).collect();
-    assert_eq!(actions, ["api_key.revoke", "api_key.create", "member.update", "member.add", "org.create"]);
+    assert_eq!(
+        actions,
+        [
+            "api_key.revoke",
+            "api_key.create",
+            "member.update",
+            "member.add",
+            "org.create"
+        ]
+    );
     assert!(events.iter().all(|e| e["ip"] == "127.0.0.1"), "{events:?}");
     assert_eq!(events[3]["details"]["role"], "viewer", "details are JSON");
-    let (_, rest) = app.get(&format!("/v1/orgs/{org_id}/audit-log"), &alice.access_token).await;
-    let rest_ids: Vec<&Value> = rest["items"].as_array().unwrap().iter().map(|e| &e["id"]).collect();
+    let (_, rest) = app
+        .get(&format!("/v1/orgs/{org_id}/audit-log"), &alice.access_token)
+        .await;
+    let rest_ids: Vec<&Value> = rest["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["id"])
+        .collect();
     assert_eq!(rest_ids, all.iter().map(|e| &e["id"]).collect::<Vec<_>>());
 
-    let body = gql(&app, t, "mutation($org: ID!, $user: ID!) { removeMember(orgId: $org, userId: $user) }", vars).await;
+    let body = gql(
+        &app,
+        t,
+        "mutation($org: ID!, $user: ID!) { removeMember(orgId: $org, userId: $user) }",
+        vars,
+    )
+    .await;
     assert_eq!(data(&body)["removeMember"], true);
-    let (_, rest) = app.get(&format!("/v1/orgs/{org_id}/members"), &alice.access_token).await;
+    let (_, rest) = app
+        .get(&format!("/v1/orgs/{org_id}/members"), &alice.access_token)
+        .await;
     assert_eq!(rest["items"].as_array().unwrap().len(), 1);
     assert_eq!(rest["items"][0]["user_id"], alice.user_id.as_str());
 }
@@ -226,15 +379,34 @@ async fn another_orgs_resources_are_not_found(pool: PgPool) {
                   removeMember(orgId: $org, userId: $user) \
                   createApiKey(orgId: $org, input: { name: \"mine\" }) { key } \
                   revokeApiKey(orgId: $org, keyId: $key) { id } }";
-    let (status, rest) = app.get(&format!("/v1/orgs/{}/members", alice.org_id), &mallory.access_token).await;
+    let (status, rest) = app
+        .get(
+            &format!("/v1/orgs/{}/members", alice.org_id),
+            &mallory.access_token,
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     for (query, fields) in [
         (reads, &["org", "members", "apiKeys", "auditLog"][..]),
-        (writes, &["addMember", "updateMember", "removeMember", "createApiKey", "revokeApiKey"][..]),
+        (
+            writes,
+            &[
+                "addMember",
+                "updateMember",
+                "removeMember",
+                "createApiKey",
+                "revokeApiKey",
+            ][..],
+        ),
     ] {
         let body = gql(&app, Some(&mallory.access_token), query, vars.clone()).await;
-        let errors = body["errors"].as_array().unwrap_or_else(|| panic!("{body}"));
-        let mut paths: Vec<&str> = errors.iter().filter_map(|e| e["path"][0].as_str()).collect();
+        let errors = body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"));
+        let mut paths: Vec<&str> = errors
+            .iter()
+            .filter_map(|e| e["path"][0].as_str())
+            .collect();
         paths.sort_unstable();
         let mut want = fields.to_vec();
         want.sort_unstable();
@@ -242,18 +414,46 @@ async fn another_orgs_resources_are_not_found(pool: PgPool) {
         for e in errors {
             let (code, status, message) = error_of(e);
             assert_eq!((code.as_str(), status), ("not-found", 404), "{e}");
-            assert_eq!(message, rest["detail"].as_str().unwrap(), "the same words as REST");
+            assert_eq!(
+                message,
+                rest["detail"].as_str().unwrap(),
+                "the same words as REST"
+            );
             assert_eq!(body["data"][e["path"][0].as_str().unwrap()], Value::Null);
         }
     }
     // A made-up org id is just as absent.
-    let body = gql(&app, Some(&mallory.access_token), "{ members(orgId: \"org_nope\") { items { userId } } }", json!({})).await;
+    let body = gql(
+        &app,
+        Some(&mallory.access_token),
+        "{ members(orgId: \"org_nope\") { items { userId } } }",
+        json!({}),
+    )
+    .await;
     assert_eq!(only_error(&body).0, "not-found");
 
-    let (_, keys) = app.get(&format!("/v1/orgs/{}/api-keys", alice.org_id), &alice.access_token).await;
-    assert_eq!(keys["items"][0]["revoked_at"], Value::Null, "the key was not revoked");
-    let (_, members) = app.get(&format!("/v1/orgs/{}/members", alice.org_id), &alice.access_token).await;
-    assert_eq!(members["items"].as_array().unwrap().len(), 1, "nobody was added: {members}");
+    let (_, keys) = app
+        .get(
+            &format!("/v1/orgs/{}/api-keys", alice.org_id),
+            &alice.access_token,
+        )
+        .await;
+    assert_eq!(
+        keys["items"][0]["revoked_at"],
+        Value::Null,
+        "the key was not revoked"
+    );
+    let (_, members) = app
+        .get(
+            &format!("/v1/orgs/{}/members", alice.org_id),
+            &alice.access_token,
+        )
+        .await;
+    assert_eq!(
+        members["items"].as_array().unwrap().len(),
+        1,
+        "nobody was added: {members}"
+    );
     assert_eq!(members["items"][0]["role"], "owner");
 }
 
@@ -264,17 +464,38 @@ async fn a_viewer_cannot_create_api_keys(pool: PgPool) {
     let bob = app.user("bob").await;
     app.add_member(&alice, &alice.org_id, &bob, "viewer").await;
 
-    let body = gql(&app, Some(&bob.access_token), "mutation($org: ID!) { createApiKey(orgId: $org, input: { name: \"sneaky\" }) { key } }", json!({ "org": alice.org_id })).await;
+    let body = gql(
+        &app,
+        Some(&bob.access_token),
+        "mutation($org: ID!) { createApiKey(orgId: $org, input: { name: \"sneaky\" }) { key } }",
+        json!({ "org": alice.org_id }),
+    )
+    .await;
     let (code, status, message) = only_error(&body);
     assert_eq!((code.as_str(), status), ("forbidden", 403), "{body}");
-    let (rest_status, rest) = app.post(&format!("/v1/orgs/{}/api-keys", alice.org_id), &bob.access_token, json!({ "name": "sneaky" })).await;
+    let (rest_status, rest) = app
+        .post(
+            &format!("/v1/orgs/{}/api-keys", alice.org_id),
+            &bob.access_token,
+            json!({ "name": "sneaky" }),
+        )
+        .await;
     assert_eq!(rest_status, StatusCode::FORBIDDEN);
     assert_eq!(message, rest["detail"].as_str().unwrap());
 
     // Reading is still allowed.
-    let body = gql(&app, Some(&bob.access_token), "query($org: ID!) { members(orgId: $org) { items { role } } }", json!({ "org": alice.org_id })).await;
+    let body = gql(
+        &app,
+        Some(&bob.access_token),
+        "query($org: ID!) { members(orgId: $org) { items { role } } }",
+        json!({ "org": alice.org_id }),
+    )
+    .await;
     assert_eq!(data(&body)["members"]["items"].as_array().unwrap().len(), 2);
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys").fetch_one(app.store().pool()).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 }
 
@@ -285,7 +506,10 @@ async fn validation_errors_list_every_bad_field(pool: PgPool) {
     let (code, status, _) = only_error(&body);
     assert_eq!((code.as_str(), status), ("validation", 422), "{body}");
     assert_eq!(error_fields(&body), ["email", "name", "password"]);
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM users").fetch_one(app.store().pool()).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM users")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 
     // Fields are named as in the schema (camelCase), each with its message.
@@ -299,10 +523,25 @@ async fn validation_errors_list_every_bad_field(pool: PgPool) {
     .await;
     assert_eq!(only_error(&body).0, "validation");
     assert_eq!(error_fields(&body), ["expiresAt", "name", "role"]);
-    let expires = body["errors"][0]["extensions"]["fields"].as_array().unwrap().iter().find(|f| f["field"] == "expiresAt").cloned().unwrap();
-    assert!(expires["message"].as_str().unwrap().contains("RFC 3339"), "{expires}");
+    let expires = body["errors"][0]["extensions"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["field"] == "expiresAt")
+        .cloned()
+        .unwrap();
+    assert!(
+        expires["message"].as_str().unwrap().contains("RFC 3339"),
+        "{expires}"
+    );
 
-    let body = gql(&app, Some(&alice.access_token), "query($org: ID!) { members(orgId: $org, limit: 0) { items { userId } } }", json!({ "org": alice.org_id })).await;
+    let body = gql(
+        &app,
+        Some(&alice.access_token),
+        "query($org: ID!) { members(orgId: $org, limit: 0) { items { userId } } }",
+        json!({ "org": alice.org_id }),
+    )
+    .await;
     assert_eq!(error_fields(&body), ["limit"]);
 }
 
@@ -311,9 +550,19 @@ async fn validation_errors_list_every_bad_field(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn serves_the_playground_introspection_and_refuses_abuse(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let resp = app.client.get(format!("{}/graphql", app.url)).send().await.unwrap();
+    let resp = app
+        .client
+        .get(format!("{}/graphql", app.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
     assert!(resp.text().await.unwrap().contains("/graphql"));
 
     // The full introspection query of graphql-js, as tools send it, fits within the limits.
@@ -321,15 +570,39 @@ async fn serves_the_playground_introspection_and_refuses_abuse(pool: PgPool) {
     let types = data(&body)["__schema"]["types"].as_array().unwrap();
     assert!(types.iter().any(|t| t["name"] == "ApiKeyCreatedView"));
 
-    let deep = format!("{{ __schema {{ types {{ fields {{ type {{ {} kind {} }} }} }} }} }}", "ofType { ".repeat(11), "}".repeat(11));
+    let deep = format!(
+        "{{ __schema {{ types {{ fields {{ type {{ {} kind {} }} }} }} }} }}",
+        "ofType { ".repeat(11),
+        "}".repeat(11)
+    );
     let body = gql(&app, None, &deep, json!({})).await;
-    assert!(body["errors"][0]["message"].as_str().unwrap().contains("nested too deep"), "{body}");
-    let wide = format!("{{ {} }}", (0..200).map(|i| format!("a{i}: me {{ memberships {{ role }} }}")).collect::<Vec<_>>().join(" "));
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested too deep"),
+        "{body}"
+    );
+    let wide = format!(
+        "{{ {} }}",
+        (0..200)
+            .map(|i| format!("a{i}: me {{ memberships {{ role }} }}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     let body = gql(&app, None, &wide, json!({})).await;
-    assert!(body["errors"][0]["message"].as_str().unwrap().contains("too complex"), "{body}");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too complex"),
+        "{body}"
+    );
 
     // A body that is not a GraphQL request is a GraphQL-shaped error with the HTTP status.
-    let (status, body) = app.call(Method::POST, "/graphql", None, Some(json!([1, 2]))).await;
+    let (status, body) = app
+        .call(Method::POST, "/graphql", None, Some(json!([1, 2])))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(only_error(&body).0, "bad-request");
 }
@@ -344,10 +617,21 @@ fn schema_graphql_is_up_to_date() {
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     if checked_in != generated {
-        let first = checked_in.lines().zip(generated.lines()).position(|(a, b)| a != b).map_or_else(
-            || "one is a prefix of the other".to_owned(),
-            |i| format!("line {}: checked in `{}`, generated `{}`", i + 1, checked_in.lines().nth(i).unwrap_or(""), generated.lines().nth(i).unwrap_or("")),
-        );
+        let first = checked_in
+            .lines()
+            .zip(generated.lines())
+            .position(|(a, b)| a != b)
+            .map_or_else(
+                || "one is a prefix of the other".to_owned(),
+                |i| {
+                    format!(
+                        "line {}: checked in `{}`, generated `{}`",
+                        i + 1,
+                        checked_in.lines().nth(i).unwrap_or(""),
+                        generated.lines().nth(i).unwrap_or("")
+                    )
+                },
+            );
         panic!(
             "services/api/schema.graphql differs from the schema the code generates ({first}).\n\
              If the change is intended, rerun with UPDATE_SNAPSHOTS=1 cargo test -p kiln-api --test graphql \

@@ -37,7 +37,10 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).field("created_at", &self.created_at).finish()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .field("created_at", &self.created_at)
+            .finish()
     }
 }
 
@@ -48,7 +51,11 @@ impl SigningKey {
         let mut secret = vec![0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
         let kid = format!("k{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        Self { kid, secret, created_at: now_unix }
+        Self {
+            kid,
+            secret,
+            created_at: now_unix,
+        }
     }
 }
 
@@ -88,13 +95,27 @@ pub struct KeyRing {
 impl KeyRing {
     pub const ALGORITHM: Algorithm = Algorithm::HS256;
 
-    pub fn new(issuer: impl Into<String>, audience: impl Into<String>, ttl_secs: i64, keys: &[SigningKey]) -> Self {
+    pub fn new(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        ttl_secs: i64,
+        keys: &[SigningKey],
+    ) -> Self {
         let signer = keys
             .iter()
             .max_by_key(|k| (k.created_at, k.kid.clone()))
             .map(|k| (k.kid.clone(), EncodingKey::from_secret(&k.secret)));
-        let verifiers = keys.iter().map(|k| (k.kid.clone(), DecodingKey::from_secret(&k.secret))).collect();
-        Self { issuer: issuer.into(), audience: audience.into(), ttl_secs, signer, verifiers }
+        let verifiers = keys
+            .iter()
+            .map(|k| (k.kid.clone(), DecodingKey::from_secret(&k.secret)))
+            .collect();
+        Self {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            ttl_secs,
+            signer,
+            verifiers,
+        }
     }
 
     pub fn ttl_secs(&self) -> i64 {
@@ -110,7 +131,12 @@ impl KeyRing {
     }
 
     /// Issue an access token for `user` in `session`, valid from `now` for the ring's TTL.
-    pub fn issue(&self, user: UserId, session: SessionId, now_unix: i64) -> Result<String, JwtError> {
+    pub fn issue(
+        &self,
+        user: UserId,
+        session: SessionId,
+        now_unix: i64,
+    ) -> Result<String, JwtError> {
         let (kid, key) = self.signer.as_ref().ok_or(JwtError::NoSigningKey)?;
         let mut header = Header::new(Self::ALGORITHM);
         header.kid = Some(kid.clone());
@@ -128,13 +154,19 @@ impl KeyRing {
 
     /// The `kid` a token names, without verifying anything (to decide whether to reload keys).
     pub fn kid_of(token: &str) -> Result<String, JwtError> {
-        jsonwebtoken::decode_header(token).map_err(JwtError::Invalid)?.kid.ok_or(JwtError::MissingKid)
+        jsonwebtoken::decode_header(token)
+            .map_err(JwtError::Invalid)?
+            .kid
+            .ok_or(JwtError::MissingKid)
     }
 
     /// Verify signature (HS256 only), issuer, audience, expiry and not-before.
     pub fn verify(&self, token: &str) -> Result<AccessClaims, JwtError> {
         let kid = Self::kid_of(token)?;
-        let key = self.verifiers.get(&kid).ok_or(JwtError::UnknownKid { kid })?;
+        let key = self
+            .verifiers
+            .get(&kid)
+            .ok_or(JwtError::UnknownKid { kid })?;
         let mut validation = Validation::new(Self::ALGORITHM);
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
@@ -153,7 +185,10 @@ mod tests {
     use base64::Engine as _;
 
     fn now() -> i64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
     }
 
     fn ring(keys: &[SigningKey]) -> KeyRing {
@@ -175,31 +210,63 @@ mod tests {
     #[test]
     fn rotation_keeps_old_tokens_valid_and_signs_with_the_newest() {
         let old = SigningKey::generate(now() - 100);
-        let t_old = ring(std::slice::from_ref(&old)).issue(UserId::new(), SessionId::new(), now()).unwrap();
+        let t_old = ring(std::slice::from_ref(&old))
+            .issue(UserId::new(), SessionId::new(), now())
+            .unwrap();
         let new = SigningKey::generate(now());
         let rotated = ring(&[old.clone(), new.clone()]);
         assert_eq!(rotated.signing_kid(), Some(new.kid.as_str()));
         assert!(rotated.verify(&t_old).is_ok());
         // Once the old key retires its tokens die.
         let retired = ring(&[new]);
-        assert!(matches!(retired.verify(&t_old), Err(JwtError::UnknownKid { .. })));
+        assert!(matches!(
+            retired.verify(&t_old),
+            Err(JwtError::UnknownKid { .. })
+        ));
     }
 
     #[test]
     fn expired_wrong_audience_wrong_issuer_and_forged_tokens_are_refused() {
         let k = SigningKey::generate(now());
         let r = ring(std::slice::from_ref(&k));
-        let expired = r.issue(UserId::new(), SessionId::new(), now() - 10_000).unwrap();
+        let expired = r
+            .issue(UserId::new(), SessionId::new(), now() - 10_000)
+            .unwrap();
         assert!(r.verify(&expired).is_err());
         let other_aud = KeyRing::new("kiln", "somebody-else", 900, std::slice::from_ref(&k));
-        assert!(r.verify(&other_aud.issue(UserId::new(), SessionId::new(), now()).unwrap()).is_err());
+        assert!(
+            r.verify(
+                &other_aud
+                    .issue(UserId::new(), SessionId::new(), now())
+                    .unwrap()
+            )
+            .is_err()
+        );
         let other_iss = KeyRing::new("evil", "kiln-api", 900, std::slice::from_ref(&k));
-        assert!(r.verify(&other_iss.issue(UserId::new(), SessionId::new(), now()).unwrap()).is_err());
-        let future = r.issue(UserId::new(), SessionId::new(), now() + 3600).unwrap();
-        assert!(r.verify(&future).is_err(), "nbf in the future must be refused");
+        assert!(
+            r.verify(
+                &other_iss
+                    .issue(UserId::new(), SessionId::new(), now())
+                    .unwrap()
+            )
+            .is_err()
+        );
+        let future = r
+            .issue(UserId::new(), SessionId::new(), now() + 3600)
+            .unwrap();
+        assert!(
+            r.verify(&future).is_err(),
+            "nbf in the future must be refused"
+        );
         // Same kid, different secret: a forgery.
-        let forged_key = SigningKey { kid: k.kid.clone(), secret: vec![7; 32], created_at: now() };
-        let forged = ring(&[forged_key]).issue(UserId::new(), SessionId::new(), now()).unwrap();
+        let forged_key = SigningKey {
+            kid: k.kid.clone(),
+            secret: vec![7; 32],
+            created_at: now(),
+        };
+        let forged = ring(&[forged_key])
+            .issue(UserId::new(), SessionId::new(), now())
+            .unwrap();
         assert!(r.verify(&forged).is_err());
     }
 
@@ -212,7 +279,10 @@ mod tests {
         let parts: Vec<&str> = t.split('.').collect();
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         for alg in ["none", "HS512"] {
-            let header = b64.encode(format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"{}"}}"#, k.kid));
+            let header = b64.encode(format!(
+                r#"{{"alg":"{alg}","typ":"JWT","kid":"{}"}}"#,
+                k.kid
+            ));
             let t2 = format!("{header}.{}.{}", parts[1], parts[2]);
             assert!(r.verify(&t2).is_err(), "{alg}");
         }

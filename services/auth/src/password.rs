@@ -1,6 +1,8 @@
 //! argon2id password hashes (PHC strings).
 
-use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString, rand_core::OsRng};
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher as _, PasswordVerifier, SaltString, rand_core::OsRng,
+};
 use argon2::{Algorithm, Argon2, Params, Version};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,10 +35,15 @@ impl PasswordHasher {
     }
 
     /// Stronger settings are allowed; weaker than OWASP's minimum are refused.
-    pub fn with_params(memory_kib: u32, iterations: u32, lanes: u32) -> Result<Self, PasswordError> {
+    pub fn with_params(
+        memory_kib: u32,
+        iterations: u32,
+        lanes: u32,
+    ) -> Result<Self, PasswordError> {
         let memory_kib = memory_kib.max(Self::MEMORY_KIB);
         let iterations = iterations.max(Self::ITERATIONS);
-        let params = Params::new(memory_kib, iterations, lanes.max(1), None).map_err(PasswordError::Params)?;
+        let params = Params::new(memory_kib, iterations, lanes.max(1), None)
+            .map_err(PasswordError::Params)?;
         let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let salt = SaltString::generate(&mut OsRng);
         let random = crate::secret::OpaqueSecret::generate("dummy");
@@ -64,7 +71,10 @@ impl PasswordHasher {
             None => (self.dummy_hash.as_str(), false),
         };
         let parsed = PasswordHash::new(phc).map_err(PasswordError::MalformedHash)?;
-        let ok = self.argon.verify_password(password.as_bytes(), &parsed).is_ok();
+        let ok = self
+            .argon
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
         Ok(ok && exists)
     }
 }
@@ -91,12 +101,19 @@ mod tests {
     #[test]
     fn weaker_parameters_are_raised_to_the_minimum() {
         let h = PasswordHasher::with_params(1024, 1, 1).unwrap();
-        assert!(h.hash("correct horse battery").unwrap().contains("m=19456,t=2,p=1"));
+        assert!(
+            h.hash("correct horse battery")
+                .unwrap()
+                .contains("m=19456,t=2,p=1")
+        );
     }
 
     #[test]
     fn salts_differ() {
         let h = PasswordHasher::new().unwrap();
-        assert_ne!(h.hash("same password!").unwrap(), h.hash("same password!").unwrap());
+        assert_ne!(
+            h.hash("same password!").unwrap(),
+            h.hash("same password!").unwrap()
+        );
     }
 }

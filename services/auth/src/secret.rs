@@ -86,7 +86,9 @@ impl ApiKeySecret {
     }
     /// Whether a bearer token is shaped like an API key (as opposed to a JWT).
     pub fn looks_like(token: &str) -> bool {
-        token.starts_with("kiln_") && token.len() == 5 + 43 && token[5..].bytes().all(|b| b.is_ascii_alphanumeric())
+        token.starts_with("kiln_")
+            && token.len() == 5 + 43
+            && token[5..].bytes().all(|b| b.is_ascii_alphanumeric())
     }
 }
 

@@ -112,9 +112,21 @@ mod tests {
         assert!(user.parse::<OrgId>().is_err());
         assert!("org_".parse::<OrgId>().is_err());
         assert!("org_zz".parse::<OrgId>().is_err());
-        assert!("org_0123456789abcdef0123456789abcdeg".parse::<OrgId>().is_err());
-        assert!("org-0123456789abcdef0123456789abcdef".parse::<OrgId>().is_err());
-        assert!("org_0123456789abcdef0123456789abcdef".parse::<OrgId>().is_ok());
+        assert!(
+            "org_0123456789abcdef0123456789abcdeg"
+                .parse::<OrgId>()
+                .is_err()
+        );
+        assert!(
+            "org-0123456789abcdef0123456789abcdef"
+                .parse::<OrgId>()
+                .is_err()
+        );
+        assert!(
+            "org_0123456789abcdef0123456789abcdef"
+                .parse::<OrgId>()
+                .is_ok()
+        );
     }
 
     #[test]

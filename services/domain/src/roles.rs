@@ -141,7 +141,8 @@ mod tests {
     #[test]
     fn viewers_only_read_and_cannot_even_read_keys_or_audit() {
         for p in Permission::ALL {
-            let expected = p.is_read() && !matches!(p, Permission::ApiKeyRead | Permission::AuditRead);
+            let expected =
+                p.is_read() && !matches!(p, Permission::ApiKeyRead | Permission::AuditRead);
             assert_eq!(Role::Viewer.allows(p), expected, "{p:?}");
         }
     }

@@ -23,7 +23,11 @@ pub struct GatewayConfig {
     #[arg(long, env = "KILN_GATEWAY_LISTEN", default_value = "127.0.0.1:8090")]
     pub listen: SocketAddr,
     /// PostgreSQL connection URL.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://kiln:kiln@127.0.0.1:5432/kiln")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://kiln:kiln@127.0.0.1:5432/kiln"
+    )]
     pub database_url: String,
     /// Maximum PostgreSQL connections in this process's pool.
     #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 16)]
@@ -43,14 +47,22 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
         "detail": detail,
     });
     let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     r
 }
 
-async fn endpoint_call(State(state): State<GatewayState>, Path(params): Path<Vec<(String, String)>>, headers: HeaderMap) -> Response {
+async fn endpoint_call(
+    State(state): State<GatewayState>,
+    Path(params): Path<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -58,14 +70,32 @@ async fn endpoint_call(State(state): State<GatewayState>, Path(params): Path<Vec
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim().to_owned());
     let Some(token) = token.filter(|t| ApiKeySecret::looks_like(t)) else {
-        return problem(StatusCode::UNAUTHORIZED, "Authentication required", "send `Authorization: Bearer kiln_…` with an API key");
+        return problem(
+            StatusCode::UNAUTHORIZED,
+            "Authentication required",
+            "send `Authorization: Bearer kiln_…` with an API key",
+        );
     };
-    match state.store.api_key_authenticate(&SecretDigest::of(&token)).await {
+    match state
+        .store
+        .api_key_authenticate(&SecretDigest::of(&token))
+        .await
+    {
         Ok(Some(_)) => {}
-        Ok(None) => return problem(StatusCode::UNAUTHORIZED, "Authentication required", "the API key is invalid, expired or revoked"),
+        Ok(None) => {
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "Authentication required",
+                "the API key is invalid, expired or revoked",
+            );
+        }
         Err(error) => {
             tracing::error!(%error, "api key lookup failed");
-            return problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", "the gateway cannot reach its database; retry shortly");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "the gateway cannot reach its database; retry shortly",
+            );
         }
     }
     let endpoint = params.first().map(|(_, v)| v.as_str()).unwrap_or_default();
@@ -74,7 +104,11 @@ async fn endpoint_call(State(state): State<GatewayState>, Path(params): Path<Vec
 }
 
 async fn fallback() -> Response {
-    problem(StatusCode::NOT_FOUND, "Not found", "the gateway serves /v1/endpoints/{endpoint}/…")
+    problem(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "the gateway serves /v1/endpoints/{endpoint}/…",
+    )
 }
 
 pub fn app(state: GatewayState) -> Router {

@@ -18,7 +18,9 @@ async fn main() -> anyhow::Result<()> {
     let store = kiln_store::Store::connect(&config.database_url, config.db_max_connections)
         .await
         .context("connecting to PostgreSQL")?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-gateway listening");
     axum::serve(listener, kiln_gateway::app(GatewayState { store }))
         .with_graceful_shutdown(async {

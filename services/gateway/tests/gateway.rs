@@ -9,7 +9,13 @@ async fn spawn(pool: PgPool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app(GatewayState { store: Store::new(pool) })).await;
+        let _ = axum::serve(
+            listener,
+            app(GatewayState {
+                store: Store::new(pool),
+            }),
+        )
+        .await;
     });
     url
 }
@@ -18,7 +24,11 @@ async fn spawn(pool: PgPool) -> String {
 async fn keys_are_checked_before_anything_else(pool: PgPool) {
     // An org with a live key and a revoked one, made directly in the store.
     let org = uuid_v7();
-    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'acme')").bind(org).execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'acme')")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
     let live = ApiKeySecret::generate();
     let revoked = ApiKeySecret::generate();
     for (k, rev) in [(&live, false), (&revoked, true)] {
@@ -34,7 +44,9 @@ async fn keys_are_checked_before_anything_else(pool: PgPool) {
     let url = spawn(pool).await;
     let http = reqwest::Client::new();
     let call = |token: Option<String>| {
-        let mut r = http.post(format!("{url}/v1/endpoints/ep_0123/v1/completions")).body("{}");
+        let mut r = http
+            .post(format!("{url}/v1/endpoints/ep_0123/v1/completions"))
+            .body("{}");
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }
@@ -43,11 +55,37 @@ async fn keys_are_checked_before_anything_else(pool: PgPool) {
     let r = call(None).await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    assert_eq!(call(Some(revoked.expose().to_owned())).await.unwrap().status(), 401);
+    assert_eq!(
+        call(Some(revoked.expose().to_owned()))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     assert_eq!(call(Some("kiln_guess".into())).await.unwrap().status(), 401);
-    assert_eq!(call(Some(live.expose().to_owned())).await.unwrap().status(), 404, "no endpoints exist yet");
-    assert_eq!(http.get(format!("{url}/healthz")).send().await.unwrap().status(), 200);
-    assert!(http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap().contains("kiln_http_requests_total"));
+    assert_eq!(
+        call(Some(live.expose().to_owned())).await.unwrap().status(),
+        404,
+        "no endpoints exist yet"
+    );
+    assert_eq!(
+        http.get(format!("{url}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        http.get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("kiln_http_requests_total")
+    );
 }
 
 fn uuid_v7() -> sqlx::types::Uuid {

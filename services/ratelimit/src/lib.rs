@@ -23,19 +23,29 @@ pub struct Limit {
 
 impl Limit {
     pub const fn per_minute(max: u32) -> Self {
-        Self { max, window: Duration::from_secs(60) }
+        Self {
+            max,
+            window: Duration::from_secs(60),
+        }
     }
     pub const fn per_hour(max: u32) -> Self {
-        Self { max, window: Duration::from_secs(3600) }
+        Self {
+            max,
+            window: Duration::from_secs(3600),
+        }
     }
 }
 
 /// The verdict for one hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Allowed { remaining: u32 },
+    Allowed {
+        remaining: u32,
+    },
     /// Over the limit; try again after this long.
-    Limited { retry_after: Duration },
+    Limited {
+        retry_after: Duration,
+    },
 }
 
 #[derive(Clone)]
@@ -53,11 +63,19 @@ impl RateLimiter {
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(1);
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self { conn, namespace: namespace.to_owned() })
+        Ok(Self {
+            conn,
+            namespace: namespace.to_owned(),
+        })
     }
 
     /// Count a hit against `bucket`/`key` under `limit`.
-    pub async fn try_hit(&self, bucket: &str, key: &str, limit: Limit) -> Result<Decision, RateLimitError> {
+    pub async fn try_hit(
+        &self,
+        bucket: &str,
+        key: &str,
+        limit: Limit,
+    ) -> Result<Decision, RateLimitError> {
         let secs = limit.window.as_secs().max(1);
         let window_start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -78,9 +96,15 @@ impl RateLimiter {
             .await?;
         if count > u64::from(limit.max) {
             let retry = u64::try_from(ttl).unwrap_or(secs).clamp(1, secs);
-            return Ok(Decision::Limited { retry_after: Duration::from_secs(retry) });
+            return Ok(Decision::Limited {
+                retry_after: Duration::from_secs(retry),
+            });
         }
-        Ok(Decision::Allowed { remaining: limit.max.saturating_sub(u32::try_from(count).unwrap_or(u32::MAX)) })
+        Ok(Decision::Allowed {
+            remaining: limit
+                .max
+                .saturating_sub(u32::try_from(count).unwrap_or(u32::MAX)),
+        })
     }
 
     /// Like [`try_hit`](Self::try_hit) but fails open when Redis is unreachable.
@@ -103,7 +127,10 @@ impl RateLimiter {
             .unwrap_or(0);
         let mut conn = self.conn.clone();
         let _: () = redis::cmd("DEL")
-            .arg(format!("{}:rl:{bucket}:{key}:{window_start}", self.namespace))
+            .arg(format!(
+                "{}:rl:{bucket}:{key}:{window_start}",
+                self.namespace
+            ))
             .query_async(&mut conn)
             .await?;
         Ok(())
@@ -121,21 +148,41 @@ mod tests {
     #[tokio::test]
     async fn counts_up_to_the_limit_then_refuses_with_retry_after() {
         let ns = format!("test-{}", uuid::Uuid::new_v4());
-        let rl = RateLimiter::connect(&redis_url(), &ns).await.expect("redis must be running (make test starts it)");
+        let rl = RateLimiter::connect(&redis_url(), &ns)
+            .await
+            .expect("redis must be running (make test starts it)");
         let limit = Limit::per_minute(3);
         for expected in [2, 1, 0] {
-            assert_eq!(rl.try_hit("login", "ada", limit).await.unwrap(), Decision::Allowed { remaining: expected });
+            assert_eq!(
+                rl.try_hit("login", "ada", limit).await.unwrap(),
+                Decision::Allowed {
+                    remaining: expected
+                }
+            );
         }
         match rl.try_hit("login", "ada", limit).await.unwrap() {
-            Decision::Limited { retry_after } => assert!(retry_after.as_secs() >= 1 && retry_after.as_secs() <= 60),
+            Decision::Limited { retry_after } => {
+                assert!(retry_after.as_secs() >= 1 && retry_after.as_secs() <= 60)
+            }
             other => panic!("expected a refusal, got {other:?}"),
         }
         // Other keys and other namespaces have their own counters.
-        assert!(matches!(rl.try_hit("login", "bob", limit).await.unwrap(), Decision::Allowed { .. }));
-        let other = RateLimiter::connect(&redis_url(), &format!("{ns}-other")).await.unwrap();
-        assert!(matches!(other.try_hit("login", "ada", limit).await.unwrap(), Decision::Allowed { .. }));
+        assert!(matches!(
+            rl.try_hit("login", "bob", limit).await.unwrap(),
+            Decision::Allowed { .. }
+        ));
+        let other = RateLimiter::connect(&redis_url(), &format!("{ns}-other"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            other.try_hit("login", "ada", limit).await.unwrap(),
+            Decision::Allowed { .. }
+        ));
         // Reset clears it.
         rl.reset("login", "ada", limit).await.unwrap();
-        assert!(matches!(rl.try_hit("login", "ada", limit).await.unwrap(), Decision::Allowed { .. }));
+        assert!(matches!(
+            rl.try_hit("login", "ada", limit).await.unwrap(),
+            Decision::Allowed { .. }
+        ));
     }
 }

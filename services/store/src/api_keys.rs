@@ -62,7 +62,10 @@ fn key_from_row(r: KeyRow) -> StoreResult<ApiKeyRecord> {
         org_id: OrgId::from_uuid(r.1),
         name: r.2,
         prefix: r.3,
-        role: r.4.parse().map_err(|_| StoreError::NotFound { what: "role" })?,
+        role: r
+            .4
+            .parse()
+            .map_err(|_| StoreError::NotFound { what: "role" })?,
         created_by: r.5.map(UserId::from_uuid),
         created_at: r.6,
         expires_at: r.7,
@@ -72,7 +75,12 @@ fn key_from_row(r: KeyRow) -> StoreResult<ApiKeyRecord> {
 }
 
 impl Store {
-    pub async fn api_key_create(&self, conn: &mut PgConnection, scope: &OrgScope, new: NewApiKey<'_>) -> StoreResult<ApiKeyRecord> {
+    pub async fn api_key_create(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        new: NewApiKey<'_>,
+    ) -> StoreResult<ApiKeyRecord> {
         let row: KeyRow = sqlx::query_as(&format!(
             "INSERT INTO api_keys (id, org_id, name, prefix, secret_hash, role, created_by, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
@@ -92,7 +100,11 @@ impl Store {
     }
 
     /// Keys of the org, newest last; revoked keys are listed with `revoked_at`.
-    pub async fn api_key_list(&self, scope: &OrgScope, page: PageRequest) -> StoreResult<PageOf<ApiKeyRecord>> {
+    pub async fn api_key_list(
+        &self,
+        scope: &OrgScope,
+        page: PageRequest,
+    ) -> StoreResult<PageOf<ApiKeyRecord>> {
         let rows: Vec<KeyRow> = sqlx::query_as(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND ($2::uuid IS NULL OR id > $2)
              ORDER BY id LIMIT $3"
@@ -102,21 +114,33 @@ impl Store {
         .bind(page.fetch())
         .fetch_all(&self.pool)
         .await?;
-        let items = rows.into_iter().map(key_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let items = rows
+            .into_iter()
+            .map(key_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
         Ok(page.finish(items, |k| k.id.to_string()))
     }
 
     pub async fn api_key_get(&self, scope: &OrgScope, id: ApiKeyId) -> StoreResult<ApiKeyRecord> {
-        let row: Option<KeyRow> = sqlx::query_as(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2"))
-            .bind(scope.org_id().as_uuid())
-            .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(key_from_row).transpose()?.ok_or(StoreError::NotFound { what: "api key" })
+        let row: Option<KeyRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2"
+        ))
+        .bind(scope.org_id().as_uuid())
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(key_from_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound { what: "api key" })
     }
 
     /// Revoke a key of this org. Revoking twice is not an error (the first time stands).
-    pub async fn api_key_revoke(&self, conn: &mut PgConnection, scope: &OrgScope, id: ApiKeyId) -> StoreResult<ApiKeyRecord> {
+    pub async fn api_key_revoke(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: ApiKeyId,
+    ) -> StoreResult<ApiKeyRecord> {
         let row: Option<KeyRow> = sqlx::query_as(&format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
              WHERE org_id = $1 AND id = $2 RETURNING {KEY_COLUMNS}"
@@ -125,12 +149,17 @@ impl Store {
         .bind(id.as_uuid())
         .fetch_optional(&mut *conn)
         .await?;
-        row.map(key_from_row).transpose()?.ok_or(StoreError::NotFound { what: "api key" })
+        row.map(key_from_row)
+            .transpose()?
+            .ok_or(StoreError::NotFound { what: "api key" })
     }
 
     /// Look a presented key up by digest: live (not revoked, not expired) keys only. Records
     /// `last_used_at` at most once a minute per key, so the hot path stays a read.
-    pub async fn api_key_authenticate(&self, digest: &SecretDigest) -> StoreResult<Option<ApiKeyAuth>> {
+    pub async fn api_key_authenticate(
+        &self,
+        digest: &SecretDigest,
+    ) -> StoreResult<Option<ApiKeyAuth>> {
         let row: Option<(Uuid, Uuid, String, Option<Uuid>, bool)> = sqlx::query_as(
             "SELECT id, org_id, role, created_by,
                     last_used_at IS NULL OR last_used_at < now() - interval '60 seconds'
@@ -140,14 +169,18 @@ impl Store {
         .bind(digest.as_bytes())
         .fetch_optional(&self.pool)
         .await?;
-        let Some((id, org, role, created_by, stale)) = row else { return Ok(None) };
+        let Some((id, org, role, created_by, stale)) = row else {
+            return Ok(None);
+        };
         if stale {
             sqlx::query("UPDATE api_keys SET last_used_at = now() WHERE id = $1")
                 .bind(id)
                 .execute(&self.pool)
                 .await?;
         }
-        let Ok(role) = role.parse() else { return Ok(None) };
+        let Ok(role) = role.parse() else {
+            return Ok(None);
+        };
         Ok(Some(ApiKeyAuth {
             key_id: ApiKeyId::from_uuid(id),
             org_id: OrgId::from_uuid(org),

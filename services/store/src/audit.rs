@@ -76,7 +76,12 @@ impl Store {
     /// The org's events, newest first: everything recorded against the org, plus the sign-in
     /// events of its current members since they joined (admins answer for their members'
     /// access, not for what those people did before or elsewhere).
-    pub async fn audit_list(&self, scope: &OrgScope, limit: u32, before: Option<i64>) -> StoreResult<PageOf<AuditRecord>> {
+    pub async fn audit_list(
+        &self,
+        scope: &OrgScope,
+        limit: u32,
+        before: Option<i64>,
+    ) -> StoreResult<PageOf<AuditRecord>> {
         let limit = limit.clamp(1, crate::PageRequest::MAX_LIMIT);
         let rows: Vec<AuditRow> = sqlx::query_as(
                 "SELECT e.id, e.org_id, e.actor_user_id, u.email, e.actor_api_key_id, e.action, e.target, e.ip, e.details, e.created_at
@@ -110,7 +115,11 @@ impl Store {
             .collect();
         let more = items.len() > limit as usize;
         items.truncate(limit as usize);
-        let next_cursor = if more { items.last().map(|e| e.id.to_string()) } else { None };
+        let next_cursor = if more {
+            items.last().map(|e| e.id.to_string())
+        } else {
+            None
+        };
         Ok(PageOf { items, next_cursor })
     }
 }

@@ -21,7 +21,10 @@ pub enum Claim {
     /// First use: perform the effect, then [`Store::idempotency_complete`] in the same transaction.
     New,
     /// Seen before with the same request: answer this again.
-    Replay { status: u16, body: serde_json::Value },
+    Replay {
+        status: u16,
+        body: serde_json::Value,
+    },
     /// Seen before with a different request body.
     Mismatch,
 }
@@ -58,7 +61,10 @@ impl Store {
         if hash != request_hash {
             return Ok(Claim::Mismatch);
         }
-        Ok(Claim::Replay { status: u16::try_from(status).unwrap_or(200), body })
+        Ok(Claim::Replay {
+            status: u16::try_from(status).unwrap_or(200),
+            body,
+        })
     }
 
     pub async fn idempotency_complete(

@@ -51,7 +51,9 @@ impl StoreError {
     /// Map a unique-violation to `Conflict`, everything else to `Database`.
     fn from_unique(err: sqlx::Error, what: &'static str) -> Self {
         match &err {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => StoreError::Conflict { what },
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+                StoreError::Conflict { what }
+            }
             _ => StoreError::Database(err),
         }
     }
@@ -79,7 +81,10 @@ impl PageRequest {
     pub const MAX_LIMIT: u32 = 200;
 
     pub fn first(limit: u32) -> Self {
-        Self { limit: limit.clamp(1, Self::MAX_LIMIT), after: None }
+        Self {
+            limit: limit.clamp(1, Self::MAX_LIMIT),
+            after: None,
+        }
     }
 
     fn fetch(&self) -> i64 {
@@ -90,7 +95,10 @@ impl PageRequest {
         let more = rows.len() > self.limit as usize;
         rows.truncate(self.limit as usize);
         let next_cursor = if more { rows.last().map(id_of) } else { None };
-        PageOf { items: rows, next_cursor }
+        PageOf {
+            items: rows,
+            next_cursor,
+        }
     }
 }
 

@@ -8,9 +8,18 @@ use crate::{Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     /// A person, signed in with a session.
-    User { user_id: UserId, session_id: SessionId, is_operator: bool },
+    User {
+        user_id: UserId,
+        session_id: SessionId,
+        is_operator: bool,
+    },
     /// An API key: bound to one org with one role.
-    ApiKey { key_id: ApiKeyId, org_id: OrgId, role: Role, created_by: Option<UserId> },
+    ApiKey {
+        key_id: ApiKeyId,
+        org_id: OrgId,
+        role: Role,
+        created_by: Option<UserId>,
+    },
 }
 
 impl Principal {
@@ -37,7 +46,13 @@ impl Principal {
     }
 
     pub fn is_operator(&self) -> bool {
-        matches!(self, Principal::User { is_operator: true, .. })
+        matches!(
+            self,
+            Principal::User {
+                is_operator: true,
+                ..
+            }
+        )
     }
 }
 
@@ -88,27 +103,38 @@ impl Store {
         permission: Permission,
     ) -> Result<OrgScope, AuthzError> {
         let role = match principal {
-            Principal::ApiKey { org_id: key_org, role, .. } => {
+            Principal::ApiKey {
+                org_id: key_org,
+                role,
+                ..
+            } => {
                 if *key_org != org_id {
                     return Err(AuthzError::NotFound);
                 }
                 *role
             }
             Principal::User { user_id, .. } => {
-                let row: Option<(String,)> =
-                    sqlx::query_as("SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2")
-                        .bind(org_id.as_uuid())
-                        .bind(user_id.as_uuid())
-                        .fetch_optional(&self.pool)
-                        .await
-                        .map_err(StoreError::from)?;
-                let Some((role,)) = row else { return Err(AuthzError::NotFound) };
+                let row: Option<(String,)> = sqlx::query_as(
+                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
+                )
+                .bind(org_id.as_uuid())
+                .bind(user_id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::from)?;
+                let Some((role,)) = row else {
+                    return Err(AuthzError::NotFound);
+                };
                 role.parse().map_err(|_| AuthzError::NotFound)?
             }
         };
         if !role.allows(permission) {
             return Err(AuthzError::Forbidden { role });
         }
-        Ok(OrgScope { org_id, role, principal: principal.clone() })
+        Ok(OrgScope {
+            org_id,
+            role,
+            principal: principal.clone(),
+        })
     }
 }

@@ -37,18 +37,37 @@ pub struct MembershipView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {
     /// The token was live; it is now spent and the new one belongs to the same session.
-    Rotated { session_id: SessionId, user_id: UserId },
+    Rotated {
+        session_id: SessionId,
+        user_id: UserId,
+    },
     /// The token had been spent before: the whole session has now been revoked.
-    Reused { session_id: SessionId, user_id: UserId },
+    Reused {
+        session_id: SessionId,
+        user_id: UserId,
+    },
     /// Unknown token, or its session is revoked or expired.
     Invalid,
 }
 
 type UserRow = (Uuid, String, String, bool, OffsetDateTime);
-type MeRow = (Uuid, String, String, bool, OffsetDateTime, sqlx::types::Json<Vec<MembershipView>>);
+type MeRow = (
+    Uuid,
+    String,
+    String,
+    bool,
+    OffsetDateTime,
+    sqlx::types::Json<Vec<MembershipView>>,
+);
 
 fn user_from_row((id, email, name, is_operator, created_at): UserRow) -> UserRecord {
-    UserRecord { id: UserId::from_uuid(id), email: Email::from_trusted(email), name, is_operator, created_at }
+    UserRecord {
+        id: UserId::from_uuid(id),
+        email: Email::from_trusted(email),
+        name,
+        is_operator,
+        created_at,
+    }
 }
 
 impl Store {
@@ -79,24 +98,33 @@ impl Store {
     }
 
     /// Create or update the operator account named by the deployment's settings.
-    pub async fn user_ensure_operator(&self, email: &Email, password_hash: &str) -> StoreResult<UserId> {
+    pub async fn user_ensure_operator(
+        &self,
+        email: &Email,
+        password_hash: &str,
+    ) -> StoreResult<UserId> {
         let mut tx = self.begin().await?;
-        let existing: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM users WHERE email = $1 FOR UPDATE")
-            .bind(email.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let existing: Option<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM users WHERE email = $1 FOR UPDATE")
+                .bind(email.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
         let id = match existing {
             Some((id,)) => {
-                sqlx::query("UPDATE users SET password_hash = $2, is_operator = true WHERE id = $1")
-                    .bind(id)
-                    .bind(password_hash)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE users SET password_hash = $2, is_operator = true WHERE id = $1",
+                )
+                .bind(id)
+                .bind(password_hash)
+                .execute(&mut *tx)
+                .await?;
                 UserId::from_uuid(id)
             }
             None => {
                 let name = PersonName::from_trusted("Operator".into());
-                let (user, _org) = self.user_create_with_personal_org(&mut tx, email, &name, password_hash).await?;
+                let (user, _org) = self
+                    .user_create_with_personal_org(&mut tx, email, &name, password_hash)
+                    .await?;
                 sqlx::query("UPDATE users SET is_operator = true WHERE id = $1")
                     .bind(user.id.as_uuid())
                     .execute(&mut *tx)
@@ -109,7 +137,10 @@ impl Store {
     }
 
     /// The account and password hash for a sign-in attempt.
-    pub async fn user_credentials(&self, email: &Email) -> StoreResult<Option<(UserRecord, String)>> {
+    pub async fn user_credentials(
+        &self,
+        email: &Email,
+    ) -> StoreResult<Option<(UserRecord, String)>> {
         let row: Option<(Uuid, String, String, bool, OffsetDateTime, String)> = sqlx::query_as(
             "SELECT id, email, name, is_operator, created_at, password_hash FROM users WHERE email = $1",
         )
@@ -120,12 +151,14 @@ impl Store {
     }
 
     pub async fn user_get(&self, id: UserId) -> StoreResult<UserRecord> {
-        let row: Option<UserRow> =
-            sqlx::query_as("SELECT id, email, name, is_operator, created_at FROM users WHERE id = $1")
-                .bind(id.as_uuid())
-                .fetch_optional(&self.pool)
-                .await?;
-        row.map(user_from_row).ok_or(StoreError::NotFound { what: "user" })
+        let row: Option<UserRow> = sqlx::query_as(
+            "SELECT id, email, name, is_operator, created_at FROM users WHERE id = $1",
+        )
+        .bind(id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(user_from_row)
+            .ok_or(StoreError::NotFound { what: "user" })
     }
 
     /// The user and all their memberships, in one round trip.
@@ -143,7 +176,10 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         let (uid, e, n, op, c, memberships) = row.ok_or(StoreError::NotFound { what: "user" })?;
-        Ok(Me { user: user_from_row((uid, e, n, op, c)), memberships: memberships.0 })
+        Ok(Me {
+            user: user_from_row((uid, e, n, op, c)),
+            memberships: memberships.0,
+        })
     }
 
     /// Start a session with its first refresh token.
@@ -178,7 +214,11 @@ impl Store {
 
     /// Exchange a refresh token for a new one in the same session. Spending is atomic, so two
     /// concurrent exchanges of one token cannot both succeed; the loser is treated as reuse.
-    pub async fn refresh_token_exchange(&self, old: &SecretDigest, new: &SecretDigest) -> StoreResult<RefreshOutcome> {
+    pub async fn refresh_token_exchange(
+        &self,
+        old: &SecretDigest,
+        new: &SecretDigest,
+    ) -> StoreResult<RefreshOutcome> {
         let mut tx = self.begin().await?;
         let spent: Option<(Uuid, Uuid)> = sqlx::query_as(
             "UPDATE refresh_tokens r SET used_at = now()
@@ -197,7 +237,10 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            return Ok(RefreshOutcome::Rotated { session_id: SessionId::from_uuid(sid), user_id: UserId::from_uuid(uid) });
+            return Ok(RefreshOutcome::Rotated {
+                session_id: SessionId::from_uuid(sid),
+                user_id: UserId::from_uuid(uid),
+            });
         }
         let known: Option<(Uuid, Uuid, bool)> = sqlx::query_as(
             "SELECT s.id, s.user_id, r.used_at IS NOT NULL FROM refresh_tokens r
@@ -215,7 +258,10 @@ impl Store {
                 .bind(sid)
                 .execute(&mut *tx)
                 .await?;
-                RefreshOutcome::Reused { session_id: SessionId::from_uuid(sid), user_id: UserId::from_uuid(uid) }
+                RefreshOutcome::Reused {
+                    session_id: SessionId::from_uuid(sid),
+                    user_id: UserId::from_uuid(uid),
+                }
             }
             _ => RefreshOutcome::Invalid,
         };
@@ -224,7 +270,10 @@ impl Store {
     }
 
     /// The session a refresh token belongs to, if the token is known (spent or not).
-    pub async fn session_of_refresh_token(&self, token: &SecretDigest) -> StoreResult<Option<(SessionId, UserId)>> {
+    pub async fn session_of_refresh_token(
+        &self,
+        token: &SecretDigest,
+    ) -> StoreResult<Option<(SessionId, UserId)>> {
         let row: Option<(Uuid, Uuid)> = sqlx::query_as(
             "SELECT s.id, s.user_id FROM refresh_tokens r JOIN sessions s ON s.id = r.session_id WHERE r.token_hash = $1",
         )
@@ -269,20 +318,31 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(kid, secret, created_at)| SigningKey { kid, secret, created_at: created_at.unix_timestamp() })
+            .map(|(kid, secret, created_at)| SigningKey {
+                kid,
+                secret,
+                created_at: created_at.unix_timestamp(),
+            })
             .collect())
     }
 
     /// Rotate when the newest key is older than `rotate_after`, and retire keys that stopped
     /// signing more than `retire_after` ago (the access-token lifetime plus margin). Safe to run
     /// from every replica at once: an advisory lock makes one of them do it.
-    pub async fn signing_keys_rotate(&self, rotate_after: time::Duration, retire_after: time::Duration) -> StoreResult<bool> {
+    pub async fn signing_keys_rotate(
+        &self,
+        rotate_after: time::Duration,
+        retire_after: time::Duration,
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(7321001)").execute(&mut *tx).await?;
-        let newest: Option<(OffsetDateTime,)> =
-            sqlx::query_as("SELECT max(created_at) FROM signing_keys WHERE retired_at IS NULL HAVING count(*) > 0")
-                .fetch_optional(&mut *tx)
-                .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7321001)")
+            .execute(&mut *tx)
+            .await?;
+        let newest: Option<(OffsetDateTime,)> = sqlx::query_as(
+            "SELECT max(created_at) FROM signing_keys WHERE retired_at IS NULL HAVING count(*) > 0",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         let now = OffsetDateTime::now_utc();
         let rotated = match newest {
             Some((t,)) if now - t < rotate_after => false,

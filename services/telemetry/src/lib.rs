@@ -6,12 +6,12 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Start logging. `RUST_LOG` filters (default `info`); `KILN_LOG_FORMAT=json` for JSON lines.
@@ -20,9 +20,16 @@ pub fn init_tracing(service: &'static str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("KILN_LOG_FORMAT").is_ok_and(|v| v == "json");
     let result = if json {
-        fmt().with_env_filter(filter).json().with_writer(std::io::stderr).try_init()
+        fmt()
+            .with_env_filter(filter)
+            .json()
+            .with_writer(std::io::stderr)
+            .try_init()
     } else {
-        fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init()
+        fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init()
     };
     if result.is_ok() {
         tracing::info!(service, "logging started");
@@ -35,7 +42,9 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0])
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+                ])
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
                 Ok(handle) => handle,
@@ -47,7 +56,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 }
 
 /// A readiness probe: resolves to `Err(reason)` when a dependency is down.
-pub type HealthCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type HealthCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 #[derive(Clone)]
 struct Ops {
@@ -58,8 +68,15 @@ struct Ops {
 
 /// `GET /healthz` (200 `ok` when `health` passes, 503 with the reason otherwise) and
 /// `GET /metrics` (Prometheus text format).
-pub fn ops_router<S: Clone + Send + Sync + 'static>(service: &'static str, health: HealthCheck) -> Router<S> {
-    let ops = Ops { service, handle: metrics_handle(), health };
+pub fn ops_router<S: Clone + Send + Sync + 'static>(
+    service: &'static str,
+    health: HealthCheck,
+) -> Router<S> {
+    let ops = Ops {
+        service,
+        handle: metrics_handle(),
+        health,
+    };
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
@@ -71,7 +88,11 @@ async fn healthz(State(ops): State<Ops>) -> Response {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(reason) => {
             tracing::warn!(service = ops.service, %reason, "health check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {reason}\n")).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: {reason}\n"),
+            )
+                .into_response()
         }
     }
 }
@@ -79,7 +100,10 @@ async fn healthz(State(ops): State<Ops>) -> Response {
 async fn render_metrics(State(ops): State<Ops>) -> Response {
     metrics::gauge!("kiln_up", "service" => ops.service).set(1.0);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         ops.handle.render(),
     )
         .into_response()
@@ -97,7 +121,8 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
     let status = resp.status().as_u16().to_string();
     let labels = [("method", method), ("route", route), ("status", status)];
     metrics::counter!("kiln_http_requests_total", &labels).increment(1);
-    metrics::histogram!("kiln_http_request_duration_seconds", &labels).record(start.elapsed().as_secs_f64());
+    metrics::histogram!("kiln_http_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -111,20 +136,36 @@ mod tests {
     #[tokio::test]
     async fn healthz_reports_dependency_failures_and_metrics_render() {
         let ok: HealthCheck = Arc::new(|| Box::pin(async { Ok(()) }));
-        let bad: HealthCheck = Arc::new(|| Box::pin(async { Err("postgres unreachable".to_owned()) }));
+        let bad: HealthCheck =
+            Arc::new(|| Box::pin(async { Err("postgres unreachable".to_owned()) }));
         let app: Router = ops_router("test", ok)
             .route("/hello", get(|| async { "hi" }))
             .layer(axum::middleware::from_fn(http_metrics));
-        let r = app.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        let r = app
+            .clone()
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-        let _ = app.clone().oneshot(Request::get("/hello").body(Body::empty()).unwrap()).await.unwrap();
-        let r = app.oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
-        let text = String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        let _ = app
+            .clone()
+            .oneshot(Request::get("/hello").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let r = app
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let text =
+            String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
         assert!(text.contains("kiln_http_requests_total"), "{text}");
         assert!(text.contains("route=\"/hello\""), "{text}");
 
         let app: Router = ops_router("test", bad);
-        let r = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        let r = app
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

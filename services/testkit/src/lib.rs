@@ -54,8 +54,12 @@ impl TestApp {
         tweak(&mut config);
         let store = Store::new(pool);
         let limiter = kiln_ratelimit_connect(&config.redis_url, &namespace).await;
-        let state = AppState::new(store, limiter, config).await.expect("build app state");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
+        let state = AppState::new(store, limiter, config)
+            .await
+            .expect("build app state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an ephemeral port");
         let url = format!("http://{}", listener.local_addr().expect("local addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let st = state.clone();
@@ -65,8 +69,17 @@ impl TestApp {
             })
             .await;
         });
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
-        Self { url, state, client, shutdown: Some(tx), server: Some(server) }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        Self {
+            url,
+            state,
+            client,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -75,7 +88,13 @@ impl TestApp {
 
     /// Send a request; `token` becomes `Authorization: Bearer`. Returns status and JSON body
     /// (`Value::Null` for an empty body).
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let (status, _, body) = self.call_full(method, path, token, body, &[]).await;
         (status, body)
     }
@@ -106,7 +125,8 @@ impl TestApp {
         let value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         (status, headers, value)
     }
@@ -124,28 +144,52 @@ impl TestApp {
         let email = format!("{name}@example.com");
         let password = format!("{name}-correct-horse-battery");
         let (status, body) = self
-            .call(Method::POST, "/v1/auth/signup", None, Some(json!({ "email": email, "password": password, "name": name })))
+            .call(
+                Method::POST,
+                "/v1/auth/signup",
+                None,
+                Some(json!({ "email": email, "password": password, "name": name })),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "signup of {name}: {body}");
         let user_id = body["user"]["id"].as_str().expect("user id").to_owned();
         let org_id = body["org"]["id"].as_str().expect("org id").to_owned();
         let (access_token, refresh_token) = self.login(&email, &password).await;
-        TestUser { email, password, user_id, org_id, access_token, refresh_token }
+        TestUser {
+            email,
+            password,
+            user_id,
+            org_id,
+            access_token,
+            refresh_token,
+        }
     }
 
     /// Sign in; returns (access, refresh).
     pub async fn login(&self, email: &str, password: &str) -> (String, String) {
         let (status, body) = self
-            .call(Method::POST, "/v1/auth/login", None, Some(json!({ "email": email, "password": password })))
+            .call(
+                Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({ "email": email, "password": password })),
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "login of {email}: {body}");
-        (body["access_token"].as_str().expect("access").to_owned(), body["refresh_token"].as_str().expect("refresh").to_owned())
+        (
+            body["access_token"].as_str().expect("access").to_owned(),
+            body["refresh_token"].as_str().expect("refresh").to_owned(),
+        )
     }
 
     /// Add `who` to `org` with `role`, as `by`.
     pub async fn add_member(&self, by: &TestUser, org: &str, who: &TestUser, role: &str) {
         let (status, body) = self
-            .post(&format!("/v1/orgs/{org}/members"), &by.access_token, json!({ "email": who.email, "role": role }))
+            .post(
+                &format!("/v1/orgs/{org}/members"),
+                &by.access_token,
+                json!({ "email": who.email, "role": role }),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "add member: {body}");
     }
@@ -153,10 +197,17 @@ impl TestApp {
     /// Create an API key in `org` as `by`; returns (id, secret).
     pub async fn api_key(&self, by: &TestUser, org: &str, role: &str) -> (String, String) {
         let (status, body) = self
-            .post(&format!("/v1/orgs/{org}/api-keys"), &by.access_token, json!({ "name": format!("{role} key"), "role": role }))
+            .post(
+                &format!("/v1/orgs/{org}/api-keys"),
+                &by.access_token,
+                json!({ "name": format!("{role} key"), "role": role }),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "create api key: {body}");
-        (body["id"].as_str().expect("id").to_owned(), body["key"].as_str().expect("key").to_owned())
+        (
+            body["id"].as_str().expect("id").to_owned(),
+            body["key"].as_str().expect("key").to_owned(),
+        )
     }
 
     /// Stop the server and wait for it.
@@ -199,7 +250,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(250));
     }

@@ -28,10 +28,15 @@ struct AuditPage {
     next_cursor: Option<String>,
 }
 
-pub(super) async fn list(ctx: Ctx, Path(org): Path<String>, Query(q): Query<PageQuery>) -> Response {
+pub(super) async fn list(
+    ctx: Ctx,
+    Path(org): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
     let r = async {
         let (id, _, nav) = load_org(&ctx, &org, "audit-log").await?;
-        let log = ops::audit::list(&ctx.state, &ctx.caller, id, Some(50), q.cursor.as_deref()).await?;
+        let log =
+            ops::audit::list(&ctx.state, &ctx.caller, id, Some(50), q.cursor.as_deref()).await?;
         let events = log
             .items
             .into_iter()
@@ -50,7 +55,15 @@ pub(super) async fn list(ctx: Ctx, Path(org): Path<String>, Query(q): Query<Page
             })
             .collect();
         let chrome = ctx.chrome(Some(&nav.id)).await?;
-        Ok(render(StatusCode::OK, &AuditPage { chrome, org: nav, events, next_cursor: log.next_cursor }))
+        Ok(render(
+            StatusCode::OK,
+            &AuditPage {
+                chrome,
+                org: nav,
+                events,
+                next_cursor: log.next_cursor,
+            },
+        ))
     }
     .await;
     ctx.finish(r).await
@@ -64,7 +77,10 @@ fn details(value: &serde_json::Value) -> Vec<(String, String)> {
         other => other.to_string(),
     };
     match value {
-        serde_json::Value::Object(map) => map.iter().map(|(k, v)| (k.replace('_', " "), show(v))).collect(),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| (k.replace('_', " "), show(v)))
+            .collect(),
         serde_json::Value::Null => Vec::new(),
         other => vec![("details".to_owned(), show(other))],
     }

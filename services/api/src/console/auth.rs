@@ -8,7 +8,7 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::session::{self, Cookies, PendingCookies, Resolved};
-use super::{Chrome, Failure, FormErrors, Flash, error_page, log_error, render, see_other};
+use super::{Chrome, Failure, Flash, FormErrors, error_page, log_error, render, see_other};
 use crate::error::ApiError;
 use crate::ops;
 use crate::state::{AppState, Caller, ClientInfo};
@@ -55,7 +55,12 @@ pub(super) async fn login_page(
     if let Ok(Resolved::User(_)) = session::resolve(&state, &jar, &client, Some(&pending)).await {
         return see_other(safe_next(&q.next));
     }
-    let page = LoginPage { chrome: Chrome::signed_out(flash), email: String::new(), next: safe_next(&q.next).to_owned(), errors: FormErrors::default() };
+    let page = LoginPage {
+        chrome: Chrome::signed_out(flash),
+        email: String::new(),
+        next: safe_next(&q.next).to_owned(),
+        errors: FormErrors::default(),
+    };
     render(StatusCode::OK, &page)
 }
 
@@ -67,23 +72,42 @@ pub(super) struct LoginForm {
     next: String,
 }
 
-pub(super) async fn login(State(state): State<AppState>, client: ClientInfo, Form(form): Form<LoginForm>) -> Response {
-    let input = LoginInput { email: form.email.clone(), password: form.password };
+pub(super) async fn login(
+    State(state): State<AppState>,
+    client: ClientInfo,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let input = LoginInput {
+        email: form.email.clone(),
+        password: form.password,
+    };
     let next = safe_next(&form.next).to_owned();
     let failure = match ops::identity::login(&state, &input, &client).await {
-        Ok(pair) => return session::with_cookies(see_other(&next), session::session_cookies(&state, &pair)),
+        Ok(pair) => {
+            return session::with_cookies(see_other(&next), session::session_cookies(&state, &pair));
+        }
         Err(ApiError::Unauthenticated(_)) => Failure {
             status: StatusCode::UNAUTHORIZED,
             errors: FormErrors::default(),
             alert: Some("The email or password is wrong.".into()),
         },
-        Err(e) => match Failure::from_error(e, &[("email", "email", "Email"), ("password", "password", "Password")]) {
+        Err(e) => match Failure::from_error(
+            e,
+            &[
+                ("email", "email", "Email"),
+                ("password", "password", "Password"),
+            ],
+        ) {
             Ok(f) => f,
             Err(e) => return unexpected(e),
         },
     };
     let page = LoginPage {
-        chrome: Chrome { user: None, notice: None, alert: failure.alert },
+        chrome: Chrome {
+            user: None,
+            notice: None,
+            alert: failure.alert,
+        },
         email: form.email,
         next,
         errors: failure.errors,
@@ -101,7 +125,12 @@ struct SignupPage {
 }
 
 pub(super) async fn signup_page(Flash(flash): Flash) -> Response {
-    let page = SignupPage { chrome: Chrome::signed_out(flash), name: String::new(), email: String::new(), errors: FormErrors::default() };
+    let page = SignupPage {
+        chrome: Chrome::signed_out(flash),
+        name: String::new(),
+        email: String::new(),
+        errors: FormErrors::default(),
+    };
     render(StatusCode::OK, &page)
 }
 
@@ -113,8 +142,16 @@ pub(super) struct SignupForm {
     password: String,
 }
 
-pub(super) async fn signup(State(state): State<AppState>, client: ClientInfo, Form(form): Form<SignupForm>) -> Response {
-    let input = SignupInput { email: form.email.clone(), password: form.password, name: form.name.clone() };
+pub(super) async fn signup(
+    State(state): State<AppState>,
+    client: ClientInfo,
+    Form(form): Form<SignupForm>,
+) -> Response {
+    let input = SignupInput {
+        email: form.email.clone(),
+        password: form.password,
+        name: form.name.clone(),
+    };
     let result = async {
         let mut tx = state.store.begin().await?;
         let view = ops::identity::signup(&state, &mut tx, &input, &client).await?;
@@ -124,16 +161,30 @@ pub(super) async fn signup(State(state): State<AppState>, client: ClientInfo, Fo
     .await;
     let failure = match result {
         Ok(view) => {
-            let notice = format!("Welcome to Kiln! Your account for {} is ready — sign in to continue.", view.user.email);
+            let notice = format!(
+                "Welcome to Kiln! Your account for {} is ready — sign in to continue.",
+                view.user.email
+            );
             return session::redirect_with_notice(&state, "/login", &notice);
         }
-        Err(e) => match Failure::from_error(e, &[("email", "email", "Email"), ("password", "password", "Password"), ("name", "name", "Name")]) {
+        Err(e) => match Failure::from_error(
+            e,
+            &[
+                ("email", "email", "Email"),
+                ("password", "password", "Password"),
+                ("name", "name", "Name"),
+            ],
+        ) {
             Ok(f) => f,
             Err(e) => return unexpected(e),
         },
     };
     let page = SignupPage {
-        chrome: Chrome { user: None, notice: None, alert: failure.alert },
+        chrome: Chrome {
+            user: None,
+            notice: None,
+            alert: failure.alert,
+        },
         name: form.name,
         email: form.email,
         errors: failure.errors,
@@ -142,11 +193,19 @@ pub(super) async fn signup(State(state): State<AppState>, client: ClientInfo, Fo
 }
 
 /// Sign out: end the session the cookies belong to, and forget them.
-pub(super) async fn logout(State(state): State<AppState>, client: ClientInfo, headers: HeaderMap) -> Response {
+pub(super) async fn logout(
+    State(state): State<AppState>,
+    client: ClientInfo,
+    headers: HeaderMap,
+) -> Response {
     let jar = Cookies::parse(&headers);
     let refresh_token = jar.get(session::REFRESH_COOKIE).map(str::to_owned);
     let caller = match jar.get(session::ACCESS_COOKIE) {
-        Some(token) => state.authenticate(token).await.ok().map(|principal| Caller { principal, client }),
+        Some(token) => state
+            .authenticate(token)
+            .await
+            .ok()
+            .map(|principal| Caller { principal, client }),
         None => None,
     };
     if caller.is_some() || refresh_token.is_some() {
@@ -165,7 +224,12 @@ fn unexpected(err: ApiError) -> Response {
     if matches!(err, ApiError::Internal(_)) {
         log_error(&err);
     }
-    error_page(None, err.status(), "Something went wrong", "Kiln could not finish that just now. Try again in a moment.")
+    error_page(
+        None,
+        err.status(),
+        "Something went wrong",
+        "Kiln could not finish that just now. Try again in a moment.",
+    )
 }
 
 #[cfg(test)]
@@ -174,7 +238,10 @@ mod tests {
 
     #[test]
     fn next_stays_on_this_site() {
-        assert_eq!(safe_next("/orgs/org_1/members?cursor=x"), "/orgs/org_1/members?cursor=x");
+        assert_eq!(
+            safe_next("/orgs/org_1/members?cursor=x"),
+            "/orgs/org_1/members?cursor=x"
+        );
         assert_eq!(safe_next("//evil.example/x"), "/");
         assert_eq!(safe_next("/\\evil.example"), "/");
         assert_eq!(safe_next("https://evil.example"), "/");

@@ -48,7 +48,13 @@ struct KeysPage {
 }
 
 /// The expiries offered, in days ("" for never).
-const EXPIRIES: [(&str, &str); 5] = [("", "Never"), ("7", "In 7 days"), ("30", "In 30 days"), ("90", "In 90 days"), ("365", "In a year")];
+const EXPIRIES: [(&str, &str); 5] = [
+    ("", "Never"),
+    ("7", "In 7 days"),
+    ("30", "In 30 days"),
+    ("90", "In 90 days"),
+    ("365", "In a year"),
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -64,14 +70,21 @@ struct Shown {
     failure: Option<Failure>,
 }
 
-async fn keys_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: CreateKeyForm, shown: Shown) -> Result<Response, ApiError> {
+async fn keys_page(
+    ctx: &Ctx,
+    raw_org: &str,
+    cursor: Option<&str>,
+    form: CreateKeyForm,
+    shown: Shown,
+) -> Result<Response, ApiError> {
     let (id, role, nav) = load_org(ctx, raw_org, "api-keys").await?;
     let list = ops::api_keys::list(&ctx.state, &ctx.caller, id, Some(200), cursor).await?;
     // Name the people who made the keys (as far as the first page of members goes).
-    let people: HashMap<String, String> = ops::orgs::members(&ctx.state, &ctx.caller, id, Some(200), None)
-        .await
-        .map(|l| l.items.into_iter().map(|m| (m.user_id, m.email)).collect())
-        .unwrap_or_default();
+    let people: HashMap<String, String> =
+        ops::orgs::members(&ctx.state, &ctx.caller, id, Some(200), None)
+            .await
+            .map(|l| l.items.into_iter().map(|m| (m.user_id, m.email)).collect())
+            .unwrap_or_default();
     let me = ctx.user_id.to_string();
     let now = time::OffsetDateTime::now_utc();
     let revoke_any = role.allows(Permission::ApiKeyRevokeAny);
@@ -95,11 +108,18 @@ async fn keys_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: CreateK
             KeyRow {
                 created_by: match &k.created_by {
                     Some(u) if *u == me => "you".to_owned(),
-                    Some(u) => people.get(u).cloned().unwrap_or_else(|| "a former member".to_owned()),
+                    Some(u) => people
+                        .get(u)
+                        .cloned()
+                        .unwrap_or_else(|| "a former member".to_owned()),
                     None => "—".to_owned(),
                 },
                 created_at: when(&k.created_at),
-                last_used_at: k.last_used_at.as_deref().map(when).unwrap_or_else(|| "never".to_owned()),
+                last_used_at: k
+                    .last_used_at
+                    .as_deref()
+                    .map(when)
+                    .unwrap_or_else(|| "never".to_owned()),
                 expires: match (&k.revoked_at, &k.expires_at) {
                     (Some(r), _) => format!("on {}", when(r)),
                     (None, Some(e)) if expired => format!("on {}", when(e)),
@@ -126,7 +146,11 @@ async fn keys_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: CreateK
         None if shown.created.is_some() => (StatusCode::CREATED, FormErrors::default()),
         None => (StatusCode::OK, FormErrors::default()),
     };
-    let wanted_role = if form.role.is_empty() { Role::Member.min(role).as_str().to_owned() } else { form.role };
+    let wanted_role = if form.role.is_empty() {
+        Role::Member.min(role).as_str().to_owned()
+    } else {
+        form.role
+    };
     let page = KeysPage {
         chrome,
         org: nav,
@@ -137,19 +161,41 @@ async fn keys_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: CreateK
         role_options: role_options(role, &wanted_role),
         expiry_options: EXPIRIES
             .iter()
-            .map(|(v, l)| SelectOption { value: (*v).into(), label: (*l).into(), selected: *v == form.expires })
+            .map(|(v, l)| SelectOption {
+                value: (*v).into(),
+                label: (*l).into(),
+                selected: *v == form.expires,
+            })
             .collect(),
         errors,
     };
     Ok(render(status, &page))
 }
 
-pub(super) async fn list(ctx: Ctx, Path(org): Path<String>, Query(q): Query<PageQuery>) -> Response {
-    let r = keys_page(&ctx, &org, q.cursor.as_deref(), CreateKeyForm::default(), Shown { created: None, failure: None }).await;
+pub(super) async fn list(
+    ctx: Ctx,
+    Path(org): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    let r = keys_page(
+        &ctx,
+        &org,
+        q.cursor.as_deref(),
+        CreateKeyForm::default(),
+        Shown {
+            created: None,
+            failure: None,
+        },
+    )
+    .await;
     ctx.finish(r).await
 }
 
-pub(super) async fn create(ctx: Ctx, Path(org): Path<String>, Form(form): Form<CreateKeyForm>) -> Response {
+pub(super) async fn create(
+    ctx: Ctx,
+    Path(org): Path<String>,
+    Form(form): Form<CreateKeyForm>,
+) -> Response {
     let result = async {
         let org_id = parse_org(&org)?;
         let expires_at = match form.expires.trim() {
@@ -157,23 +203,69 @@ pub(super) async fn create(ctx: Ctx, Path(org): Path<String>, Form(form): Form<C
             days => match days.parse::<i64>() {
                 Ok(d) if (1..=3660).contains(&d) => {
                     let at = time::OffsetDateTime::now_utc() + time::Duration::days(d);
-                    Some(at.replace_nanosecond(0).unwrap_or(at).format(&Rfc3339).map_err(ApiError::internal)?)
+                    Some(
+                        at.replace_nanosecond(0)
+                            .unwrap_or(at)
+                            .format(&Rfc3339)
+                            .map_err(ApiError::internal)?,
+                    )
                 }
-                _ => return Err(ApiError::field("expires_at", "must be one of the offered choices")),
+                _ => {
+                    return Err(ApiError::field(
+                        "expires_at",
+                        "must be one of the offered choices",
+                    ));
+                }
             },
         };
-        let input = CreateApiKeyInput { name: form.name.clone(), role: Some(form.role.clone()).filter(|r| !r.is_empty()), expires_at };
+        let input = CreateApiKeyInput {
+            name: form.name.clone(),
+            role: Some(form.role.clone()).filter(|r| !r.is_empty()),
+            expires_at,
+        };
         let mut tx = ctx.state.store.begin().await?;
-        let created = ops::api_keys::create(&ctx.state, &mut tx, &ctx.caller, org_id, &input).await?;
+        let created =
+            ops::api_keys::create(&ctx.state, &mut tx, &ctx.caller, org_id, &input).await?;
         tx.commit().await.map_err(kiln_store::StoreError::from)?;
         Ok::<_, ApiError>(created)
     }
     .await;
     let r = match result {
         // Answer with the page itself: the secret is in this one response and nowhere else.
-        Ok(created) => keys_page(&ctx, &org, None, CreateKeyForm::default(), Shown { created: Some(created), failure: None }).await,
-        Err(e) => match Failure::from_error(e, &[("name", "name", "Name"), ("role", "role", "Role"), ("expires_at", "expires", "Expiry")]) {
-            Ok(f) => keys_page(&ctx, &org, None, form, Shown { created: None, failure: Some(f) }).await,
+        Ok(created) => {
+            keys_page(
+                &ctx,
+                &org,
+                None,
+                CreateKeyForm::default(),
+                Shown {
+                    created: Some(created),
+                    failure: None,
+                },
+            )
+            .await
+        }
+        Err(e) => match Failure::from_error(
+            e,
+            &[
+                ("name", "name", "Name"),
+                ("role", "role", "Role"),
+                ("expires_at", "expires", "Expiry"),
+            ],
+        ) {
+            Ok(f) => {
+                keys_page(
+                    &ctx,
+                    &org,
+                    None,
+                    form,
+                    Shown {
+                        created: None,
+                        failure: Some(f),
+                    },
+                )
+                .await
+            }
             Err(e) => Err(e),
         },
     };
@@ -190,9 +282,25 @@ pub(super) async fn revoke(ctx: Ctx, Path((org, key)): Path<(String, String)>) -
     }
     .await;
     let r = match result {
-        Ok(k) => Ok(redirect_with_notice(&ctx.state, &format!("/orgs/{org}/api-keys"), &format!("Revoked the key {} ({}…).", k.name, k.prefix))),
+        Ok(k) => Ok(redirect_with_notice(
+            &ctx.state,
+            &format!("/orgs/{org}/api-keys"),
+            &format!("Revoked the key {} ({}…).", k.name, k.prefix),
+        )),
         Err(e) => match Failure::from_error(e, &[]) {
-            Ok(f) => keys_page(&ctx, &org, None, CreateKeyForm::default(), Shown { created: None, failure: Some(f) }).await,
+            Ok(f) => {
+                keys_page(
+                    &ctx,
+                    &org,
+                    None,
+                    CreateKeyForm::default(),
+                    Shown {
+                        created: None,
+                        failure: Some(f),
+                    },
+                )
+                .await
+            }
             Err(e) => Err(e),
         },
     };

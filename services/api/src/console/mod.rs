@@ -49,11 +49,20 @@ pub fn router() -> Router<AppState> {
         .route("/signup", get(auth::signup_page).post(auth::signup))
         .route("/logout", post(auth::logout))
         .route("/switch", get(orgs::switch))
-        .route("/orgs", get(|| async { Redirect::to("/") }).post(orgs::create))
+        .route(
+            "/orgs",
+            get(|| async { Redirect::to("/") }).post(orgs::create),
+        )
         .route("/orgs/{org}", get(orgs::overview))
-        .route("/orgs/{org}/members", get(orgs::members).post(orgs::member_add))
+        .route(
+            "/orgs/{org}/members",
+            get(orgs::members).post(orgs::member_add),
+        )
         .route("/orgs/{org}/members/{user}/role", post(orgs::member_role))
-        .route("/orgs/{org}/members/{user}/remove", post(orgs::member_remove))
+        .route(
+            "/orgs/{org}/members/{user}/remove",
+            post(orgs::member_remove),
+        )
         .route("/orgs/{org}/api-keys", get(keys::list).post(keys::create))
         .route("/orgs/{org}/api-keys/{key}/revoke", post(keys::revoke))
         .route("/orgs/{org}/audit-log", get(audit::list))
@@ -74,7 +83,14 @@ async fn asset(Path(file): Path<String>) -> Response {
         "kiln.svg" => (LOGO, "image/svg+xml"),
         _ => return (StatusCode::NOT_FOUND, "not found").into_response(),
     };
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "public, max-age=300")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 // ---- the guard around every console route ----
@@ -102,22 +118,43 @@ async fn guard(mut req: Request, next: Next) -> Response {
     for cookie in pending.take() {
         headers.append(header::SET_COOKIE, cookie);
     }
-    headers.entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-store"));
-    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     resp
 }
 
 /// Whether a request's `Origin` (when it has one) names the host the request was sent to.
 fn same_origin(headers: &HeaderMap, uri_authority: Option<&str>) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else { return true };
-    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()).or(uri_authority) else {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Some(host) = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(uri_authority)
+    else {
         return false;
     };
-    let Ok(origin) = url::Url::parse(origin.to_str().unwrap_or("null")) else { return false };
-    let (Some(origin_host), Some(origin_port)) = (origin.host_str(), origin.port_or_known_default()) else {
+    let Ok(origin) = url::Url::parse(origin.to_str().unwrap_or("null")) else {
+        return false;
+    };
+    let (Some(origin_host), Some(origin_port)) =
+        (origin.host_str(), origin.port_or_known_default())
+    else {
         return false;
     };
     let (host_name, host_port) = split_host_port(host);
@@ -135,7 +172,11 @@ fn same_origin(headers: &HeaderMap, uri_authority: Option<&str>) -> bool {
 /// `example.com:8080` → (`example.com`, Some(8080)); `[::1]:80` → (`[::1]`, Some(80)).
 fn split_host_port(host: &str) -> (&str, Option<u16>) {
     let host = host.trim();
-    let split_at = if host.starts_with('[') { host.find(']').map(|i| i + 1) } else { host.rfind(':') };
+    let split_at = if host.starts_with('[') {
+        host.find(']').map(|i| i + 1)
+    } else {
+        host.rfind(':')
+    };
     match split_at {
         Some(i) if host[i..].starts_with(':') => (&host[..i], host[i + 1..].parse().ok()),
         _ => (host, None),
@@ -153,7 +194,11 @@ pub(crate) struct Chrome {
 
 impl Chrome {
     pub fn signed_out(notice: Option<String>) -> Self {
-        Self { user: None, notice, alert: None }
+        Self {
+            user: None,
+            notice,
+            alert: None,
+        }
     }
 }
 
@@ -175,7 +220,12 @@ impl FormErrors {
     }
 
     pub fn get(&self, field: &str) -> Option<String> {
-        let messages: Vec<&str> = self.0.iter().filter(|(f, _)| f == field).map(|(_, m)| m.as_str()).collect();
+        let messages: Vec<&str> = self
+            .0
+            .iter()
+            .filter(|(f, _)| f == field)
+            .map(|(_, m)| m.as_str())
+            .collect();
         (!messages.is_empty()).then(|| messages.join(" "))
     }
 }
@@ -198,27 +248,54 @@ impl Failure {
                 let (mut known, mut other) = (Vec::new(), Vec::new());
                 for FieldError { field, message } in list {
                     match fields.iter().find(|(f, _, _)| *f == field) {
-                        Some((_, form_field, label)) => known.push(((*form_field).to_owned(), format!("{label} {message}."))),
+                        Some((_, form_field, label)) => {
+                            known.push(((*form_field).to_owned(), format!("{label} {message}.")))
+                        }
                         None => other.push(format!("{field} {message}")),
                     }
                 }
-                let alert = if other.is_empty() { None } else { Some(sentence(&other.join("; "))) };
+                let alert = if other.is_empty() {
+                    None
+                } else {
+                    Some(sentence(&other.join("; ")))
+                };
                 (StatusCode::UNPROCESSABLE_ENTITY, FormErrors(known), alert)
             }
-            ApiError::Conflict(msg) => (StatusCode::CONFLICT, FormErrors::default(), Some(sentence(&msg))),
-            ApiError::Forbidden(msg) => (StatusCode::FORBIDDEN, FormErrors::default(), Some(format!("Not allowed: {}", sentence(&msg)))),
-            ApiError::BadRequest(msg) => (StatusCode::BAD_REQUEST, FormErrors::default(), Some(sentence(&msg))),
+            ApiError::Conflict(msg) => (
+                StatusCode::CONFLICT,
+                FormErrors::default(),
+                Some(sentence(&msg)),
+            ),
+            ApiError::Forbidden(msg) => (
+                StatusCode::FORBIDDEN,
+                FormErrors::default(),
+                Some(format!("Not allowed: {}", sentence(&msg))),
+            ),
+            ApiError::BadRequest(msg) => (
+                StatusCode::BAD_REQUEST,
+                FormErrors::default(),
+                Some(sentence(&msg)),
+            ),
             ApiError::RateLimited { retry_after } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 FormErrors::default(),
-                Some(format!("Too many attempts. Try again in {} seconds.", retry_after.as_secs().max(1))),
+                Some(format!(
+                    "Too many attempts. Try again in {} seconds.",
+                    retry_after.as_secs().max(1)
+                )),
             ),
-            ApiError::NotFound(what) if what != "org" => {
-                (StatusCode::NOT_FOUND, FormErrors::default(), Some(sentence(&format!("{what} not found"))))
-            }
+            ApiError::NotFound(what) if what != "org" => (
+                StatusCode::NOT_FOUND,
+                FormErrors::default(),
+                Some(sentence(&format!("{what} not found"))),
+            ),
             other => return Err(other),
         };
-        Ok(Self { status, errors, alert })
+        Ok(Self {
+            status,
+            errors,
+            alert,
+        })
     }
 }
 
@@ -248,7 +325,11 @@ pub(crate) fn role_options(role: Role, current: &str) -> Vec<SelectOption> {
     Role::ALL
         .into_iter()
         .filter(|r| role.may_grant(*r))
-        .map(|r| SelectOption { value: r.as_str().into(), label: r.as_str().into(), selected: r.as_str() == current })
+        .map(|r| SelectOption {
+            value: r.as_str().into(),
+            label: r.as_str().into(),
+            selected: r.as_str() == current,
+        })
         .collect()
 }
 
@@ -257,7 +338,14 @@ pub(crate) fn when(rfc3339: &str) -> String {
     match time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339) {
         Ok(t) => {
             let t = t.to_offset(time::UtcOffset::UTC);
-            format!("{:04}-{:02}-{:02} {:02}:{:02} UTC", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute())
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
         }
         Err(_) => rfc3339.to_owned(),
     }
@@ -270,7 +358,11 @@ pub(crate) fn render(status: StatusCode, page: &impl Template) -> Response {
         Ok(html) => (status, Html(html)).into_response(),
         Err(error) => {
             tracing::error!(%error, "console template failed to render");
-            (StatusCode::INTERNAL_SERVER_ERROR, "the page could not be rendered").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page could not be rendered",
+            )
+                .into_response()
         }
     }
 }
@@ -292,15 +384,28 @@ struct ErrorPage<'a> {
 }
 
 /// A whole-page error, with the top bar when the user is known.
-pub(crate) fn error_page(user: Option<UserBar>, status: StatusCode, title: &str, message: &str) -> Response {
+pub(crate) fn error_page(
+    user: Option<UserBar>,
+    status: StatusCode,
+    title: &str,
+    message: &str,
+) -> Response {
     let signed_in = user.is_some();
     let page = ErrorPage {
-        chrome: Chrome { user, notice: None, alert: None },
+        chrome: Chrome {
+            user,
+            notice: None,
+            alert: None,
+        },
         code: status.as_u16(),
         title,
         message,
         back: "/",
-        back_label: if signed_in { "Back to your organisations" } else { "Back to Kiln" },
+        back_label: if signed_in {
+            "Back to your organisations"
+        } else {
+            "Back to Kiln"
+        },
     };
     render(status, &page)
 }
@@ -335,19 +440,43 @@ mod tests {
     #[test]
     fn origin_must_match_host_when_present() {
         assert!(same_origin(&headers(None, "127.0.0.1:8080"), None));
-        assert!(same_origin(&headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080"), None));
-        assert!(same_origin(&headers(Some("https://kiln.example"), "kiln.example"), None));
-        assert!(same_origin(&headers(Some("https://Kiln.Example:443"), "kiln.example"), None));
-        assert!(same_origin(&headers(Some("http://[::1]:8080"), "[::1]:8080"), None));
-        assert!(!same_origin(&headers(Some("http://evil.example"), "127.0.0.1:8080"), None));
-        assert!(!same_origin(&headers(Some("http://127.0.0.1:9999"), "127.0.0.1:8080"), None));
+        assert!(same_origin(
+            &headers(Some("http://127.0.0.1:8080"), "127.0.0.1:8080"),
+            None
+        ));
+        assert!(same_origin(
+            &headers(Some("https://kiln.example"), "kiln.example"),
+            None
+        ));
+        assert!(same_origin(
+            &headers(Some("https://Kiln.Example:443"), "kiln.example"),
+            None
+        ));
+        assert!(same_origin(
+            &headers(Some("http://[::1]:8080"), "[::1]:8080"),
+            None
+        ));
+        assert!(!same_origin(
+            &headers(Some("http://evil.example"), "127.0.0.1:8080"),
+            None
+        ));
+        assert!(!same_origin(
+            &headers(Some("http://127.0.0.1:9999"), "127.0.0.1:8080"),
+            None
+        ));
         assert!(!same_origin(&headers(Some("null"), "127.0.0.1:8080"), None));
-        assert!(!same_origin(&headers(Some("https://kiln.example"), "kiln.example:8443"), None));
+        assert!(!same_origin(
+            &headers(Some("https://kiln.example"), "kiln.example:8443"),
+            None
+        ));
     }
 
     #[test]
     fn messages_read_as_sentences() {
-        assert_eq!(sentence("an org must keep at least one owner"), "An org must keep at least one owner.");
+        assert_eq!(
+            sentence("an org must keep at least one owner"),
+            "An org must keep at least one owner."
+        );
         assert_eq!(sentence("Done!"), "Done!");
         assert_eq!(when("2025-03-01T12:34:56Z"), "2025-03-01 12:34 UTC");
     }
@@ -355,12 +484,23 @@ mod tests {
     #[test]
     fn validation_errors_land_beside_their_fields() {
         let err = ApiError::Validation(vec![
-            FieldError { field: "password".into(), message: "must be at least 12 characters".into() },
-            FieldError { field: "limit".into(), message: "must be between 1 and 200".into() },
+            FieldError {
+                field: "password".into(),
+                message: "must be at least 12 characters".into(),
+            },
+            FieldError {
+                field: "limit".into(),
+                message: "must be between 1 and 200".into(),
+            },
         ]);
-        let f = Failure::from_error(err, &[("password", "password", "Password")]).ok().expect("a form failure");
+        let Ok(f) = Failure::from_error(err, &[("password", "password", "Password")]) else {
+            panic!("a form failure")
+        };
         assert_eq!(f.status, StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(f.errors.get("password").as_deref(), Some("Password must be at least 12 characters."));
+        assert_eq!(
+            f.errors.get("password").as_deref(),
+            Some("Password must be at least 12 characters.")
+        );
         assert_eq!(f.alert.as_deref(), Some("Limit must be between 1 and 200."));
         assert!(Failure::from_error(ApiError::NotFound("org"), &[]).is_err());
     }

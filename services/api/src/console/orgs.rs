@@ -9,7 +9,9 @@ use kiln_domain::{OrgId, Permission, Role};
 use serde::Deserialize;
 
 use super::session::redirect_with_notice;
-use super::{Chrome, Ctx, Failure, FormErrors, SelectOption, render, role_options, see_other, when};
+use super::{
+    Chrome, Ctx, Failure, FormErrors, SelectOption, render, role_options, see_other, when,
+};
 use crate::error::ApiError;
 use crate::ops::{self, parse_org, parse_user};
 use crate::views::{AddMemberInput, CreateOrgInput, MembershipView, UpdateMemberInput};
@@ -29,7 +31,11 @@ pub(super) struct OrgNav {
 }
 
 /// Load the org of `/orgs/{org}/…` through `ops` (another org's id is simply not found).
-pub(super) async fn load_org(ctx: &Ctx, raw: &str, tab: &'static str) -> Result<(OrgId, Role, OrgNav), ApiError> {
+pub(super) async fn load_org(
+    ctx: &Ctx,
+    raw: &str,
+    tab: &'static str,
+) -> Result<(OrgId, Role, OrgNav), ApiError> {
     let id = parse_org(raw)?;
     let org = ops::orgs::get(&ctx.state, &ctx.caller, id).await?;
     let role: Role = org.role.parse().map_err(ApiError::internal)?;
@@ -59,7 +65,11 @@ struct DashboardPage {
     errors: FormErrors,
 }
 
-async fn dashboard_page(ctx: &Ctx, org_name: String, failure: Option<Failure>) -> Result<Response, ApiError> {
+async fn dashboard_page(
+    ctx: &Ctx,
+    org_name: String,
+    failure: Option<Failure>,
+) -> Result<Response, ApiError> {
     let mut chrome = ctx.chrome(None).await?;
     let (orgs, name) = match &chrome.user {
         Some(bar) => (bar.orgs.clone(), bar.name.clone()),
@@ -72,7 +82,16 @@ async fn dashboard_page(ctx: &Ctx, org_name: String, failure: Option<Failure>) -
         }
         None => (StatusCode::OK, FormErrors::default()),
     };
-    Ok(render(status, &DashboardPage { chrome, name, orgs, org_name, errors }))
+    Ok(render(
+        status,
+        &DashboardPage {
+            chrome,
+            name,
+            orgs,
+            org_name,
+            errors,
+        },
+    ))
 }
 
 pub(super) async fn dashboard(ctx: Ctx) -> Response {
@@ -87,7 +106,9 @@ pub(super) struct CreateOrgForm {
 }
 
 pub(super) async fn create(ctx: Ctx, Form(form): Form<CreateOrgForm>) -> Response {
-    let input = CreateOrgInput { name: form.name.clone() };
+    let input = CreateOrgInput {
+        name: form.name.clone(),
+    };
     let result = async {
         let mut tx = ctx.state.store.begin().await?;
         let org = ops::orgs::create(&ctx.state, &mut tx, &ctx.caller, &input).await?;
@@ -96,7 +117,11 @@ pub(super) async fn create(ctx: Ctx, Form(form): Form<CreateOrgForm>) -> Respons
     }
     .await;
     let r = match result {
-        Ok(org) => Ok(redirect_with_notice(&ctx.state, &format!("/orgs/{}", org.id), &format!("Created the organisation {}.", org.name))),
+        Ok(org) => Ok(redirect_with_notice(
+            &ctx.state,
+            &format!("/orgs/{}", org.id),
+            &format!("Created the organisation {}.", org.name),
+        )),
         Err(e) => match Failure::from_error(e, &[("name", "name", "Name")]) {
             Ok(f) => dashboard_page(&ctx, form.name, Some(f)).await,
             Err(e) => Err(e),
@@ -131,10 +156,18 @@ struct OverviewPage {
 
 fn role_summary(role: Role) -> &'static str {
     match role {
-        Role::Owner => "As an owner you can do everything: manage members (owners too), API keys, billing, and read the audit log.",
-        Role::Admin => "As an admin you can manage members (except owners), revoke any API key and read the audit log.",
-        Role::Member => "As a member you can run workloads and create API keys; you can revoke the keys you created.",
-        Role::Viewer => "As a viewer you can see the organisation and its members, but not change anything.",
+        Role::Owner => {
+            "As an owner you can do everything: manage members (owners too), API keys, billing, and read the audit log."
+        }
+        Role::Admin => {
+            "As an admin you can manage members (except owners), revoke any API key and read the audit log."
+        }
+        Role::Member => {
+            "As a member you can run workloads and create API keys; you can revoke the keys you created."
+        }
+        Role::Viewer => {
+            "As a viewer you can see the organisation and its members, but not change anything."
+        }
     }
 }
 
@@ -142,7 +175,14 @@ pub(super) async fn overview(ctx: Ctx, Path(org): Path<String>) -> Response {
     let r = async {
         let (_, role, nav) = load_org(&ctx, &org, "overview").await?;
         let chrome = ctx.chrome(Some(&nav.id)).await?;
-        Ok(render(StatusCode::OK, &OverviewPage { chrome, org: nav, role_summary: role_summary(role) }))
+        Ok(render(
+            StatusCode::OK,
+            &OverviewPage {
+                chrome,
+                org: nav,
+                role_summary: role_summary(role),
+            },
+        ))
     }
     .await;
     ctx.finish(r).await
@@ -187,7 +227,13 @@ pub(super) struct AddMemberForm {
     role: String,
 }
 
-async fn members_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: AddMemberForm, failure: Option<Failure>) -> Result<Response, ApiError> {
+async fn members_page(
+    ctx: &Ctx,
+    raw_org: &str,
+    cursor: Option<&str>,
+    form: AddMemberForm,
+    failure: Option<Failure>,
+) -> Result<Response, ApiError> {
     let (id, role, nav) = load_org(ctx, raw_org, "members").await?;
     let list = ops::orgs::members(&ctx.state, &ctx.caller, id, Some(200), cursor).await?;
     let me = ctx.user_id.to_string();
@@ -221,7 +267,11 @@ async fn members_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: AddM
         }
         None => (StatusCode::OK, FormErrors::default()),
     };
-    let wanted_role = if form.role.is_empty() { Role::Member.min(role).as_str().to_owned() } else { form.role };
+    let wanted_role = if form.role.is_empty() {
+        Role::Member.min(role).as_str().to_owned()
+    } else {
+        form.role
+    };
     let page = MembersPage {
         chrome,
         members,
@@ -234,27 +284,52 @@ async fn members_page(ctx: &Ctx, raw_org: &str, cursor: Option<&str>, form: AddM
     Ok(render(status, &page))
 }
 
-pub(super) async fn members(ctx: Ctx, Path(org): Path<String>, Query(q): Query<PageQuery>) -> Response {
-    let r = members_page(&ctx, &org, q.cursor.as_deref(), AddMemberForm::default(), None).await;
+pub(super) async fn members(
+    ctx: Ctx,
+    Path(org): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    let r = members_page(
+        &ctx,
+        &org,
+        q.cursor.as_deref(),
+        AddMemberForm::default(),
+        None,
+    )
+    .await;
     ctx.finish(r).await
 }
 
-pub(super) async fn member_add(ctx: Ctx, Path(org): Path<String>, Form(form): Form<AddMemberForm>) -> Response {
-    let input = AddMemberInput { email: form.email.clone(), role: form.role.clone() };
+pub(super) async fn member_add(
+    ctx: Ctx,
+    Path(org): Path<String>,
+    Form(form): Form<AddMemberForm>,
+) -> Response {
+    let input = AddMemberInput {
+        email: form.email.clone(),
+        role: form.role.clone(),
+    };
     let result = async {
         let org_id = parse_org(&org)?;
         let mut tx = ctx.state.store.begin().await?;
-        let member = ops::orgs::member_add(&ctx.state, &mut tx, &ctx.caller, org_id, &input).await?;
+        let member =
+            ops::orgs::member_add(&ctx.state, &mut tx, &ctx.caller, org_id, &input).await?;
         tx.commit().await.map_err(kiln_store::StoreError::from)?;
         Ok::<_, ApiError>(member)
     }
     .await;
     let r = match result {
-        Ok(m) => Ok(redirect_with_notice(&ctx.state, &format!("/orgs/{org}/members"), &format!("Added {} as {}.", m.email, m.role))),
-        Err(e) => match Failure::from_error(e, &[("email", "email", "Email"), ("role", "role", "Role")]) {
-            Ok(f) => members_page(&ctx, &org, None, form, Some(f)).await,
-            Err(e) => Err(e),
-        },
+        Ok(m) => Ok(redirect_with_notice(
+            &ctx.state,
+            &format!("/orgs/{org}/members"),
+            &format!("Added {} as {}.", m.email, m.role),
+        )),
+        Err(e) => {
+            match Failure::from_error(e, &[("email", "email", "Email"), ("role", "role", "Role")]) {
+                Ok(f) => members_page(&ctx, &org, None, form, Some(f)).await,
+                Err(e) => Err(e),
+            }
+        }
     };
     ctx.finish(r).await
 }
@@ -265,17 +340,33 @@ pub(super) struct RoleForm {
     role: String,
 }
 
-pub(super) async fn member_role(ctx: Ctx, Path((org, user)): Path<(String, String)>, Form(form): Form<RoleForm>) -> Response {
+pub(super) async fn member_role(
+    ctx: Ctx,
+    Path((org, user)): Path<(String, String)>,
+    Form(form): Form<RoleForm>,
+) -> Response {
     let result = async {
         let (org_id, user_id) = (parse_org(&org)?, parse_user(&user)?);
         let mut tx = ctx.state.store.begin().await?;
-        let member = ops::orgs::member_update(&ctx.state, &mut tx, &ctx.caller, org_id, user_id, &UpdateMemberInput { role: form.role }).await?;
+        let member = ops::orgs::member_update(
+            &ctx.state,
+            &mut tx,
+            &ctx.caller,
+            org_id,
+            user_id,
+            &UpdateMemberInput { role: form.role },
+        )
+        .await?;
         tx.commit().await.map_err(kiln_store::StoreError::from)?;
         Ok::<_, ApiError>(member)
     }
     .await;
     let r = match result {
-        Ok(m) => Ok(redirect_with_notice(&ctx.state, &format!("/orgs/{org}/members"), &format!("{} is now {}.", m.email, m.role))),
+        Ok(m) => Ok(redirect_with_notice(
+            &ctx.state,
+            &format!("/orgs/{org}/members"),
+            &format!("{} is now {}.", m.email, m.role),
+        )),
         Err(e) => match Failure::from_error(e, &[]) {
             Ok(f) => members_page(&ctx, &org, None, AddMemberForm::default(), Some(f)).await,
             Err(e) => Err(e),
@@ -294,8 +385,16 @@ pub(super) async fn member_remove(ctx: Ctx, Path((org, user)): Path<(String, Str
     }
     .await;
     let r = match result {
-        Ok(true) => Ok(redirect_with_notice(&ctx.state, "/", "You left the organisation.")),
-        Ok(false) => Ok(redirect_with_notice(&ctx.state, &format!("/orgs/{org}/members"), "Member removed.")),
+        Ok(true) => Ok(redirect_with_notice(
+            &ctx.state,
+            "/",
+            "You left the organisation.",
+        )),
+        Ok(false) => Ok(redirect_with_notice(
+            &ctx.state,
+            &format!("/orgs/{org}/members"),
+            "Member removed.",
+        )),
         Err(e) => match Failure::from_error(e, &[]) {
             Ok(f) => members_page(&ctx, &org, None, AddMemberForm::default(), Some(f)).await,
             Err(e) => Err(e),

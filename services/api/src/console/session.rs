@@ -46,7 +46,10 @@ impl Cookies {
             let Ok(value) = value.to_str() else { continue };
             for pair in value.split(';') {
                 if let Some((name, v)) = pair.split_once('=') {
-                    out.push((name.trim().to_owned(), v.trim().trim_matches('"').to_owned()));
+                    out.push((
+                        name.trim().to_owned(),
+                        v.trim().trim_matches('"').to_owned(),
+                    ));
                 }
             }
         }
@@ -54,20 +57,35 @@ impl Cookies {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, v)| n == name && !v.is_empty()).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(n, v)| n == name && !v.is_empty())
+            .map(|(_, v)| v.as_str())
     }
 }
 
 fn cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> Option<HeaderValue> {
-    let secure = if state.config.secure_cookies { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!("{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}")).ok()
+    let secure = if state.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
+    ))
+    .ok()
 }
 
 /// `Set-Cookie` headers that keep a freshly issued token pair.
 pub(crate) fn session_cookies(state: &AppState, pair: &TokenPairView) -> Vec<HeaderValue> {
     let session_secs = state.config.session_ttl_days.max(1) * 86_400;
     [
-        cookie(state, ACCESS_COOKIE, &pair.access_token, pair.expires_in.max(1)),
+        cookie(
+            state,
+            ACCESS_COOKIE,
+            &pair.access_token,
+            pair.expires_in.max(1),
+        ),
         cookie(state, REFRESH_COOKIE, &pair.refresh_token, session_secs),
     ]
     .into_iter()
@@ -77,7 +95,13 @@ pub(crate) fn session_cookies(state: &AppState, pair: &TokenPairView) -> Vec<Hea
 
 /// `Set-Cookie` headers that forget the session.
 pub(crate) fn clear_session_cookies(state: &AppState) -> Vec<HeaderValue> {
-    [cookie(state, ACCESS_COOKIE, "", 0), cookie(state, REFRESH_COOKIE, "", 0)].into_iter().flatten().collect()
+    [
+        cookie(state, ACCESS_COOKIE, "", 0),
+        cookie(state, REFRESH_COOKIE, "", 0),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// A one-shot message for the next page (after a redirect).
@@ -88,7 +112,10 @@ pub(crate) fn flash_cookie(state: &AppState, message: &str) -> Option<HeaderValu
 }
 
 /// Add `Set-Cookie` headers to a response.
-pub(crate) fn with_cookies(mut resp: Response, cookies: impl IntoIterator<Item = HeaderValue>) -> Response {
+pub(crate) fn with_cookies(
+    mut resp: Response,
+    cookies: impl IntoIterator<Item = HeaderValue>,
+) -> Response {
     for c in cookies {
         resp.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -112,7 +139,10 @@ impl PendingCookies {
     }
 
     pub fn take(&self) -> Vec<HeaderValue> {
-        self.0.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
     }
 }
 
@@ -121,7 +151,10 @@ pub(crate) struct Flash(pub Option<String>);
 
 impl FromRequestParts<AppState> for Flash {
     type Rejection = std::convert::Infallible;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let jar = Cookies::parse(&parts.headers);
         Ok(Flash(take_flash(&jar, parts, state)))
     }
@@ -132,8 +165,14 @@ fn take_flash(jar: &Cookies, parts: &Parts, state: &AppState) -> Option<String> 
     if let Some(pending) = parts.extensions.get::<PendingCookies>() {
         pending.push(cookie(state, FLASH_COOKIE, "", 0));
     }
-    let text = url::form_urlencoded::parse(format!("m={raw}").as_bytes()).next().map(|(_, v)| v.into_owned())?;
-    let text = text.trim().chars().filter(|c| !c.is_control()).collect::<String>();
+    let text = url::form_urlencoded::parse(format!("m={raw}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())?;
+    let text = text
+        .trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>();
     (!text.is_empty()).then_some(text)
 }
 
@@ -148,7 +187,12 @@ pub(crate) enum Resolved {
 
 /// Find the signed-in person from the cookies, refreshing the access token when needed. New
 /// cookies go to `pending`.
-pub(crate) async fn resolve(state: &AppState, jar: &Cookies, client: &ClientInfo, pending: Option<&PendingCookies>) -> Result<Resolved, ApiError> {
+pub(crate) async fn resolve(
+    state: &AppState,
+    jar: &Cookies,
+    client: &ClientInfo,
+    pending: Option<&PendingCookies>,
+) -> Result<Resolved, ApiError> {
     if let Some(token) = jar.get(ACCESS_COOKIE) {
         match state.authenticate(token).await {
             Ok(p @ Principal::User { .. }) => return Ok(Resolved::User(p)),
@@ -157,13 +201,19 @@ pub(crate) async fn resolve(state: &AppState, jar: &Cookies, client: &ClientInfo
             Err(e) => return Err(e),
         }
     }
-    let Some(refresh) = jar.get(REFRESH_COOKIE) else { return Ok(Resolved::SignedOut) };
+    let Some(refresh) = jar.get(REFRESH_COOKIE) else {
+        return Ok(Resolved::SignedOut);
+    };
     // Without a place to put the new cookies the refreshed pair would be lost, and the next
     // request would present the spent token (which revokes the session).
-    let Some(pending) = pending else { return Ok(Resolved::SignedOut) };
+    let Some(pending) = pending else {
+        return Ok(Resolved::SignedOut);
+    };
     let pair = match refresh_once(state, refresh, client).await {
         Ok(pair) => pair,
-        Err(ApiError::Unauthenticated(_) | ApiError::Validation(_)) => return Ok(Resolved::SignedOut),
+        Err(ApiError::Unauthenticated(_) | ApiError::Validation(_)) => {
+            return Ok(Resolved::SignedOut);
+        }
         Err(e) => return Err(e),
     };
     match state.authenticate(&pair.access_token).await {
@@ -184,15 +234,24 @@ type Flights = HashMap<[u8; 32], (Instant, Flight)>;
 static REFRESHES: LazyLock<Mutex<Flights>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// `ops::identity::refresh`, once per refresh token on this replica (see the module docs).
-async fn refresh_once(state: &AppState, refresh_token: &str, client: &ClientInfo) -> Result<TokenPairView, ApiError> {
-    let input = RefreshInput { refresh_token: refresh_token.to_owned() };
+async fn refresh_once(
+    state: &AppState,
+    refresh_token: &str,
+    client: &ClientInfo,
+) -> Result<TokenPairView, ApiError> {
+    let input = RefreshInput {
+        refresh_token: refresh_token.to_owned(),
+    };
     let digest: [u8; 32] = Sha256::digest(refresh_token.as_bytes()).into();
     let flight = {
         let Ok(mut map) = REFRESHES.lock() else {
             return ops::identity::refresh(state, &input, client).await;
         };
         map.retain(|_, (at, _)| at.elapsed() < REFRESH_GRACE);
-        map.entry(digest).or_insert_with(|| (Instant::now(), Flight::default())).1.clone()
+        map.entry(digest)
+            .or_insert_with(|| (Instant::now(), Flight::default()))
+            .1
+            .clone()
     };
     // A failed exchange leaves the cell empty, so a waiter tries again itself: if the token was
     // merely unlucky (the database was away) it still works; if it was spent, it stays refused.
@@ -211,11 +270,18 @@ fn to_login(state: &AppState, parts: &Parts, had_cookies: bool) -> Response {
         .flatten()
         .filter(|pq| pq != "/");
     let to = match back {
-        Some(pq) => format!("/login?next={}", url::form_urlencoded::byte_serialize(pq.as_bytes()).collect::<String>()),
+        Some(pq) => format!(
+            "/login?next={}",
+            url::form_urlencoded::byte_serialize(pq.as_bytes()).collect::<String>()
+        ),
         None => "/login".to_owned(),
     };
     let resp = see_other(&to);
-    if had_cookies { with_cookies(resp, clear_session_cookies(state)) } else { resp }
+    if had_cookies {
+        with_cookies(resp, clear_session_cookies(state))
+    } else {
+        resp
+    }
 }
 
 /// A console page's context: a signed-in person (else a redirect to `/login`).
@@ -235,14 +301,26 @@ impl FromRequestParts<AppState> for Ctx {
         let had_cookies = jar.get(ACCESS_COOKIE).is_some() || jar.get(REFRESH_COOKIE).is_some();
         match resolve(state, &jar, &client, pending.as_ref()).await {
             Ok(Resolved::User(principal)) => {
-                let Some(user_id) = principal.user_id() else { return Err(to_login(state, parts, had_cookies)) };
+                let Some(user_id) = principal.user_id() else {
+                    return Err(to_login(state, parts, had_cookies));
+                };
                 let flash = take_flash(&jar, parts, state);
-                Ok(Ctx { state: state.clone(), caller: Caller { principal, client }, user_id, flash })
+                Ok(Ctx {
+                    state: state.clone(),
+                    caller: Caller { principal, client },
+                    user_id,
+                    flash,
+                })
             }
             Ok(Resolved::SignedOut) => Err(to_login(state, parts, had_cookies)),
             Err(e) => {
                 log_error(&e);
-                Err(error_page(None, StatusCode::SERVICE_UNAVAILABLE, "Kiln is having trouble", "We could not check your session just now. Try again in a moment."))
+                Err(error_page(
+                    None,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Kiln is having trouble",
+                    "We could not check your session just now. Try again in a moment.",
+                ))
             }
         }
     }
@@ -251,12 +329,21 @@ impl FromRequestParts<AppState> for Ctx {
 impl Ctx {
     /// The top bar and flash messages, with `current_org` chosen in the switcher.
     pub async fn chrome(&self, current_org: Option<&str>) -> Result<Chrome, ApiError> {
-        Ok(Chrome { user: Some(self.user_bar(current_org).await?), notice: self.flash.clone(), alert: None })
+        Ok(Chrome {
+            user: Some(self.user_bar(current_org).await?),
+            notice: self.flash.clone(),
+            alert: None,
+        })
     }
 
     async fn user_bar(&self, current_org: Option<&str>) -> Result<UserBar, ApiError> {
         let me = ops::identity::me(&self.state, &self.caller).await?;
-        Ok(UserBar { email: me.user.email, name: me.user.name, orgs: me.memberships, current_org: current_org.unwrap_or_default().to_owned() })
+        Ok(UserBar {
+            email: me.user.email,
+            name: me.user.name,
+            orgs: me.memberships,
+            current_org: current_org.unwrap_or_default().to_owned(),
+        })
     }
 
     /// Turn a failed page into the page that explains it.
@@ -270,17 +357,31 @@ impl Ctx {
                 "Not found",
                 format!("This {what} does not exist, or you do not have access to it."),
             ),
-            ApiError::Forbidden(msg) => (StatusCode::FORBIDDEN, "Not allowed", super::sentence(msg)),
+            ApiError::Forbidden(msg) => {
+                (StatusCode::FORBIDDEN, "Not allowed", super::sentence(msg))
+            }
             ApiError::RateLimited { retry_after } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "Slow down",
-                format!("Too many requests. Try again in {} seconds.", retry_after.as_secs().max(1)),
+                format!(
+                    "Too many requests. Try again in {} seconds.",
+                    retry_after.as_secs().max(1)
+                ),
             ),
             ApiError::Internal(_) => {
                 log_error(&err);
-                (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong", "Something went wrong on our side. It has been logged; try again in a moment.".to_owned())
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Something went wrong",
+                    "Something went wrong on our side. It has been logged; try again in a moment."
+                        .to_owned(),
+                )
             }
-            other => (other.status(), "That did not work", super::sentence(&other.problem().detail)),
+            other => (
+                other.status(),
+                "That did not work",
+                super::sentence(&other.problem().detail),
+            ),
         };
         let bar = self.user_bar(None).await.ok();
         error_page(bar, status, title, &message)

@@ -21,17 +21,31 @@ pub(crate) fn gql(err: ApiError) -> async_graphql::Error {
             .iter()
             .map(|e| {
                 let mut o = async_graphql::indexmap::IndexMap::new();
-                o.insert(async_graphql::Name::new("field"), Value::from(camel_case(&e.field)));
-                o.insert(async_graphql::Name::new("message"), Value::from(e.message.clone()));
+                o.insert(
+                    async_graphql::Name::new("field"),
+                    Value::from(camel_case(&e.field)),
+                );
+                o.insert(
+                    async_graphql::Name::new("message"),
+                    Value::from(e.message.clone()),
+                );
                 Value::Object(o)
             })
             .collect();
         ext.set("fields", Value::List(fields));
-        errors.iter().map(|e| format!("{}: {}", camel_case(&e.field), e.message)).collect::<Vec<_>>().join("; ")
+        errors
+            .iter()
+            .map(|e| format!("{}: {}", camel_case(&e.field), e.message))
+            .collect::<Vec<_>>()
+            .join("; ")
     } else {
         problem.detail
     };
-    async_graphql::Error { message, source: None, extensions: Some(ext) }
+    async_graphql::Error {
+        message,
+        source: None,
+        extensions: Some(ext),
+    }
 }
 
 /// `snake_case` → `camelCase`; names without underscores are unchanged.
@@ -77,7 +91,9 @@ mod tests {
 
     #[test]
     fn internal_errors_say_nothing_about_the_inside() {
-        let e = gql(ApiError::internal(std::io::Error::other("connection to 10.0.0.7:5432 refused")));
+        let e = gql(ApiError::internal(std::io::Error::other(
+            "connection to 10.0.0.7:5432 refused",
+        )));
         assert!(!e.message.contains("10.0.0.7"), "{}", e.message);
         let ext = e.extensions.expect("extensions");
         assert_eq!(ext.get("code"), Some(&Value::from("internal")));

@@ -55,18 +55,26 @@ pub fn schema_sdl() -> String {
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/graphql", get(playground).post(execute)).layer(Extension(schema()))
+    Router::new()
+        .route("/graphql", get(playground).post(execute))
+        .layer(Extension(schema()))
 }
 
 async fn playground() -> Html<String> {
-    Html(playground_source(GraphQLPlaygroundConfig::new("/graphql").title("Kiln GraphQL")))
+    Html(playground_source(
+        GraphQLPlaygroundConfig::new("/graphql").title("Kiln GraphQL"),
+    ))
 }
 
 /// The outcome of reading the bearer token, kept in the request's data next to `Option<Caller>`
 /// when the token was present but did not authenticate.
 struct AuthFailure(async_graphql::Error);
 
-async fn execute(State(state): State<AppState>, Extension(schema): Extension<KilnSchema>, req: Request) -> Response {
+async fn execute(
+    State(state): State<AppState>,
+    Extension(schema): Extension<KilnSchema>,
+    req: Request,
+) -> Response {
     let (parts, body) = req.into_parts();
     let client = client_info(&parts, &state);
     let token = bearer(&parts).map(str::to_owned);
@@ -74,16 +82,30 @@ async fn execute(State(state): State<AppState>, Extension(schema): Extension<Kil
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"));
     if !json_ct {
-        return request_error(ApiError::BadRequest("send the GraphQL request as JSON with `Content-Type: application/json`".into()));
+        return request_error(ApiError::BadRequest(
+            "send the GraphQL request as JSON with `Content-Type: application/json`".into(),
+        ));
     }
     // Read through axum's extractor so the app's body-size limit applies.
     let bytes = match Bytes::from_request(Request::from_parts(parts, body), &state).await {
         Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return request_error(ApiError::PayloadTooLarge),
-        Err(_) => return request_error(ApiError::BadRequest("could not read the request body".into())),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return request_error(ApiError::PayloadTooLarge);
+        }
+        Err(_) => {
+            return request_error(ApiError::BadRequest(
+                "could not read the request body".into(),
+            ));
+        }
     };
     let request: async_graphql::Request = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
@@ -97,7 +119,13 @@ async fn execute(State(state): State<AppState>, Extension(schema): Extension<Kil
     let (caller, failure) = match token {
         None => (None, None),
         Some(token) => match state.authenticate(&token).await {
-            Ok(principal) => (Some(Caller { principal, client: client.clone() }), None),
+            Ok(principal) => (
+                Some(Caller {
+                    principal,
+                    client: client.clone(),
+                }),
+                None,
+            ),
             Err(e) => (None, Some(AuthFailure(gql(e)))),
         },
     };
@@ -122,7 +150,8 @@ fn request_error(err: ApiError) -> Response {
 
 /// Answers hold tokens and secrets: never cache them.
 fn no_store(mut r: Response) -> Response {
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 
@@ -146,8 +175,11 @@ fn optional_caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<Option<&'a Ca
 
 /// The caller, or `unauthenticated`.
 fn caller<'a>(ctx: &Context<'a>) -> async_graphql::Result<&'a Caller> {
-    optional_caller(ctx)?
-        .ok_or_else(|| gql(ApiError::Unauthenticated("send `Authorization: Bearer <token>` (an access token or an API key)")))
+    optional_caller(ctx)?.ok_or_else(|| {
+        gql(ApiError::Unauthenticated(
+            "send `Authorization: Bearer <token>` (an access token or an API key)",
+        ))
+    })
 }
 
 /// `limit` as the operations take it.

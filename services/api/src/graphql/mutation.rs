@@ -21,7 +21,9 @@ async fn begin(state: &AppState) -> Result<Tx> {
 }
 
 async fn commit(tx: Tx) -> Result<()> {
-    tx.commit().await.map_err(|e| gql(ApiError::from(StoreError::from(e))))
+    tx.commit()
+        .await
+        .map_err(|e| gql(ApiError::from(StoreError::from(e))))
 }
 
 #[Object]
@@ -30,83 +32,151 @@ impl MutationRoot {
     async fn signup(&self, ctx: &Context<'_>, input: SignupInput) -> Result<Option<SignupView>> {
         let st = state(ctx);
         let mut tx = begin(st).await?;
-        let view = ops::identity::signup(st, &mut tx, &input, client(ctx)).await.map_err(gql)?;
+        let view = ops::identity::signup(st, &mut tx, &input, client(ctx))
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(view))
     }
 
     /// Sign in: an access token and a refresh token.
     async fn login(&self, ctx: &Context<'_>, input: LoginInput) -> Result<Option<TokenPairView>> {
-        Ok(Some(ops::identity::login(state(ctx), &input, client(ctx)).await.map_err(gql)?))
+        Ok(Some(
+            ops::identity::login(state(ctx), &input, client(ctx))
+                .await
+                .map_err(gql)?,
+        ))
     }
 
     /// Exchange a refresh token for a new pair. The old one is spent; presenting it again ends
     /// the session.
-    async fn refresh(&self, ctx: &Context<'_>, input: RefreshInput) -> Result<Option<TokenPairView>> {
-        Ok(Some(ops::identity::refresh(state(ctx), &input, client(ctx)).await.map_err(gql)?))
+    async fn refresh(
+        &self,
+        ctx: &Context<'_>,
+        input: RefreshInput,
+    ) -> Result<Option<TokenPairView>> {
+        Ok(Some(
+            ops::identity::refresh(state(ctx), &input, client(ctx))
+                .await
+                .map_err(gql)?,
+        ))
     }
 
     /// End the session: the caller's, or the one the given refresh token belongs to.
-    async fn logout(&self, ctx: &Context<'_>, #[graphql(default)] input: LogoutInput) -> Result<Option<bool>> {
-        ops::identity::logout(state(ctx), optional_caller(ctx)?, &input).await.map_err(gql)?;
+    async fn logout(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default)] input: LogoutInput,
+    ) -> Result<Option<bool>> {
+        ops::identity::logout(state(ctx), optional_caller(ctx)?, &input)
+            .await
+            .map_err(gql)?;
         Ok(Some(true))
     }
 
     /// Create an org; the caller becomes its owner.
-    async fn create_org(&self, ctx: &Context<'_>, input: CreateOrgInput) -> Result<Option<OrgView>> {
+    async fn create_org(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateOrgInput,
+    ) -> Result<Option<OrgView>> {
         let (st, caller) = (state(ctx), caller(ctx)?);
         let mut tx = begin(st).await?;
-        let view = ops::orgs::create(st, &mut tx, caller, &input).await.map_err(gql)?;
+        let view = ops::orgs::create(st, &mut tx, caller, &input)
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(view))
     }
 
     /// Add someone who has signed up, with a role.
-    async fn add_member(&self, ctx: &Context<'_>, org_id: ID, input: AddMemberInput) -> Result<Option<MemberView>> {
+    async fn add_member(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        input: AddMemberInput,
+    ) -> Result<Option<MemberView>> {
         let (st, caller) = (state(ctx), caller(ctx)?);
         let org = parse_org(&org_id).map_err(gql)?;
         let mut tx = begin(st).await?;
-        let view = ops::orgs::member_add(st, &mut tx, caller, org, &input).await.map_err(gql)?;
+        let view = ops::orgs::member_add(st, &mut tx, caller, org, &input)
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(view))
     }
 
     /// Change a member's role. An org always keeps at least one owner.
-    async fn update_member(&self, ctx: &Context<'_>, org_id: ID, user_id: ID, input: UpdateMemberInput) -> Result<Option<MemberView>> {
+    async fn update_member(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        user_id: ID,
+        input: UpdateMemberInput,
+    ) -> Result<Option<MemberView>> {
         let (st, caller) = (state(ctx), caller(ctx)?);
-        let (org, user) = (parse_org(&org_id).map_err(gql)?, parse_user(&user_id).map_err(gql)?);
+        let (org, user) = (
+            parse_org(&org_id).map_err(gql)?,
+            parse_user(&user_id).map_err(gql)?,
+        );
         let mut tx = begin(st).await?;
-        let view = ops::orgs::member_update(st, &mut tx, caller, org, user, &input).await.map_err(gql)?;
+        let view = ops::orgs::member_update(st, &mut tx, caller, org, user, &input)
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(view))
     }
 
     /// Remove a member (or leave, when it is yourself).
-    async fn remove_member(&self, ctx: &Context<'_>, org_id: ID, user_id: ID) -> Result<Option<bool>> {
+    async fn remove_member(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        user_id: ID,
+    ) -> Result<Option<bool>> {
         let (st, caller) = (state(ctx), caller(ctx)?);
-        let (org, user) = (parse_org(&org_id).map_err(gql)?, parse_user(&user_id).map_err(gql)?);
+        let (org, user) = (
+            parse_org(&org_id).map_err(gql)?,
+            parse_user(&user_id).map_err(gql)?,
+        );
         let mut tx = begin(st).await?;
-        ops::orgs::member_remove(st, &mut tx, caller, org, user).await.map_err(gql)?;
+        ops::orgs::member_remove(st, &mut tx, caller, org, user)
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(true))
     }
 
     /// Create an API key. The answer holds the secret `key`, shown this once.
-    async fn create_api_key(&self, ctx: &Context<'_>, org_id: ID, input: CreateApiKeyInput) -> Result<Option<ApiKeyCreatedView>> {
+    async fn create_api_key(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        input: CreateApiKeyInput,
+    ) -> Result<Option<ApiKeyCreatedView>> {
         let (st, caller) = (state(ctx), caller(ctx)?);
         let org = parse_org(&org_id).map_err(gql)?;
         let mut tx = begin(st).await?;
-        let view = ops::api_keys::create(st, &mut tx, caller, org, &input).await.map_err(gql)?;
+        let view = ops::api_keys::create(st, &mut tx, caller, org, &input)
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(view))
     }
 
     /// Revoke an API key; it stops working at once. Answers the revoked key.
-    async fn revoke_api_key(&self, ctx: &Context<'_>, org_id: ID, key_id: ID) -> Result<Option<ApiKeyView>> {
+    async fn revoke_api_key(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        key_id: ID,
+    ) -> Result<Option<ApiKeyView>> {
         let (st, caller) = (state(ctx), caller(ctx)?);
         let org = parse_org(&org_id).map_err(gql)?;
         let mut tx = begin(st).await?;
-        let view = ops::api_keys::revoke(st, &mut tx, caller, org, &key_id).await.map_err(gql)?;
+        let view = ops::api_keys::revoke(st, &mut tx, caller, org, &key_id)
+            .await
+            .map_err(gql)?;
         commit(tx).await?;
         Ok(Some(view))
     }

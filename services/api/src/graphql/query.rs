@@ -14,7 +14,11 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// The caller (the signed-in user, or the user who created the API key) and their memberships.
     async fn me(&self, ctx: &Context<'_>) -> Result<Option<MeView>> {
-        Ok(Some(ops::identity::me(state(ctx), caller(ctx)?).await.map_err(gql)?))
+        Ok(Some(
+            ops::identity::me(state(ctx), caller(ctx)?)
+                .await
+                .map_err(gql)?,
+        ))
     }
 
     /// Orgs the caller belongs to.
@@ -24,7 +28,14 @@ impl QueryRoot {
         #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
         #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
     ) -> Result<Option<OrgList>> {
-        let list = ops::orgs::list(state(ctx), caller(ctx)?, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        let list = ops::orgs::list(
+            state(ctx),
+            caller(ctx)?,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
         Ok(Some(list))
     }
 
@@ -32,7 +43,9 @@ impl QueryRoot {
     async fn org(&self, ctx: &Context<'_>, id: ID) -> Result<Option<OrgView>> {
         let caller = caller(ctx)?;
         let org = parse_org(&id).map_err(gql)?;
-        Ok(Some(ops::orgs::get(state(ctx), caller, org).await.map_err(gql)?))
+        Ok(Some(
+            ops::orgs::get(state(ctx), caller, org).await.map_err(gql)?,
+        ))
     }
 
     /// The org's members.
@@ -45,7 +58,15 @@ impl QueryRoot {
     ) -> Result<Option<MemberList>> {
         let caller = caller(ctx)?;
         let org = parse_org(&org_id).map_err(gql)?;
-        let list = ops::orgs::members(state(ctx), caller, org, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        let list = ops::orgs::members(
+            state(ctx),
+            caller,
+            org,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
         Ok(Some(list))
     }
 
@@ -59,7 +80,15 @@ impl QueryRoot {
     ) -> Result<Option<ApiKeyList>> {
         let caller = caller(ctx)?;
         let org = parse_org(&org_id).map_err(gql)?;
-        let list = ops::api_keys::list(state(ctx), caller, org, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        let list = ops::api_keys::list(
+            state(ctx),
+            caller,
+            org,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
         Ok(Some(list))
     }
 
@@ -73,7 +102,15 @@ impl QueryRoot {
     ) -> Result<Option<AuditList>> {
         let caller = caller(ctx)?;
         let org = parse_org(&org_id).map_err(gql)?;
-        let list = ops::audit::list(state(ctx), caller, org, page_limit(limit), cursor.as_deref()).await.map_err(gql)?;
+        let list = ops::audit::list(
+            state(ctx),
+            caller,
+            org,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
         Ok(Some(list))
     }
 }

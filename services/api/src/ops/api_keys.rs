@@ -13,15 +13,36 @@ use crate::error::ApiError;
 use crate::state::{AppState, Caller};
 use crate::views::*;
 
-pub async fn list(state: &AppState, caller: &Caller, org: OrgId, limit: Option<i64>, cursor: Option<&str>) -> Result<ApiKeyList, ApiError> {
+pub async fn list(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    limit: Option<i64>,
+    cursor: Option<&str>,
+) -> Result<ApiKeyList, ApiError> {
     let page = page::<ApiKeyId>(limit, cursor, |k| k.as_uuid())?;
-    let scope = state.store.authorize(&caller.principal, org, Permission::ApiKeyRead).await?;
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::ApiKeyRead)
+        .await?;
     let p = state.store.api_key_list(&scope, page).await?;
-    Ok(ApiKeyList { items: p.items.iter().map(ApiKeyView::from).collect(), next_cursor: p.next_cursor })
+    Ok(ApiKeyList {
+        items: p.items.iter().map(ApiKeyView::from).collect(),
+        next_cursor: p.next_cursor,
+    })
 }
 
-pub async fn create(state: &AppState, conn: &mut PgConnection, caller: &Caller, org: OrgId, input: &CreateApiKeyInput) -> Result<ApiKeyCreatedView, ApiError> {
-    let scope = state.store.authorize(&caller.principal, org, Permission::ApiKeyCreate).await?;
+pub async fn create(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    input: &CreateApiKeyInput,
+) -> Result<ApiKeyCreatedView, ApiError> {
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::ApiKeyCreate)
+        .await?;
     let mut checks = Checks::default();
     let name = checks.take(ApiKeyName::parse("name", &input.name));
     let role = match input.role.as_deref().filter(|r| !r.trim().is_empty()) {
@@ -37,15 +58,23 @@ pub async fn create(state: &AppState, conn: &mut PgConnection, caller: &Caller, 
                 None
             }
             Err(_) => {
-                checks.push("expires_at", "must be an RFC 3339 timestamp like 2027-01-31T00:00:00Z");
+                checks.push(
+                    "expires_at",
+                    "must be an RFC 3339 timestamp like 2027-01-31T00:00:00Z",
+                );
                 None
             }
         },
     };
     checks.finish()?;
-    let (Some(name), Some(role)) = (name, role) else { return Err(ApiError::BadRequest("invalid api key".into())) };
+    let (Some(name), Some(role)) = (name, role) else {
+        return Err(ApiError::BadRequest("invalid api key".into()));
+    };
     if !scope.role().may_grant(role) {
-        return Err(ApiError::Forbidden(format!("a `{}` cannot create a key with the `{role}` role", scope.role())));
+        return Err(ApiError::Forbidden(format!(
+            "a `{}` cannot create a key with the `{role}` role",
+            scope.role()
+        )));
     }
     let secret = ApiKeySecret::generate();
     let prefix = secret.visible_prefix();
@@ -55,9 +84,26 @@ pub async fn create(state: &AppState, conn: &mut PgConnection, caller: &Caller, 
     };
     let record = state
         .store
-        .api_key_create(conn, &scope, NewApiKey { name: &name, role, prefix: &prefix, digest: &secret.digest(), expires_at, created_by })
+        .api_key_create(
+            conn,
+            &scope,
+            NewApiKey {
+                name: &name,
+                role,
+                prefix: &prefix,
+                digest: &secret.digest(),
+                expires_at,
+                created_by,
+            },
+        )
         .await?;
-    let event = audit(&scope, caller, "api_key.create", record.id.to_string(), serde_json::json!({ "name": record.name, "role": role, "prefix": prefix }));
+    let event = audit(
+        &scope,
+        caller,
+        "api_key.create",
+        record.id.to_string(),
+        serde_json::json!({ "name": record.name, "role": role, "prefix": prefix }),
+    );
     state.store.audit_record(conn, &event).await?;
     Ok(ApiKeyCreatedView {
         id: record.id.to_string(),
@@ -71,16 +117,33 @@ pub async fn create(state: &AppState, conn: &mut PgConnection, caller: &Caller, 
 }
 
 /// Revoke a key. Members may revoke keys they created; admins any key of the org.
-pub async fn revoke(state: &AppState, conn: &mut PgConnection, caller: &Caller, org: OrgId, key: &str) -> Result<ApiKeyView, ApiError> {
-    let scope = state.store.authorize(&caller.principal, org, Permission::ApiKeyCreate).await?;
+pub async fn revoke(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    key: &str,
+) -> Result<ApiKeyView, ApiError> {
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::ApiKeyCreate)
+        .await?;
     let key: ApiKeyId = key.parse().map_err(|_| ApiError::NotFound("api key"))?;
     let existing = state.store.api_key_get(&scope, key).await?;
     let own = existing.created_by.is_some() && existing.created_by == caller.principal.user_id();
     if !own && !scope.allows(Permission::ApiKeyRevokeAny) {
-        return Err(ApiError::Forbidden("only admins can revoke keys that someone else created".into()));
+        return Err(ApiError::Forbidden(
+            "only admins can revoke keys that someone else created".into(),
+        ));
     }
     let record = state.store.api_key_revoke(conn, &scope, key).await?;
-    let event = audit(&scope, caller, "api_key.revoke", record.id.to_string(), serde_json::json!({ "name": record.name, "prefix": record.prefix }));
+    let event = audit(
+        &scope,
+        caller,
+        "api_key.revoke",
+        record.id.to_string(),
+        serde_json::json!({ "name": record.name, "prefix": record.prefix }),
+    );
     state.store.audit_record(conn, &event).await?;
     Ok((&record).into())
 }

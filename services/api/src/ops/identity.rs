@@ -17,7 +17,8 @@ async fn limit(state: &AppState, bucket: &str, key: &str, limit: Limit) -> Resul
     match state.limiter.hit(bucket, key, limit).await {
         Decision::Allowed { .. } => Ok(()),
         Decision::Limited { retry_after } => {
-            metrics::counter!("kiln_rate_limited_total", "bucket" => bucket.to_owned()).increment(1);
+            metrics::counter!("kiln_rate_limited_total", "bucket" => bucket.to_owned())
+                .increment(1);
             Err(ApiError::RateLimited { retry_after })
         }
     }
@@ -36,8 +37,19 @@ async fn hash_password(state: &AppState, password: Password) -> Result<String, A
 }
 
 /// Create an account and its personal org.
-pub async fn signup(state: &AppState, conn: &mut PgConnection, input: &SignupInput, client: &ClientInfo) -> Result<SignupView, ApiError> {
-    limit(state, "signup-ip", ip_key(client), Limit::per_hour(state.config.signup_limit_per_ip)).await?;
+pub async fn signup(
+    state: &AppState,
+    conn: &mut PgConnection,
+    input: &SignupInput,
+    client: &ClientInfo,
+) -> Result<SignupView, ApiError> {
+    limit(
+        state,
+        "signup-ip",
+        ip_key(client),
+        Limit::per_hour(state.config.signup_limit_per_ip),
+    )
+    .await?;
     let mut checks = Checks::default();
     let email = checks.take(Email::parse("email", &input.email));
     let name = checks.take(PersonName::parse("name", &input.name));
@@ -59,27 +71,42 @@ pub async fn signup(state: &AppState, conn: &mut PgConnection, input: &SignupInp
         .user_create_with_personal_org(conn, &email, &name, &hash)
         .await
         .map_err(|e| match e {
-            kiln_store::StoreError::Conflict { .. } => ApiError::field("email", "an account with this email already exists"),
+            kiln_store::StoreError::Conflict { .. } => {
+                ApiError::field("email", "an account with this email already exists")
+            }
             other => other.into(),
         })?;
     state
         .store
-        .audit_record(conn, &AuditEvent {
-            org_id: Some(org.id),
-            actor_user: Some(user.id),
-            actor_api_key: None,
-            action: "auth.signup",
-            target: Some(user.id.to_string()),
-            ip: client.ip.clone(),
-            details: serde_json::json!({}),
-        })
+        .audit_record(
+            conn,
+            &AuditEvent {
+                org_id: Some(org.id),
+                actor_user: Some(user.id),
+                actor_api_key: None,
+                action: "auth.signup",
+                target: Some(user.id.to_string()),
+                ip: client.ip.clone(),
+                details: serde_json::json!({}),
+            },
+        )
         .await?;
-    Ok(SignupView { user: (&user).into(), org: OrgView::new(&org, Role::Owner) })
+    Ok(SignupView {
+        user: (&user).into(),
+        org: OrgView::new(&org, Role::Owner),
+    })
 }
 
-async fn issue_pair(state: &AppState, user: kiln_domain::UserId, session: kiln_domain::SessionId, refresh: &OpaqueSecret) -> Result<TokenPairView, ApiError> {
+async fn issue_pair(
+    state: &AppState,
+    user: kiln_domain::UserId,
+    session: kiln_domain::SessionId,
+    refresh: &OpaqueSecret,
+) -> Result<TokenPairView, ApiError> {
     let ring = state.keyring();
-    let access = ring.issue(user, session, now_unix()).map_err(ApiError::internal)?;
+    let access = ring
+        .issue(user, session, now_unix())
+        .map_err(ApiError::internal)?;
     Ok(TokenPairView {
         access_token: access,
         refresh_token: refresh.expose().to_owned(),
@@ -90,10 +117,26 @@ async fn issue_pair(state: &AppState, user: kiln_domain::UserId, session: kiln_d
 
 /// Sign in with email and password. Takes one argon2 evaluation whether or not the account
 /// exists, so timing does not reveal which emails have accounts.
-pub async fn login(state: &AppState, input: &LoginInput, client: &ClientInfo) -> Result<TokenPairView, ApiError> {
-    limit(state, "login-ip", ip_key(client), Limit::per_minute(state.config.login_limit_per_ip)).await?;
+pub async fn login(
+    state: &AppState,
+    input: &LoginInput,
+    client: &ClientInfo,
+) -> Result<TokenPairView, ApiError> {
+    limit(
+        state,
+        "login-ip",
+        ip_key(client),
+        Limit::per_minute(state.config.login_limit_per_ip),
+    )
+    .await?;
     let account_key = input.email.trim().to_lowercase();
-    limit(state, "login-account", &account_key, Limit::per_minute(state.config.login_limit_per_account)).await?;
+    limit(
+        state,
+        "login-account",
+        &account_key,
+        Limit::per_minute(state.config.login_limit_per_account),
+    )
+    .await?;
     let mut checks = Checks::default();
     let email = checks.take(Email::parse("email", &input.email));
     let password = checks.take(Password::offered("password", &input.password));
@@ -104,10 +147,11 @@ pub async fn login(state: &AppState, input: &LoginInput, client: &ClientInfo) ->
     let found = state.store.user_credentials(&email).await?;
     let hasher = state.hasher.clone();
     let stored = found.as_ref().map(|(_, h)| h.clone());
-    let ok = tokio::task::spawn_blocking(move || hasher.verify(password.expose(), stored.as_deref()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let ok =
+        tokio::task::spawn_blocking(move || hasher.verify(password.expose(), stored.as_deref()))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?;
     let Some((user, _)) = found.filter(|_| ok) else {
         metrics::counter!("kiln_logins_total", "outcome" => "failed").increment(1);
         if let Some((user, _)) = state.store.user_credentials(&email).await? {
@@ -130,7 +174,13 @@ pub async fn login(state: &AppState, input: &LoginInput, client: &ClientInfo) ->
     let lifetime = time::Duration::days(state.config.session_ttl_days.max(1));
     let session = state
         .store
-        .session_create(user.id, &refresh.digest(), lifetime, client.ip.as_deref(), client.user_agent.as_deref())
+        .session_create(
+            user.id,
+            &refresh.digest(),
+            lifetime,
+            client.ip.as_deref(),
+            client.user_agent.as_deref(),
+        )
         .await?;
     state
         .store
@@ -150,7 +200,11 @@ pub async fn login(state: &AppState, input: &LoginInput, client: &ClientInfo) ->
 
 /// Exchange a refresh token for a new pair. The old token is spent; presenting a spent token
 /// again revokes the whole session (someone else may hold a copy).
-pub async fn refresh(state: &AppState, input: &RefreshInput, client: &ClientInfo) -> Result<TokenPairView, ApiError> {
+pub async fn refresh(
+    state: &AppState,
+    input: &RefreshInput,
+    client: &ClientInfo,
+) -> Result<TokenPairView, ApiError> {
     let token = input.refresh_token.trim();
     if token.is_empty() {
         return Err(ApiError::field("refresh_token", "is required"));
@@ -159,9 +213,19 @@ pub async fn refresh(state: &AppState, input: &RefreshInput, client: &ClientInfo
         return Err(ApiError::Unauthenticated("the refresh token is invalid"));
     }
     let new = OpaqueSecret::generate(REFRESH_PREFIX);
-    match state.store.refresh_token_exchange(&SecretDigest::of(token), &new.digest()).await? {
-        RefreshOutcome::Rotated { session_id, user_id } => issue_pair(state, user_id, session_id, &new).await,
-        RefreshOutcome::Reused { session_id, user_id } => {
+    match state
+        .store
+        .refresh_token_exchange(&SecretDigest::of(token), &new.digest())
+        .await?
+    {
+        RefreshOutcome::Rotated {
+            session_id,
+            user_id,
+        } => issue_pair(state, user_id, session_id, &new).await,
+        RefreshOutcome::Reused {
+            session_id,
+            user_id,
+        } => {
             state.forget_session(session_id);
             tracing::warn!(%session_id, %user_id, "refresh token reused; session revoked");
             state
@@ -176,23 +240,48 @@ pub async fn refresh(state: &AppState, input: &RefreshInput, client: &ClientInfo
                     details: serde_json::json!({ "revoked": true }),
                 })
                 .await?;
-            Err(ApiError::Unauthenticated("the refresh token was already used; the session has been revoked"))
+            Err(ApiError::Unauthenticated(
+                "the refresh token was already used; the session has been revoked",
+            ))
         }
-        RefreshOutcome::Invalid => Err(ApiError::Unauthenticated("the refresh token is invalid or expired")),
+        RefreshOutcome::Invalid => Err(ApiError::Unauthenticated(
+            "the refresh token is invalid or expired",
+        )),
     }
 }
 
 /// End a session: the caller's own, or the one a presented refresh token belongs to.
-pub async fn logout(state: &AppState, caller: Option<&Caller>, input: &LogoutInput) -> Result<(), ApiError> {
-    let session = if let Some(token) = input.refresh_token.as_deref().filter(|t| !t.trim().is_empty()) {
-        state.store.session_of_refresh_token(&SecretDigest::of(token.trim())).await?.map(|(s, u)| (s, u))
+pub async fn logout(
+    state: &AppState,
+    caller: Option<&Caller>,
+    input: &LogoutInput,
+) -> Result<(), ApiError> {
+    let session = if let Some(token) = input
+        .refresh_token
+        .as_deref()
+        .filter(|t| !t.trim().is_empty())
+    {
+        state
+            .store
+            .session_of_refresh_token(&SecretDigest::of(token.trim()))
+            .await?
     } else {
         match caller.map(|c| &c.principal) {
-            Some(Principal::User { session_id, user_id, .. }) => Some((*session_id, *user_id)),
+            Some(Principal::User {
+                session_id,
+                user_id,
+                ..
+            }) => Some((*session_id, *user_id)),
             Some(Principal::ApiKey { .. }) => {
-                return Err(ApiError::BadRequest("API keys have no session; revoke the key instead".into()));
+                return Err(ApiError::BadRequest(
+                    "API keys have no session; revoke the key instead".into(),
+                ));
             }
-            None => return Err(ApiError::Unauthenticated("sign in, or pass the refresh_token to end")),
+            None => {
+                return Err(ApiError::Unauthenticated(
+                    "sign in, or pass the refresh_token to end",
+                ));
+            }
         }
     };
     let Some((session, user)) = session else {
@@ -235,15 +324,32 @@ pub async fn me(state: &AppState, caller: &Caller) -> Result<MeView, ApiError> {
                 api_key: None,
             })
         }
-        Principal::ApiKey { key_id, org_id, role, created_by } => {
+        Principal::ApiKey {
+            key_id,
+            org_id,
+            role,
+            created_by,
+        } => {
             let creator = created_by.ok_or(ApiError::NotFound("user"))?;
             let user = state.store.user_get(creator).await?;
-            let scope = state.store.authorize(&caller.principal, *org_id, kiln_domain::Permission::OrgRead).await?;
+            let scope = state
+                .store
+                .authorize(&caller.principal, *org_id, kiln_domain::Permission::OrgRead)
+                .await?;
             let org = state.store.org_get(&scope).await?;
             Ok(MeView {
                 user: (&user).into(),
-                memberships: vec![MembershipView { org_id: org.id.to_string(), org_name: org.name, role: role.to_string(), personal: org.personal }],
-                api_key: Some(ApiKeyPrincipalView { id: key_id.to_string(), org_id: org_id.to_string(), role: role.to_string() }),
+                memberships: vec![MembershipView {
+                    org_id: org.id.to_string(),
+                    org_name: org.name,
+                    role: role.to_string(),
+                    personal: org.personal,
+                }],
+                api_key: Some(ApiKeyPrincipalView {
+                    id: key_id.to_string(),
+                    org_id: org_id.to_string(),
+                    role: role.to_string(),
+                }),
             })
         }
     }

@@ -34,7 +34,10 @@ pub fn page<T: std::str::FromStr + Copy>(
         None => PageRequest::DEFAULT_LIMIT,
         Some(n) if (1..=i64::from(PageRequest::MAX_LIMIT)).contains(&n) => n as u32,
         Some(_) => {
-            errors.push(FieldError { field: "limit".into(), message: format!("must be between 1 and {}", PageRequest::MAX_LIMIT) });
+            errors.push(FieldError {
+                field: "limit".into(),
+                message: format!("must be between 1 and {}", PageRequest::MAX_LIMIT),
+            });
             PageRequest::DEFAULT_LIMIT
         }
     };
@@ -43,7 +46,10 @@ pub fn page<T: std::str::FromStr + Copy>(
         Some(c) => match c.parse::<T>() {
             Ok(id) => Some(to_uuid(id)),
             Err(_) => {
-                errors.push(FieldError { field: "cursor".into(), message: "is not a cursor this list gave out".into() });
+                errors.push(FieldError {
+                    field: "cursor".into(),
+                    message: "is not a cursor this list gave out".into(),
+                });
                 None
             }
         },
@@ -69,17 +75,26 @@ impl Checks {
         }
     }
     pub fn push(&mut self, field: &str, message: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), message: message.into() });
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
     }
     pub fn finish(self) -> Result<(), ApiError> {
-        if self.0.is_empty() { Ok(()) } else { Err(ApiError::Validation(self.0)) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::Validation(self.0))
+        }
     }
 }
 
 /// Parse a role name as a field.
-pub fn parse_role(field: &'static str, raw: &str) -> Result<kiln_domain::Role, kiln_domain::InputError> {
-    raw.trim()
-        .to_lowercase()
-        .parse()
-        .map_err(|_| kiln_domain::InputError::new(field, "must be one of owner, admin, member, viewer"))
+pub fn parse_role(
+    field: &'static str,
+    raw: &str,
+) -> Result<kiln_domain::Role, kiln_domain::InputError> {
+    raw.trim().to_lowercase().parse().map_err(|_| {
+        kiln_domain::InputError::new(field, "must be one of owner, admin, member, viewer")
+    })
 }

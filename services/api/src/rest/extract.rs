@@ -25,7 +25,10 @@ pub fn client_info(parts: &Parts, state: &AppState) -> ClientInfo {
     } else {
         None
     };
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
     ClientInfo {
         ip: forwarded.or(peer),
         user_agent: parts
@@ -47,7 +50,10 @@ impl FromRequestParts<AppState> for ClientInfo {
 pub fn bearer(parts: &Parts) -> Option<&str> {
     let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// An authenticated caller (401 otherwise).
@@ -56,9 +62,14 @@ pub struct Auth(pub Caller);
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or(ApiError::Unauthenticated("send `Authorization: Bearer <token>` (an access token or an API key)"))?;
+        let token = bearer(parts).ok_or(ApiError::Unauthenticated(
+            "send `Authorization: Bearer <token>` (an access token or an API key)",
+        ))?;
         let principal = state.authenticate(token).await?;
-        Ok(Auth(Caller { principal, client: client_info(parts, state) }))
+        Ok(Auth(Caller {
+            principal,
+            client: client_info(parts, state),
+        }))
     }
 }
 
@@ -72,7 +83,10 @@ impl FromRequestParts<AppState> for MaybeAuth {
             None => Ok(MaybeAuth(None)),
             Some(token) => {
                 let principal = state.authenticate(token).await?;
-                Ok(MaybeAuth(Some(Caller { principal, client: client_info(parts, state) })))
+                Ok(MaybeAuth(Some(Caller {
+                    principal,
+                    client: client_info(parts, state),
+                })))
             }
         }
     }
@@ -84,10 +98,17 @@ pub struct IdempotencyKey(pub Option<String>);
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let Some(v) = parts.headers.get("idempotency-key") else { return Ok(IdempotencyKey(None)) };
-        let s = v.to_str().map_err(|_| ApiError::field("Idempotency-Key", "must be printable ASCII"))?;
+        let Some(v) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKey(None));
+        };
+        let s = v
+            .to_str()
+            .map_err(|_| ApiError::field("Idempotency-Key", "must be printable ASCII"))?;
         if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-            return Err(ApiError::field("Idempotency-Key", "must be 1 to 255 printable ASCII characters without spaces"));
+            return Err(ApiError::field(
+                "Idempotency-Key",
+                "must be 1 to 255 printable ASCII characters without spaces",
+            ));
         }
         Ok(IdempotencyKey(Some(s.to_owned())))
     }
@@ -109,7 +130,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|ct| {
-                let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+                let ct = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
                 ct == "application/json" || ct.ends_with("+json")
             });
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
@@ -119,13 +145,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 ApiError::BadRequest("could not read the request body".into())
             }
         })?;
-        let body: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        let body: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
         if json_ct == Some(false) && !bytes.is_empty() {
-            return Err(ApiError::BadRequest("send the body as JSON with `Content-Type: application/json`".into()));
+            return Err(ApiError::BadRequest(
+                "send the body as JSON with `Content-Type: application/json`".into(),
+            ));
         }
         let value = serde_json::from_slice(body).map_err(|e| {
             let what = match e.classify() {
-                serde_json::error::Category::Data => format!("the JSON does not fit this endpoint: {e}"),
+                serde_json::error::Category::Data => {
+                    format!("the JSON does not fit this endpoint: {e}")
+                }
                 _ => "the body is not valid JSON".to_owned(),
             };
             ApiError::BadRequest(what)
@@ -136,7 +170,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         h.update(path.as_bytes());
         h.update(b"\n");
         h.update(body);
-        Ok(JsonBody { value, fingerprint: h.finalize().to_vec() })
+        Ok(JsonBody {
+            value,
+            fingerprint: h.finalize().to_vec(),
+        })
     }
 }
 

@@ -28,10 +28,22 @@ pub fn router() -> Router<AppState> {
         .route("/v1/me", get(identity::me))
         .route("/v1/orgs", get(orgs::list).post(orgs::create))
         .route("/v1/orgs/{org}", get(orgs::get))
-        .route("/v1/orgs/{org}/members", get(orgs::members).post(orgs::member_add))
-        .route("/v1/orgs/{org}/members/{user}", delete(orgs::member_remove).patch(orgs::member_update))
-        .route("/v1/orgs/{org}/api-keys", get(orgs::api_keys).post(orgs::api_key_create))
-        .route("/v1/orgs/{org}/api-keys/{key}", delete(orgs::api_key_revoke))
+        .route(
+            "/v1/orgs/{org}/members",
+            get(orgs::members).post(orgs::member_add),
+        )
+        .route(
+            "/v1/orgs/{org}/members/{user}",
+            delete(orgs::member_remove).patch(orgs::member_update),
+        )
+        .route(
+            "/v1/orgs/{org}/api-keys",
+            get(orgs::api_keys).post(orgs::api_key_create),
+        )
+        .route(
+            "/v1/orgs/{org}/api-keys/{key}",
+            delete(orgs::api_key_revoke),
+        )
         .route("/v1/orgs/{org}/audit-log", get(orgs::audit_log))
         .route("/openapi.json", get(openapi_json))
 }
@@ -48,7 +60,10 @@ pub async fn method_not_allowed() -> Response {
     p.detail = "this resource does not support that method".into();
     p.kind = "https://kiln.dev/problems/method-not-allowed".into();
     let mut r = (StatusCode::METHOD_NOT_ALLOWED, Json(p)).into_response();
-    r.headers_mut().insert("content-type", HeaderValue::from_static("application/problem+json"));
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("application/problem+json"),
+    );
     r
 }
 
@@ -69,16 +84,25 @@ where
     F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, ApiError>>,
 {
     let mut tx = state.store.begin().await?;
-    let scope = key.map(|key| IdempotencyScope { org: org.map_or_else(|| "-".to_owned(), |o| o.to_string()), principal, key });
+    let scope = key.map(|key| IdempotencyScope {
+        org: org.map_or_else(|| "-".to_owned(), |o| o.to_string()),
+        principal,
+        key,
+    });
     if let Some(scope) = &scope {
-        match state.store.idempotency_claim(&mut tx, scope, &fingerprint).await? {
+        match state
+            .store
+            .idempotency_claim(&mut tx, scope, &fingerprint)
+            .await?
+        {
             Claim::New => {}
             Claim::Mismatch => return Err(ApiError::IdempotencyMismatch),
             Claim::Replay { status, body } => {
                 tx.rollback().await.map_err(kiln_store::StoreError::from)?;
                 let code = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
                 let mut r = (code, Json(body)).into_response();
-                r.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+                r.headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
                 return Ok(r);
             }
         }
@@ -86,7 +110,10 @@ where
     let value = effect(&mut tx).await?;
     let body = serde_json::to_value(&value).map_err(ApiError::internal)?;
     if let Some(scope) = &scope {
-        state.store.idempotency_complete(&mut tx, scope, status.as_u16(), &body).await?;
+        state
+            .store
+            .idempotency_complete(&mut tx, scope, status.as_u16(), &body)
+            .await?;
     }
     tx.commit().await.map_err(kiln_store::StoreError::from)?;
     Ok((status, Json(body)).into_response())
@@ -124,7 +151,14 @@ impl utoipa::Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An access token from /v1/auth/login, or an API key (`kiln_…`)")).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An access token from /v1/auth/login, or an API key (`kiln_…`)",
+                    ))
+                    .build(),
+            ),
         );
     }
 }

@@ -10,16 +10,27 @@ async fn a_key_is_shown_once_works_and_dies_when_revoked(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let u = app.user("ada").await;
     let org = u.org_id.clone();
-    let (status, created) = app.post(&format!("/v1/orgs/{org}/api-keys"), &u.access_token, json!({"name": "ci"})).await;
+    let (status, created) = app
+        .post(
+            &format!("/v1/orgs/{org}/api-keys"),
+            &u.access_token,
+            json!({"name": "ci"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let secret = created["key"].as_str().unwrap().to_owned();
     let prefix = created["prefix"].as_str().unwrap().to_owned();
-    assert!(secret.starts_with("kiln_") && secret.len() >= 48, "{secret}");
+    assert!(
+        secret.starts_with("kiln_") && secret.len() >= 48,
+        "{secret}"
+    );
     assert!(secret.starts_with(&prefix));
     assert_eq!(created["role"], "member", "default role");
 
     // The list shows the prefix, never the secret; the database holds only a digest.
-    let (_, list) = app.get(&format!("/v1/orgs/{org}/api-keys"), &u.access_token).await;
+    let (_, list) = app
+        .get(&format!("/v1/orgs/{org}/api-keys"), &u.access_token)
+        .await;
     assert!(!list.to_string().contains(&secret[12..]));
     assert_eq!(list["items"][0]["prefix"], prefix);
     let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys WHERE convert_from(secret_hash, 'LATIN1') LIKE '%' || $1 || '%'")
@@ -33,15 +44,26 @@ async fn a_key_is_shown_once_works_and_dies_when_revoked(pool: PgPool) {
     let (status, me) = app.get("/v1/me", &secret).await;
     assert_eq!(status, StatusCode::OK, "{me}");
     assert_eq!(me["api_key"]["org_id"], org.as_str());
-    let (_, list) = app.get(&format!("/v1/orgs/{org}/api-keys"), &u.access_token).await;
+    let (_, list) = app
+        .get(&format!("/v1/orgs/{org}/api-keys"), &u.access_token)
+        .await;
     assert!(list["items"][0]["last_used_at"].is_string());
 
     let id = created["id"].as_str().unwrap();
-    let (status, _) = app.call(Method::DELETE, &format!("/v1/orgs/{org}/api-keys/{id}"), Some(&u.access_token), None).await;
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/orgs/{org}/api-keys/{id}"),
+            Some(&u.access_token),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = app.get("/v1/me", &secret).await;
     assert_problem(status, &body, StatusCode::UNAUTHORIZED);
-    let (_, list) = app.get(&format!("/v1/orgs/{org}/api-keys"), &u.access_token).await;
+    let (_, list) = app
+        .get(&format!("/v1/orgs/{org}/api-keys"), &u.access_token)
+        .await;
     assert!(list["items"][0]["revoked_at"].is_string());
 }
 
@@ -51,15 +73,30 @@ async fn keys_expire_and_bad_expiries_are_refused(pool: PgPool) {
     let u = app.user("bob").await;
     let org = u.org_id.clone();
     for bad in ["yesterday", "2001-01-01T00:00:00Z"] {
-        let (status, body) = app.post(&format!("/v1/orgs/{org}/api-keys"), &u.access_token, json!({"name": "k", "expires_at": bad})).await;
+        let (status, body) = app
+            .post(
+                &format!("/v1/orgs/{org}/api-keys"),
+                &u.access_token,
+                json!({"name": "k", "expires_at": bad}),
+            )
+            .await;
         assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(error_fields(&body), ["expires_at"]);
     }
-    let (status, created) = app.post(&format!("/v1/orgs/{org}/api-keys"), &u.access_token, json!({"name": "k", "expires_at": "2099-01-01T00:00:00Z"})).await;
+    let (status, created) = app
+        .post(
+            &format!("/v1/orgs/{org}/api-keys"),
+            &u.access_token,
+            json!({"name": "k", "expires_at": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     let secret = created["key"].as_str().unwrap();
     assert_eq!(app.get("/v1/me", secret).await.0, StatusCode::OK);
-    sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second'").execute(app.store().pool()).await.unwrap();
+    sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second'")
+        .execute(app.store().pool())
+        .await
+        .unwrap();
     assert_eq!(app.get("/v1/me", secret).await.0, StatusCode::UNAUTHORIZED);
 }
 
@@ -73,22 +110,59 @@ async fn nobody_mints_a_key_stronger_than_themselves(pool: PgPool) {
     app.add_member(&owner, &org, &member, "member").await;
     app.add_member(&owner, &org, &viewer, "viewer").await;
 
-    let (status, body) = app.post(&format!("/v1/orgs/{org}/api-keys"), &member.access_token, json!({"name": "k", "role": "admin"})).await;
+    let (status, body) = app
+        .post(
+            &format!("/v1/orgs/{org}/api-keys"),
+            &member.access_token,
+            json!({"name": "k", "role": "admin"}),
+        )
+        .await;
     assert_problem(status, &body, StatusCode::FORBIDDEN);
-    let (status, body) = app.post(&format!("/v1/orgs/{org}/api-keys"), &viewer.access_token, json!({"name": "k"})).await;
+    let (status, body) = app
+        .post(
+            &format!("/v1/orgs/{org}/api-keys"),
+            &viewer.access_token,
+            json!({"name": "k"}),
+        )
+        .await;
     assert_problem(status, &body, StatusCode::FORBIDDEN);
 
     // A viewer key reads but cannot write, even through a key-made key.
     let (_, viewer_key) = app.api_key(&owner, &org, "viewer").await;
-    assert_eq!(app.get(&format!("/v1/orgs/{org}/members"), &viewer_key).await.0, StatusCode::OK);
-    let (status, body) = app.post(&format!("/v1/orgs/{org}/api-keys"), &viewer_key, json!({"name": "k"})).await;
+    assert_eq!(
+        app.get(&format!("/v1/orgs/{org}/members"), &viewer_key)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let (status, body) = app
+        .post(
+            &format!("/v1/orgs/{org}/api-keys"),
+            &viewer_key,
+            json!({"name": "k"}),
+        )
+        .await;
     assert_problem(status, &body, StatusCode::FORBIDDEN);
 
     // Members may revoke their own keys, not someone else's.
     let (owner_key_id, _) = app.api_key(&owner, &org, "member").await;
-    let (status, body) = app.call(Method::DELETE, &format!("/v1/orgs/{org}/api-keys/{owner_key_id}"), Some(&member.access_token), None).await;
+    let (status, body) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/orgs/{org}/api-keys/{owner_key_id}"),
+            Some(&member.access_token),
+            None,
+        )
+        .await;
     assert_problem(status, &body, StatusCode::FORBIDDEN);
     let (mine, _) = app.api_key(&member, &org, "member").await;
-    let (status, _) = app.call(Method::DELETE, &format!("/v1/orgs/{org}/api-keys/{mine}"), Some(&member.access_token), None).await;
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/orgs/{org}/api-keys/{mine}"),
+            Some(&member.access_token),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }

@@ -18,17 +18,28 @@ impl Drop for Child {
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn the_binary_serves_and_creates_the_operator(pool: PgPool) {
-    let (db,): (String,) = sqlx::query_as("SELECT current_database()").fetch_one(&pool).await.unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://kiln:kiln@127.0.0.1:5432/kiln".into());
+    let (db,): (String,) = sqlx::query_as("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://kiln:kiln@127.0.0.1:5432/kiln".into());
     let mut url = url::Url::parse(&base).unwrap();
     url.set_path(&db);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-api"))
         .arg("serve")
         .env("DATABASE_URL", url.as_str())
         .env("REDIS_URL", kiln_testkit::redis_url())
         .env("KILN_API_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KILN_RATE_LIMIT_NAMESPACE", format!("test-{}", uuid::Uuid::new_v4().simple()))
+        .env(
+            "KILN_RATE_LIMIT_NAMESPACE",
+            format!("test-{}", uuid::Uuid::new_v4().simple()),
+        )
         .env("KILN_ADMIN_EMAIL", "admin@kiln.local")
         .env("KILN_ADMIN_PASSWORD", "operator password 123")
         .env("RUST_LOG", "warn")
@@ -38,10 +49,20 @@ async fn the_binary_serves_and_creates_the_operator(pool: PgPool) {
     let _child = Child(child);
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    eventually("kiln-api to answer /healthz", Duration::from_secs(30), || {
-        let (http, base) = (http.clone(), base.clone());
-        async move { http.get(format!("{base}/healthz")).send().await.ok().filter(|r| r.status().is_success()) }
-    })
+    eventually(
+        "kiln-api to answer /healthz",
+        Duration::from_secs(30),
+        || {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                http.get(format!("{base}/healthz"))
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            }
+        },
+    )
     .await;
     let tokens: Value = http
         .post(format!("{base}/v1/auth/login"))

@@ -10,25 +10,73 @@ async fn same_key_same_body_replays_and_different_body_is_refused(pool: PgPool) 
     let app = TestApp::spawn(pool).await;
     let u = app.user("ada").await;
     let h = [("idempotency-key", "create-org-1")];
-    let (s1, _, first) = app.call_full(Method::POST, "/v1/orgs", Some(&u.access_token), Some(json!({"name": "Acme"})), &h).await;
-    let (s2, headers, second) = app.call_full(Method::POST, "/v1/orgs", Some(&u.access_token), Some(json!({"name": "Acme"})), &h).await;
+    let (s1, _, first) = app
+        .call_full(
+            Method::POST,
+            "/v1/orgs",
+            Some(&u.access_token),
+            Some(json!({"name": "Acme"})),
+            &h,
+        )
+        .await;
+    let (s2, headers, second) = app
+        .call_full(
+            Method::POST,
+            "/v1/orgs",
+            Some(&u.access_token),
+            Some(json!({"name": "Acme"})),
+            &h,
+        )
+        .await;
     assert_eq!(s1, StatusCode::CREATED);
-    assert_eq!((s2, &second), (s1, &first), "the replay is the first answer");
+    assert_eq!(
+        (s2, &second),
+        (s1, &first),
+        "the replay is the first answer"
+    );
     assert_eq!(headers["idempotent-replayed"], "true");
-    let (s3, _, body) = app.call_full(Method::POST, "/v1/orgs", Some(&u.access_token), Some(json!({"name": "Other"})), &h).await;
+    let (s3, _, body) = app
+        .call_full(
+            Method::POST,
+            "/v1/orgs",
+            Some(&u.access_token),
+            Some(json!({"name": "Other"})),
+            &h,
+        )
+        .await;
     assert_problem(s3, &body, StatusCode::UNPROCESSABLE_ENTITY);
     let (_, orgs) = app.get("/v1/orgs", &u.access_token).await;
-    assert_eq!(orgs["items"].as_array().unwrap().len(), 2, "personal org + one Acme");
+    assert_eq!(
+        orgs["items"].as_array().unwrap().len(),
+        2,
+        "personal org + one Acme"
+    );
 
     // Keys belong to their caller: another person using the same key gets their own effect.
     let v = app.user("bob").await;
-    let (s4, _, theirs) = app.call_full(Method::POST, "/v1/orgs", Some(&v.access_token), Some(json!({"name": "Acme"})), &h).await;
+    let (s4, _, theirs) = app
+        .call_full(
+            Method::POST,
+            "/v1/orgs",
+            Some(&v.access_token),
+            Some(json!({"name": "Acme"})),
+            &h,
+        )
+        .await;
     assert_eq!(s4, StatusCode::CREATED);
     assert_ne!(theirs["id"], first["id"]);
 
     // A bad key is a field error.
     let long = "x".repeat(300);
-    let (s5, _, body) = app.call_full(Method::POST, "/v1/orgs", Some(&u.access_token), Some(json!({"name": "A"})), &[("idempotency-key", long.as_str())]).await;
+    let (s5, _, body) = app
+        .call_full(
+            Method::POST,
+            "/v1/orgs",
+            Some(&u.access_token),
+            Some(json!({"name": "A"})),
+            &[("idempotency-key", long.as_str())],
+        )
+        .await;
     assert_problem(s5, &body, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -38,7 +86,15 @@ async fn concurrent_duplicates_make_one_effect(pool: PgPool) {
     let u = app.user("ada").await;
     let path = format!("/v1/orgs/{}/api-keys", u.org_id);
     let h = [("idempotency-key", "burst-1")];
-    let calls = (0..8).map(|_| app.call_full(Method::POST, &path, Some(&u.access_token), Some(json!({"name": "deploy"})), &h));
+    let calls = (0..8).map(|_| {
+        app.call_full(
+            Method::POST,
+            &path,
+            Some(&u.access_token),
+            Some(json!({"name": "deploy"})),
+            &h,
+        )
+    });
     let results = futures::future::join_all(calls).await;
     let ids: std::collections::HashSet<String> = results
         .iter()
@@ -48,7 +104,10 @@ async fn concurrent_duplicates_make_one_effect(pool: PgPool) {
         })
         .collect();
     assert_eq!(ids.len(), 1, "every duplicate got the same key");
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys").fetch_one(app.store().pool()).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
     assert_eq!(n, 1);
 }
 
@@ -59,20 +118,49 @@ async fn failures_are_not_remembered(pool: PgPool) {
     let h = [("idempotency-key", "retry-me")];
     let path = format!("/v1/orgs/{}/members", u.org_id);
     let body = json!({"email": "late@example.com", "role": "member"});
-    let (s1, _, _) = app.call_full(Method::POST, &path, Some(&u.access_token), Some(body.clone()), &h).await;
-    assert_eq!(s1, StatusCode::UNPROCESSABLE_ENTITY, "nobody with that email yet");
+    let (s1, _, _) = app
+        .call_full(
+            Method::POST,
+            &path,
+            Some(&u.access_token),
+            Some(body.clone()),
+            &h,
+        )
+        .await;
+    assert_eq!(
+        s1,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "nobody with that email yet"
+    );
     app.user("late").await;
-    let (s2, _, m) = app.call_full(Method::POST, &path, Some(&u.access_token), Some(body), &h).await;
-    assert_eq!(s2, StatusCode::CREATED, "the retry after the failure runs: {m}");
+    let (s2, _, m) = app
+        .call_full(Method::POST, &path, Some(&u.access_token), Some(body), &h)
+        .await;
+    assert_eq!(
+        s2,
+        StatusCode::CREATED,
+        "the retry after the failure runs: {m}"
+    );
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn signup_is_idempotent_too(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let h = [("idempotency-key", "signup-1")];
-    let body = json!({"email": "zed@example.com", "password": "correct horse battery", "name": "Zed"});
-    let (s1, _, a) = app.call_full(Method::POST, "/v1/auth/signup", None, Some(body.clone()), &h).await;
-    let (s2, _, b) = app.call_full(Method::POST, "/v1/auth/signup", None, Some(body), &h).await;
+    let body =
+        json!({"email": "zed@example.com", "password": "correct horse battery", "name": "Zed"});
+    let (s1, _, a) = app
+        .call_full(
+            Method::POST,
+            "/v1/auth/signup",
+            None,
+            Some(body.clone()),
+            &h,
+        )
+        .await;
+    let (s2, _, b) = app
+        .call_full(Method::POST, "/v1/auth/signup", None, Some(body), &h)
+        .await;
     assert_eq!((s1, s2), (StatusCode::CREATED, StatusCode::CREATED));
     assert_eq!(a, b);
 }

@@ -13,12 +13,32 @@ fn tenant_routes(org: &str, member: &str, key: &str) -> Vec<(Method, String, Opt
     vec![
         (Method::GET, format!("/v1/orgs/{org}"), None),
         (Method::GET, format!("/v1/orgs/{org}/members"), None),
-        (Method::POST, format!("/v1/orgs/{org}/members"), Some(json!({"email": "mallory@example.com", "role": "viewer"}))),
-        (Method::PATCH, format!("/v1/orgs/{org}/members/{member}"), Some(json!({"role": "viewer"}))),
-        (Method::DELETE, format!("/v1/orgs/{org}/members/{member}"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/members"),
+            Some(json!({"email": "mallory@example.com", "role": "viewer"})),
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/orgs/{org}/members/{member}"),
+            Some(json!({"role": "viewer"})),
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/orgs/{org}/members/{member}"),
+            None,
+        ),
         (Method::GET, format!("/v1/orgs/{org}/api-keys"), None),
-        (Method::POST, format!("/v1/orgs/{org}/api-keys"), Some(json!({"name": "stolen", "role": "viewer"}))),
-        (Method::DELETE, format!("/v1/orgs/{org}/api-keys/{key}"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/api-keys"),
+            Some(json!({"name": "stolen", "role": "viewer"})),
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/orgs/{org}/api-keys/{key}"),
+            None,
+        ),
         (Method::GET, format!("/v1/orgs/{org}/audit-log"), None),
     ]
 }
@@ -37,7 +57,10 @@ fn the_walk_covers_every_tenant_scoped_route() {
             continue;
         }
         for method in ops.as_object().unwrap().keys() {
-            assert!(walked.contains(&(method.clone(), path.clone())), "{method} {path} is tenant-scoped but not in the isolation walk");
+            assert!(
+                walked.contains(&(method.clone(), path.clone())),
+                "{method} {path} is tenant-scoped but not in the isolation walk"
+            );
         }
     }
 }
@@ -45,7 +68,8 @@ fn the_walk_covers_every_tenant_scoped_route() {
 async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
-    app.add_member(&victim, &victim.org_id, &member, "member").await;
+    app.add_member(&victim, &victim.org_id, &member, "member")
+        .await;
     let (key_id, _) = app.api_key(&victim, &victim.org_id, "member").await;
     let attacker = app.user("mallory").await;
     (victim, member, key_id, attacker.access_token.clone())
@@ -71,20 +95,33 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     let attacker = app.user("eve").await;
     let (_, attacker_key) = app.api_key(&attacker, &attacker.org_id, "owner").await;
     let before = fingerprint(&app).await;
-    for token in [attacker_token.as_str(), attacker.access_token.as_str(), attacker_key.as_str()] {
+    for token in [
+        attacker_token.as_str(),
+        attacker.access_token.as_str(),
+        attacker_key.as_str(),
+    ] {
         for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id) {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             assert_problem(status, &resp, StatusCode::NOT_FOUND);
-            assert!(!resp.to_string().contains(&victim.email), "{method} {path} leaked: {resp}");
+            assert!(
+                !resp.to_string().contains(&victim.email),
+                "{method} {path} leaked: {resp}"
+            );
         }
     }
     // Ids that do not exist at all look the same as other orgs' ids.
     let ghost = format!("org_{}", uuid::Uuid::now_v7().simple());
     for (method, path, body) in tenant_routes(&ghost, &member.user_id, &key_id) {
-        let (status, resp) = app.call(method, &path, Some(&attacker.access_token), body).await;
+        let (status, resp) = app
+            .call(method, &path, Some(&attacker.access_token), body)
+            .await;
         assert_problem(status, &resp, StatusCode::NOT_FOUND);
     }
-    assert_eq!(before, fingerprint(&app).await, "a refused request changed data");
+    assert_eq!(
+        before,
+        fingerprint(&app).await,
+        "a refused request changed data"
+    );
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
@@ -92,7 +129,8 @@ async fn viewers_cannot_write_and_removed_members_lose_access_at_once(pool: PgPo
     let app = TestApp::spawn(pool).await;
     let (victim, member, key_id, _) = setup(&app).await;
     let viewer = app.user("viewer").await;
-    app.add_member(&victim, &victim.org_id, &viewer, "viewer").await;
+    app.add_member(&victim, &victim.org_id, &viewer, "viewer")
+        .await;
     let (_, viewer_key) = app.api_key(&victim, &victim.org_id, "viewer").await;
     let before = fingerprint(&app).await;
     for token in [viewer.access_token.as_str(), viewer_key.as_str()] {
@@ -100,7 +138,11 @@ async fn viewers_cannot_write_and_removed_members_lose_access_at_once(pool: PgPo
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             if method == Method::GET {
                 let readable = !path.ends_with("/api-keys") && !path.ends_with("/audit-log");
-                assert_eq!(status == StatusCode::OK, readable, "{method} {path}: {resp}");
+                assert_eq!(
+                    status == StatusCode::OK,
+                    readable,
+                    "{method} {path}: {resp}"
+                );
             } else {
                 assert_problem(status, &resp, StatusCode::FORBIDDEN);
             }
@@ -109,8 +151,20 @@ async fn viewers_cannot_write_and_removed_members_lose_access_at_once(pool: PgPo
     assert_eq!(before, fingerprint(&app).await, "a viewer changed data");
 
     // Remove the viewer: their very next request is refused.
-    let (status, _) = app.call(Method::DELETE, &format!("/v1/orgs/{}/members/{}", victim.org_id, viewer.user_id), Some(&victim.access_token), None).await;
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/v1/orgs/{}/members/{}", victim.org_id, viewer.user_id),
+            Some(&victim.access_token),
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = app.get(&format!("/v1/orgs/{}/members", victim.org_id), &viewer.access_token).await;
+    let (status, _) = app
+        .get(
+            &format!("/v1/orgs/{}/members", victim.org_id),
+            &viewer.access_token,
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -13,10 +13,22 @@ fn openapi_document_matches_the_checked_in_copy() {
         return;
     }
     let checked_in = std::fs::read_to_string(path).unwrap_or_default();
-    assert!(checked_in == generated, "services/api/openapi.json is out of date; rerun with UPDATE_SNAPSHOTS=1 and review the diff");
+    assert!(
+        checked_in == generated,
+        "services/api/openapi.json is out of date; rerun with UPDATE_SNAPSHOTS=1 and review the diff"
+    );
     let doc: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
-    for p in ["/v1/auth/signup", "/v1/auth/login", "/v1/auth/refresh", "/v1/auth/logout", "/v1/me", "/v1/orgs", "/v1/orgs/{org}/members/{user}", "/v1/orgs/{org}/api-keys/{key}"] {
+    for p in [
+        "/v1/auth/signup",
+        "/v1/auth/login",
+        "/v1/auth/refresh",
+        "/v1/auth/logout",
+        "/v1/me",
+        "/v1/orgs",
+        "/v1/orgs/{org}/members/{user}",
+        "/v1/orgs/{org}/api-keys/{key}",
+    ] {
         assert!(doc["paths"].get(p).is_some(), "{p} missing");
     }
 }
@@ -24,6 +36,17 @@ fn openapi_document_matches_the_checked_in_copy() {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn openapi_is_served(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let doc: serde_json::Value = app.client.get(format!("{}/openapi.json", app.url)).send().await.unwrap().json().await.unwrap();
-    assert_eq!(doc, serde_json::to_value(kiln_api::rest::openapi()).unwrap());
+    let doc: serde_json::Value = app
+        .client
+        .get(format!("{}/openapi.json", app.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc,
+        serde_json::to_value(kiln_api::rest::openapi()).unwrap()
+    );
 }

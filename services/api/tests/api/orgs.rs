@@ -10,7 +10,9 @@ async fn create_list_and_page_through_orgs(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let u = app.user("ada").await;
     for name in ["Alpha", "Beta", "Gamma"] {
-        let (status, org) = app.post("/v1/orgs", &u.access_token, json!({"name": name})).await;
+        let (status, org) = app
+            .post("/v1/orgs", &u.access_token, json!({"name": name}))
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{org}");
         assert_eq!(org["role"], "owner");
         assert_eq!(org["personal"], false);
@@ -30,7 +32,13 @@ async fn create_list_and_page_through_orgs(pool: PgPool) {
         };
         let (status, page) = app.get(&path, &u.access_token).await;
         assert_eq!(status, StatusCode::OK, "{page}");
-        seen.extend(page["items"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap().to_owned()));
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["name"].as_str().unwrap().to_owned()),
+        );
         match page["next_cursor"].as_str() {
             Some(c) => cursor = Some(c.to_owned()),
             None => break,
@@ -38,7 +46,12 @@ async fn create_list_and_page_through_orgs(pool: PgPool) {
     }
     assert_eq!(seen, ["ada's org", "Alpha", "Beta", "Gamma"]);
 
-    for bad in ["/v1/orgs?limit=0", "/v1/orgs?limit=9999", "/v1/orgs?limit=abc", "/v1/orgs?cursor=nope"] {
+    for bad in [
+        "/v1/orgs?limit=0",
+        "/v1/orgs?limit=9999",
+        "/v1/orgs?limit=abc",
+        "/v1/orgs?cursor=nope",
+    ] {
         let (status, body) = app.get(bad, &u.access_token).await;
         assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
     }
@@ -49,11 +62,15 @@ async fn org_names_are_validated(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let u = app.user("bob").await;
     for name in [json!(""), json!("   "), json!("x".repeat(101))] {
-        let (status, body) = app.post("/v1/orgs", &u.access_token, json!({"name": name})).await;
+        let (status, body) = app
+            .post("/v1/orgs", &u.access_token, json!({"name": name}))
+            .await;
         assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(error_fields(&body), ["name"]);
     }
-    let (status, body) = app.call(Method::POST, "/v1/orgs", None, Some(json!({"name": "x"}))).await;
+    let (status, body) = app
+        .call(Method::POST, "/v1/orgs", None, Some(json!({"name": "x"})))
+        .await;
     assert_problem(status, &body, StatusCode::UNAUTHORIZED);
 }
 
@@ -66,6 +83,11 @@ async fn api_keys_cannot_create_orgs_and_see_only_their_org(pool: PgPool) {
     assert_problem(status, &body, StatusCode::FORBIDDEN);
     let (status, list) = app.get("/v1/orgs", &key).await;
     assert_eq!(status, StatusCode::OK);
-    let ids: Vec<&str> = list["items"].as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [u.org_id.as_str()]);
 }
