@@ -84,7 +84,10 @@ pub(super) async fn login(
     let next = safe_next(&form.next).to_owned();
     let failure = match ops::identity::login(&state, &input, &client).await {
         Ok(pair) => {
-            return session::with_cookies(see_other(&next), session::session_cookies(&state, &pair));
+            return session::with_cookies(
+                see_other(&next),
+                session::session_cookies(&state, &pair),
+            );
         }
         Err(ApiError::Unauthenticated(_)) => Failure {
             status: StatusCode::UNAUTHORIZED,

@@ -152,21 +152,27 @@ pub async fn login(
             .await
             .map_err(ApiError::internal)?
             .map_err(ApiError::internal)?;
+    let known = found.as_ref().map(|(u, _)| u.id);
     let Some((user, _)) = found.filter(|_| ok) else {
         metrics::counter!("kiln_logins_total", "outcome" => "failed").increment(1);
-        if let Some((user, _)) = state.store.user_credentials(&email).await? {
-            state
-                .store
-                .audit_record_now(&AuditEvent {
+        if let Some(user_id) = known {
+            // Recorded off the response path, so a failure for a real account answers exactly
+            // as fast as one for an unknown email.
+            let (store, ip) = (state.store.clone(), client.ip.clone());
+            tokio::spawn(async move {
+                let event = AuditEvent {
                     org_id: None,
-                    actor_user: Some(user.id),
+                    actor_user: Some(user_id),
                     actor_api_key: None,
                     action: "auth.login_failed",
-                    target: Some(user.id.to_string()),
-                    ip: client.ip.clone(),
+                    target: Some(user_id.to_string()),
+                    ip,
                     details: serde_json::json!({}),
-                })
-                .await?;
+                };
+                if let Err(error) = store.audit_record_now(&event).await {
+                    tracing::warn!(%error, "could not record a failed sign-in");
+                }
+            });
         }
         return Err(ApiError::Unauthenticated("the email or password is wrong"));
     };

@@ -110,6 +110,30 @@ async fn wrong_password_and_unknown_email_look_the_same(pool: PgPool) {
         (s2, &b2),
         "answers must not reveal whether the account exists"
     );
+
+    // The failed attempt on a real account is in the audit log for that person's orgs.
+    let carol = app
+        .login("carol@example.com", "carol-correct-horse-battery")
+        .await
+        .0;
+    let (_, me) = app.get("/v1/me", &carol).await;
+    let org = me["memberships"][0]["org_id"].as_str().unwrap().to_owned();
+    kiln_testkit::eventually(
+        "the failed sign-in to be audited",
+        std::time::Duration::from_secs(10),
+        || {
+            let (app, carol, org) = (&app, &carol, &org);
+            async move {
+                let (_, log) = app.get(&format!("/v1/orgs/{org}/audit-log"), carol).await;
+                log["items"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| e["action"] == "auth.login_failed")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
