@@ -18,8 +18,13 @@ pub struct ApiConfig {
     )]
     pub database_url: String,
     /// Maximum PostgreSQL connections in this process's pool.
-    #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    /// Small pools serve more requests per second on few cores (fewer backends to switch between).
+    #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub db_max_connections: u32,
+    /// How long a user's `/v1/me` answer may be reused, in milliseconds (0 = never). Membership
+    /// changes made through this process forget it at once; other replicas within this bound.
+    #[arg(long, env = "KILN_ME_CACHE_MS", default_value_t = 1000)]
+    pub me_cache_ms: u64,
     /// Redis URL (rate limits and session-revocation fan-out).
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
@@ -71,6 +76,7 @@ impl ApiConfig {
             listen: ([127, 0, 0, 1], 0).into(),
             database_url,
             db_max_connections: 8,
+            me_cache_ms: 1000,
             redis_url,
             redis_namespace: namespace,
             public_url: "http://127.0.0.1".into(),

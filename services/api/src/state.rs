@@ -26,6 +26,7 @@ pub struct Inner {
     pub config: ApiConfig,
     keyring: RwLock<Arc<KeyRing>>,
     sessions: Mutex<HashMap<SessionId, (Instant, bool)>>,
+    me_cache: Mutex<HashMap<UserId, (Instant, Arc<crate::views::MeView>)>>,
     last_key_reload: Mutex<Option<Instant>>,
 }
 
@@ -71,6 +72,7 @@ impl AppState {
             config,
             keyring: RwLock::new(Arc::new(ring)),
             sessions: Mutex::new(HashMap::new()),
+            me_cache: Mutex::new(HashMap::new()),
             last_key_reload: Mutex::new(None),
         }));
         state.rotate_and_reload_keys().await?;
@@ -196,6 +198,39 @@ impl AppState {
     pub fn forget_session(&self, session: SessionId) {
         if let Ok(mut cache) = self.sessions.lock() {
             cache.remove(&session);
+        }
+    }
+
+    /// A recent `/v1/me` answer for `user`, if one is fresh enough.
+    pub fn me_cached(&self, user: UserId) -> Option<Arc<crate::views::MeView>> {
+        let ttl = Duration::from_millis(self.config.me_cache_ms);
+        if ttl.is_zero() {
+            return None;
+        }
+        let cache = self.me_cache.lock().ok()?;
+        cache
+            .get(&user)
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, me)| me.clone())
+    }
+
+    pub fn me_remember(&self, user: UserId, me: Arc<crate::views::MeView>) {
+        if self.config.me_cache_ms == 0 {
+            return;
+        }
+        let ttl = Duration::from_millis(self.config.me_cache_ms);
+        if let Ok(mut cache) = self.me_cache.lock() {
+            if cache.len() > 100_000 {
+                cache.retain(|_, (at, _)| at.elapsed() < ttl);
+            }
+            cache.insert(user, (Instant::now(), me));
+        }
+    }
+
+    /// Forget `user`'s cached `/v1/me` (their memberships changed).
+    pub fn me_forget(&self, user: UserId) {
+        if let Ok(mut cache) = self.me_cache.lock() {
+            cache.remove(&user);
         }
     }
 }

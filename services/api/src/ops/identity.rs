@@ -314,8 +314,11 @@ pub async fn logout(
 pub async fn me(state: &AppState, caller: &Caller) -> Result<MeView, ApiError> {
     match &caller.principal {
         Principal::User { user_id, .. } => {
+            if let Some(cached) = state.me_cached(*user_id) {
+                return Ok((*cached).clone());
+            }
             let me = state.store.me(*user_id).await?;
-            Ok(MeView {
+            let view = MeView {
                 user: (&me.user).into(),
                 memberships: me
                     .memberships
@@ -328,7 +331,9 @@ pub async fn me(state: &AppState, caller: &Caller) -> Result<MeView, ApiError> {
                     })
                     .collect(),
                 api_key: None,
-            })
+            };
+            state.me_remember(*user_id, std::sync::Arc::new(view.clone()));
+            Ok(view)
         }
         Principal::ApiKey {
             key_id,

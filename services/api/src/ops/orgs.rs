@@ -78,6 +78,7 @@ pub async fn create(
     };
     let name = OrgName::parse("name", &input.name)?;
     let org = state.store.org_create(conn, *user_id, &name).await?;
+    state.me_forget(*user_id);
     state
         .store
         .audit_record(
@@ -170,6 +171,7 @@ pub async fn member_add(
             }
             other => other.into(),
         })?;
+    state.me_forget(member.user_id);
     let event = audit(
         &scope,
         caller,
@@ -208,6 +210,7 @@ pub async fn member_update(
         .store
         .member_set_role(conn, &scope, user, role)
         .await?;
+    state.me_forget(user);
     let event = audit(
         &scope,
         caller,
@@ -248,6 +251,7 @@ pub async fn member_remove(
         ));
     }
     state.store.member_remove(conn, &scope, user).await?;
+    state.me_forget(user);
     let event = audit(
         &scope,
         caller,

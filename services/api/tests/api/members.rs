@@ -235,3 +235,66 @@ async fn roles_limit_who_may_grant_what(pool: PgPool) {
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn me_shows_membership_changes_at_once(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let owner = app.user("olive").await;
+    let bob = app.user("bob").await;
+    let org = owner.org_id.clone();
+    let orgs_of = |me: &kiln_testkit::serde_json::Value| -> Vec<(String, String)> {
+        me["memberships"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["org_id"].as_str().unwrap().to_owned(),
+                    m["role"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    // Warm whatever /v1/me keeps, then change bob's memberships and look again straight away.
+    let (_, me) = app.get("/v1/me", &bob.access_token).await;
+    assert_eq!(orgs_of(&me).len(), 1);
+    app.add_member(&owner, &org, &bob, "viewer").await;
+    let (_, me) = app.get("/v1/me", &bob.access_token).await;
+    assert!(
+        orgs_of(&me).contains(&(org.clone(), "viewer".into())),
+        "{me}"
+    );
+    app.call(
+        Method::PATCH,
+        &format!("/v1/orgs/{org}/members/{}", bob.user_id),
+        Some(&owner.access_token),
+        Some(json!({"role": "admin"})),
+    )
+    .await;
+    let (_, me) = app.get("/v1/me", &bob.access_token).await;
+    assert!(
+        orgs_of(&me).contains(&(org.clone(), "admin".into())),
+        "{me}"
+    );
+    app.call(
+        Method::DELETE,
+        &format!("/v1/orgs/{org}/members/{}", bob.user_id),
+        Some(&owner.access_token),
+        None,
+    )
+    .await;
+    let (_, me) = app.get("/v1/me", &bob.access_token).await;
+    assert!(!orgs_of(&me).iter().any(|(o, _)| *o == org), "{me}");
+    let (_, created) = app
+        .post(
+            "/v1/orgs",
+            &bob.access_token,
+            json!({"name": "Bob's new org"}),
+        )
+        .await;
+    let (_, me) = app.get("/v1/me", &bob.access_token).await;
+    assert!(
+        orgs_of(&me).contains(&(created["id"].as_str().unwrap().to_owned(), "owner".into())),
+        "{me}"
+    );
+}
