@@ -8,6 +8,7 @@
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod fanout;
 pub mod graphql;
 pub mod ops;
 pub mod rest;
@@ -83,10 +84,21 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let upkeep = spawn_upkeep(state.clone());
+    let (subscribed, ready) = tokio::sync::oneshot::channel();
+    let listener_task = state.fanout.spawn_listener(state.clone(), subscribed);
+    // Serve once invalidations from other replicas are heard (or carry on after a bound: the
+    // caches' TTLs cover a Redis that is down).
+    if tokio::time::timeout(Duration::from_secs(2), ready)
+        .await
+        .is_err()
+    {
+        tracing::warn!("not subscribed to invalidations yet; serving anyway");
+    }
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     upkeep.abort();
+    listener_task.abort();
     result
 }

@@ -11,6 +11,7 @@ use kiln_store::{Principal, Store};
 
 use crate::config::ApiConfig;
 use crate::error::ApiError;
+use crate::fanout::{Fanout, Invalidation};
 
 /// How long a "session is live" answer is trusted before asking Postgres again. A revocation on
 /// this replica evicts at once; other replicas see it within this bound.
@@ -24,6 +25,7 @@ pub struct Inner {
     pub limiter: RateLimiter,
     pub hasher: PasswordHasher,
     pub config: ApiConfig,
+    pub fanout: Fanout,
     keyring: RwLock<Arc<KeyRing>>,
     sessions: Mutex<HashMap<SessionId, (Instant, bool)>>,
     me_cache: Mutex<HashMap<UserId, (Instant, Arc<crate::views::MeView>)>>,
@@ -63,6 +65,7 @@ impl AppState {
         config: ApiConfig,
     ) -> anyhow::Result<Self> {
         let hasher = PasswordHasher::new()?;
+        let fanout = Fanout::connect(&config.redis_url, &config.redis_namespace).await?;
         let issuer = config.public_url.trim_end_matches('/').to_owned();
         let ring = KeyRing::new(issuer, "kiln-api", config.access_token_ttl_secs, &[]);
         let state = Self(Arc::new(Inner {
@@ -70,6 +73,7 @@ impl AppState {
             limiter,
             hasher,
             config,
+            fanout,
             keyring: RwLock::new(Arc::new(ring)),
             sessions: Mutex::new(HashMap::new()),
             me_cache: Mutex::new(HashMap::new()),
@@ -194,10 +198,25 @@ impl AppState {
         Ok(live)
     }
 
-    /// Forget a cached session at once (after revoking it).
+    /// Forget a revoked session here at once and tell the other replicas.
     pub fn forget_session(&self, session: SessionId) {
-        if let Ok(mut cache) = self.sessions.lock() {
-            cache.remove(&session);
+        self.evict_local(Invalidation::Session(session));
+        self.fanout.publish(Invalidation::Session(session));
+    }
+
+    /// Evict from this replica's caches only (what the fan-out listener does).
+    pub fn evict_local(&self, what: Invalidation) {
+        match what {
+            Invalidation::Session(session) => {
+                if let Ok(mut cache) = self.sessions.lock() {
+                    cache.remove(&session);
+                }
+            }
+            Invalidation::Me(user) => {
+                if let Ok(mut cache) = self.me_cache.lock() {
+                    cache.remove(&user);
+                }
+            }
         }
     }
 
@@ -227,10 +246,9 @@ impl AppState {
         }
     }
 
-    /// Forget `user`'s cached `/v1/me` (their memberships changed).
+    /// Forget `user`'s cached `/v1/me` (their memberships changed), here and on other replicas.
     pub fn me_forget(&self, user: UserId) {
-        if let Ok(mut cache) = self.me_cache.lock() {
-            cache.remove(&user);
-        }
+        self.evict_local(Invalidation::Me(user));
+        self.fanout.publish(Invalidation::Me(user));
     }
 }

@@ -52,8 +52,17 @@ impl TestApp {
         let namespace = format!("test-{}", uuid::Uuid::new_v4().simple());
         let mut config = ApiConfig::for_tests(String::new(), redis_url(), namespace.clone());
         tweak(&mut config);
-        let store = Store::new(pool);
-        let limiter = kiln_ratelimit_connect(&config.redis_url, &namespace).await;
+        Self::start(Store::new(pool), config).await
+    }
+
+    /// A second replica: the same database and Redis namespace, its own process state.
+    pub async fn spawn_replica(&self) -> Self {
+        let config = self.state.config.clone();
+        Self::start(Store::new(self.store().pool().clone()), config).await
+    }
+
+    async fn start(store: Store, config: ApiConfig) -> Self {
+        let limiter = kiln_ratelimit_connect(&config.redis_url, &config.redis_namespace).await;
         let state = AppState::new(store, limiter, config)
             .await
             .expect("build app state");

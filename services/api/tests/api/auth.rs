@@ -397,3 +397,26 @@ async fn health_and_metrics_are_served(pool: PgPool) {
     assert!(text.contains("kiln_http_requests_total"), "{text}");
     assert!(text.contains("route=\"/v1/me\""), "{text}");
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_logout_on_one_replica_reaches_the_others(pool: PgPool) {
+    let a = TestApp::spawn(pool).await;
+    let b = a.spawn_replica().await;
+    let u = a.user("ivan").await;
+    // Replica B has seen the session (and caches it as live).
+    assert_eq!(b.get("/v1/me", &u.access_token).await.0, StatusCode::OK);
+    let (status, _) = a
+        .call(Method::POST, "/v1/auth/logout", Some(&u.access_token), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // B hears of it through Redis well before its cache would have expired.
+    kiln_testkit::eventually(
+        "replica B to refuse the revoked session",
+        std::time::Duration::from_millis(1500),
+        || {
+            let (b, t) = (&b, &u.access_token);
+            async move { (b.get("/v1/me", t).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
+        },
+    )
+    .await;
+}
