@@ -31,7 +31,8 @@ pub enum JwtError {
 pub struct SigningKey {
     pub kid: String,
     pub secret: Vec<u8>,
-    /// Unix seconds when the key was created; the newest signs.
+    /// When the key was created, in Unix microseconds; the newest signs. (Seconds are too coarse:
+    /// two keys made in one second would tie and the signer would be a coin toss.)
     pub created_at: i64,
 }
 
@@ -46,7 +47,7 @@ impl std::fmt::Debug for SigningKey {
 
 impl SigningKey {
     /// A fresh 256-bit key with a random kid.
-    pub fn generate(now_unix: i64) -> Self {
+    pub fn generate(created_at_micros: i64) -> Self {
         use rand::RngCore;
         let mut secret = vec![0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
@@ -54,7 +55,7 @@ impl SigningKey {
         Self {
             kid,
             secret,
-            created_at: now_unix,
+            created_at: created_at_micros,
         }
     }
 }

@@ -321,7 +321,7 @@ impl Store {
             .map(|(kid, secret, created_at)| SigningKey {
                 kid,
                 secret,
-                created_at: created_at.unix_timestamp(),
+                created_at: i64::try_from(created_at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
             })
             .collect())
     }
@@ -347,7 +347,7 @@ impl Store {
         let rotated = match newest {
             Some((t,)) if now - t < rotate_after => false,
             _ => {
-                let key = SigningKey::generate(now.unix_timestamp());
+                let key = SigningKey::generate(i64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX));
                 sqlx::query("INSERT INTO signing_keys (kid, secret) VALUES ($1, $2)")
                     .bind(&key.kid)
                     .bind(&key.secret)
