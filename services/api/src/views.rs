@@ -2,7 +2,7 @@
 //! GraphQL (async-graphql derives), so both surfaces show the same data.
 
 use async_graphql::{InputObject, SimpleObject};
-use kiln_store::{ApiKeyRecord, AuditRecord, MemberRecord, OrgRecord, UserRecord};
+use kiln_store::{ApiKeyRecord, AuditRecord, MemberRecord, NodeRecord, OrgRecord, UserRecord};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -210,6 +210,48 @@ impl From<&AuditRecord> for AuditEventView {
     }
 }
 
+// ---- fleet (operators only) ----
+
+/// A GPU host that joined the fleet. Its credential is never shown again after the join.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct NodeView {
+    #[schema(example = "node_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub id: String,
+    pub hostname: String,
+    /// ready, cordoned, draining, unreachable, lost or retired.
+    pub state: String,
+    pub agent_version: String,
+    pub joined_at: String,
+    pub last_heartbeat_at: Option<String>,
+    /// Set once the node's credential is revoked; the agent must join again with a new token.
+    pub credential_revoked_at: Option<String>,
+}
+
+impl From<&NodeRecord> for NodeView {
+    fn from(n: &NodeRecord) -> Self {
+        Self {
+            id: n.id.to_string(),
+            hostname: n.hostname.clone(),
+            state: n.state.clone(),
+            agent_version: n.agent_version.clone(),
+            joined_at: ts(n.joined_at),
+            last_heartbeat_at: ots(n.last_heartbeat_at),
+            credential_revoked_at: ots(n.credential_revoked_at),
+        }
+    }
+}
+
+/// A new bootstrap token. `token` is the secret: it is shown this once and can be spent once.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct NodeTokenCreatedView {
+    #[schema(example = "ntk_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub id: String,
+    pub token: String,
+    pub note: String,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
 // ---- lists ----
 
 macro_rules! list_view {
@@ -227,6 +269,7 @@ list_view!(OrgList, OrgView);
 list_view!(MemberList, MemberView);
 list_view!(ApiKeyList, ApiKeyView);
 list_view!(AuditList, AuditEventView);
+list_view!(NodeList, NodeView);
 
 // ---- inputs ----
 // Fields default to empty so a missing field is reported per field ("is required") rather
@@ -292,4 +335,13 @@ pub struct CreateApiKeyInput {
     pub role: Option<String>,
     /// When the key stops working, RFC 3339. Omit for a key that does not expire.
     pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, InputObject)]
+#[serde(default)]
+pub struct CreateNodeTokenInput {
+    /// How long the token may be used, in seconds: 60 to 604800 (7 days). Default 3600.
+    pub ttl_secs: Option<i64>,
+    /// Free text for operators, e.g. the host it is meant for. At most 200 characters.
+    pub note: Option<String>,
 }

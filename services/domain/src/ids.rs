@@ -92,6 +92,10 @@ typed_id!(/// An API key (the id, never the secret).
     ApiKeyId, "key", "api key");
 typed_id!(/// A sign-in session: one refresh-token family.
     SessionId, "ses", "session");
+typed_id!(/// A GPU host that joined the fleet.
+    NodeId, "node", "node");
+typed_id!(/// A one-time node bootstrap token (the id, never the secret).
+    NodeTokenId, "ntk", "node token");
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,6 @@ pub mod ids;
 pub mod inputs;
 pub mod roles;
 
-pub use ids::{ApiKeyId, IdParseError, OrgId, SessionId, UserId};
+pub use ids::{ApiKeyId, IdParseError, NodeId, NodeTokenId, OrgId, SessionId, UserId};
 pub use inputs::{ApiKeyName, Email, InputError, OrgName, Password, PersonName};
 pub use roles::{Permission, Role, RoleParseError};

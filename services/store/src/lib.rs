@@ -12,6 +12,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod idempotency;
+pub mod nodes;
 pub mod orgs;
 pub mod scope;
 pub mod users;
@@ -23,6 +24,7 @@ use uuid::Uuid;
 pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
 pub use idempotency::{Claim, IdempotencyScope};
+pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};
 pub use orgs::{MemberRecord, OrgRecord};
 pub use scope::{AuthzError, OrgScope, Principal};
 pub use users::{Me, MembershipView, RefreshOutcome, UserRecord};

@@ -1,5 +1,6 @@
 //! The REST surface (`/v1/…`) and its OpenAPI document.
 
+mod admin;
 pub mod extract;
 mod identity;
 mod orgs;
@@ -45,6 +46,13 @@ pub fn router() -> Router<AppState> {
             delete(orgs::api_key_revoke),
         )
         .route("/v1/orgs/{org}/audit-log", get(orgs::audit_log))
+        .route("/v1/admin/node-tokens", post(admin::node_token_create))
+        .route("/v1/admin/nodes", get(admin::node_list))
+        .route("/v1/admin/nodes/{node}", get(admin::node_get))
+        .route(
+            "/v1/admin/nodes/{node}/revoke-credential",
+            post(admin::node_credential_revoke),
+        )
         .route("/openapi.json", get(openapi_json))
 }
 
@@ -133,12 +141,14 @@ where
         orgs::members, orgs::member_add, orgs::member_update, orgs::member_remove,
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
+        admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
     ),
     components(schemas(Problem, FieldError)),
     modifiers(&BearerAuth),
     tags(
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
+        (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes and their bootstrap tokens"),
     )
 )]
 pub struct ApiDoc;

@@ -8,6 +8,7 @@ mod binary;
 mod idempotency;
 mod isolation;
 mod members;
+mod nodes;
 mod openapi;
 mod orgs;
 
