@@ -53,6 +53,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("the Idempotency-Key was used with a different request")]
     IdempotencyMismatch,
+    #[error("a request with this Idempotency-Key is still in progress")]
+    IdempotencyInProgress,
     #[error("rate limited")]
     RateLimited { retry_after: Duration },
     #[error("payload too large")]
@@ -82,7 +84,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::IdempotencyInProgress => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -99,6 +101,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not-found",
             ApiError::Conflict(_) => "conflict",
             ApiError::IdempotencyMismatch => "idempotency-key-reused",
+            ApiError::IdempotencyInProgress => "idempotency-key-in-progress",
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::Internal(_) => "internal",
@@ -122,6 +125,11 @@ impl ApiError {
             ApiError::Forbidden(d) => ("Forbidden", d.clone(), vec![]),
             ApiError::NotFound(what) => ("Not found", format!("{what} not found"), vec![]),
             ApiError::Conflict(d) => ("Conflict", d.clone(), vec![]),
+            ApiError::IdempotencyInProgress => (
+                "Request in progress",
+                "a request with this Idempotency-Key is still being processed; retry shortly to get its answer".to_owned(),
+                vec![],
+            ),
             ApiError::IdempotencyMismatch => (
                 "Idempotency-Key reused",
                 "this Idempotency-Key was already used with a different request body".to_owned(),
@@ -214,6 +222,10 @@ impl IntoResponse for ApiError {
             && let Ok(v) = HeaderValue::from_str(&retry_after.as_secs().max(1).to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if let ApiError::IdempotencyInProgress = &self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ApiError::Unauthenticated(_) = &self {
             resp.headers_mut()

@@ -121,13 +121,18 @@ impl Store {
         Ok(page.finish(items, |k| k.id.to_string()))
     }
 
-    pub async fn api_key_get(&self, scope: &OrgScope, id: ApiKeyId) -> StoreResult<ApiKeyRecord> {
+    pub async fn api_key_get(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: ApiKeyId,
+    ) -> StoreResult<ApiKeyRecord> {
         let row: Option<KeyRow> = sqlx::query_as(&format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE org_id = $1 AND id = $2"
         ))
         .bind(scope.org_id().as_uuid())
         .bind(id.as_uuid())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         row.map(key_from_row)
             .transpose()?

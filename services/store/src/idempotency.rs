@@ -27,7 +27,15 @@ pub enum Claim {
     },
     /// Seen before with a different request body.
     Mismatch,
+    /// Another request with this key is still running; try again shortly.
+    InProgress,
 }
+
+/// How long a duplicate waits for the first request with its key before answering
+/// [`Claim::InProgress`]. Waiting holds a database connection, so it must stay short: a duplicate
+/// that waited without bound could hold the pool's last connection while the first request
+/// needs one to finish.
+const CLAIM_WAIT: &str = "SET LOCAL lock_timeout = '250ms'";
 
 impl Store {
     pub async fn idempotency_claim(
@@ -36,6 +44,7 @@ impl Store {
         scope: &IdempotencyScope,
         request_hash: &[u8],
     ) -> StoreResult<Claim> {
+        sqlx::query(CLAIM_WAIT).execute(&mut *conn).await?;
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (scope, principal, key, request_hash, response_status, response_body)
              VALUES ($1, $2, $3, $4, 0, 'null'::jsonb) ON CONFLICT DO NOTHING",
@@ -45,7 +54,19 @@ impl Store {
         .bind(&scope.key)
         .bind(request_hash)
         .execute(&mut *conn)
-        .await?;
+        .await;
+        let inserted = match inserted {
+            Ok(r) => r,
+            // lock_not_available: the first request holds the key and has not finished.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => {
+                return Ok(Claim::InProgress);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The effect that follows waits for its own locks as long as it needs to.
+        sqlx::query("SET LOCAL lock_timeout = DEFAULT")
+            .execute(&mut *conn)
+            .await?;
         if inserted.rows_affected() == 1 {
             return Ok(Claim::New);
         }

@@ -2,6 +2,8 @@
 
 use kiln_domain::{ApiKeyId, OrgId, Permission, Role, SessionId, UserId};
 
+use sqlx::PgConnection;
+
 use crate::{Store, StoreError};
 
 /// An authenticated caller.
@@ -102,6 +104,21 @@ impl Store {
         org_id: OrgId,
         permission: Permission,
     ) -> Result<OrgScope, AuthzError> {
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        self.authorize_in(&mut conn, principal, org_id, permission)
+            .await
+    }
+
+    /// [`authorize`](Self::authorize) on a connection the caller already holds — inside a write
+    /// transaction, so a request never waits for a second pooled connection while holding one
+    /// (which, with every connection held by such requests, would starve them all).
+    pub async fn authorize_in(
+        &self,
+        conn: &mut PgConnection,
+        principal: &Principal,
+        org_id: OrgId,
+        permission: Permission,
+    ) -> Result<OrgScope, AuthzError> {
         let role = match principal {
             Principal::ApiKey {
                 org_id: key_org,
@@ -119,7 +136,7 @@ impl Store {
                 )
                 .bind(org_id.as_uuid())
                 .bind(user_id.as_uuid())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await
                 .map_err(StoreError::from)?;
                 let Some((role,)) = row else {

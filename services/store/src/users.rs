@@ -321,7 +321,8 @@ impl Store {
             .map(|(kid, secret, created_at)| SigningKey {
                 kid,
                 secret,
-                created_at: i64::try_from(created_at.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
+                created_at: i64::try_from(created_at.unix_timestamp_nanos() / 1000)
+                    .unwrap_or(i64::MAX),
             })
             .collect())
     }
@@ -347,7 +348,9 @@ impl Store {
         let rotated = match newest {
             Some((t,)) if now - t < rotate_after => false,
             _ => {
-                let key = SigningKey::generate(i64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX));
+                let key = SigningKey::generate(
+                    i64::try_from(now.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX),
+                );
                 sqlx::query("INSERT INTO signing_keys (kid, secret) VALUES ($1, $2)")
                     .bind(&key.kid)
                     .bind(&key.secret)

@@ -41,7 +41,7 @@ pub async fn create(
 ) -> Result<ApiKeyCreatedView, ApiError> {
     let scope = state
         .store
-        .authorize(&caller.principal, org, Permission::ApiKeyCreate)
+        .authorize_in(conn, &caller.principal, org, Permission::ApiKeyCreate)
         .await?;
     let mut checks = Checks::default();
     let name = checks.take(ApiKeyName::parse("name", &input.name));
@@ -126,10 +126,10 @@ pub async fn revoke(
 ) -> Result<ApiKeyView, ApiError> {
     let scope = state
         .store
-        .authorize(&caller.principal, org, Permission::ApiKeyCreate)
+        .authorize_in(conn, &caller.principal, org, Permission::ApiKeyCreate)
         .await?;
     let key: ApiKeyId = key.parse().map_err(|_| ApiError::NotFound("api key"))?;
-    let existing = state.store.api_key_get(&scope, key).await?;
+    let existing = state.store.api_key_get(conn, &scope, key).await?;
     let own = existing.created_by.is_some() && existing.created_by == caller.principal.user_id();
     if !own && !scope.allows(Permission::ApiKeyRevokeAny) {
         return Err(ApiError::Forbidden(

@@ -147,7 +147,7 @@ pub async fn member_add(
 ) -> Result<MemberView, ApiError> {
     let scope = state
         .store
-        .authorize(&caller.principal, org, Permission::MemberManage)
+        .authorize_in(conn, &caller.principal, org, Permission::MemberManage)
         .await?;
     let mut checks = Checks::default();
     let email = checks.take(Email::parse("email", &input.email));
@@ -193,7 +193,7 @@ pub async fn member_update(
 ) -> Result<MemberView, ApiError> {
     let scope = state
         .store
-        .authorize(&caller.principal, org, Permission::MemberManage)
+        .authorize_in(conn, &caller.principal, org, Permission::MemberManage)
         .await?;
     let role = parse_role("role", &input.role)?;
     let current = state
@@ -239,7 +239,7 @@ pub async fn member_remove(
     };
     let scope = state
         .store
-        .authorize(&caller.principal, org, needed)
+        .authorize_in(conn, &caller.principal, org, needed)
         .await?;
     let current = state
         .store

@@ -105,6 +105,7 @@ where
         {
             Claim::New => {}
             Claim::Mismatch => return Err(ApiError::IdempotencyMismatch),
+            Claim::InProgress => return Err(ApiError::IdempotencyInProgress),
             Claim::Replay { status, body } => {
                 tx.rollback().await.map_err(kiln_store::StoreError::from)?;
                 let code = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);

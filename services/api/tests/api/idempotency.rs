@@ -82,7 +82,8 @@ async fn same_key_same_body_replays_and_different_body_is_refused(pool: PgPool) 
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn concurrent_duplicates_make_one_effect(pool: PgPool) {
-    let app = TestApp::spawn(pool).await;
+    // A pool smaller than the burst: duplicates waiting on the first request must not starve it.
+    let app = TestApp::spawn_with(pool, |c| c.db_max_connections = 4).await;
     let u = app.user("ada").await;
     let path = format!("/v1/orgs/{}/api-keys", u.org_id);
     let h = [("idempotency-key", "burst-1")];
@@ -96,14 +97,40 @@ async fn concurrent_duplicates_make_one_effect(pool: PgPool) {
         )
     });
     let results = futures::future::join_all(calls).await;
-    let ids: std::collections::HashSet<String> = results
-        .iter()
-        .map(|(s, _, b)| {
-            assert_eq!(*s, StatusCode::CREATED, "{b}");
-            b["id"].as_str().unwrap().to_owned()
-        })
-        .collect();
-    assert_eq!(ids.len(), 1, "every duplicate got the same key");
+    let mut ids = std::collections::HashSet::new();
+    for (status, headers, body) in &results {
+        match *status {
+            StatusCode::CREATED => {
+                ids.insert(body["id"].as_str().unwrap().to_owned());
+            }
+            // Still running when this duplicate arrived: told to come back.
+            StatusCode::CONFLICT => {
+                assert_eq!(
+                    body["type"], "https://kiln.dev/problems/idempotency-key-in-progress",
+                    "{body}"
+                );
+                assert_eq!(headers["retry-after"], "1");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "every answered duplicate got the same key: {results:?}"
+    );
+    // Coming back gets the first answer.
+    let (status, _, again) = app
+        .call_full(
+            Method::POST,
+            &path,
+            Some(&u.access_token),
+            Some(json!({"name": "deploy"})),
+            &h,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(ids.contains(again["id"].as_str().unwrap()));
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys")
         .fetch_one(app.store().pool())
         .await

@@ -298,3 +298,33 @@ async fn me_shows_membership_changes_at_once(pool: PgPool) {
         "{me}"
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn concurrent_writes_do_not_starve_a_small_pool(pool: PgPool) {
+    // Each write holds one connection for its transaction; if it needed a second one (to
+    // authorise, say) a burst larger than the pool would wait on itself until timeouts.
+    let app = TestApp::spawn_with(pool, |c| c.db_max_connections = 2).await;
+    let owner = app.user("olive").await;
+    let mut people = vec![];
+    for i in 0..6 {
+        people.push(app.user(&format!("p{i}")).await);
+    }
+    let org = owner.org_id.clone();
+    let started = std::time::Instant::now();
+    let path = format!("/v1/orgs/{org}/members");
+    let adds = people.iter().map(|p| {
+        app.post(
+            &path,
+            &owner.access_token,
+            json!({"email": p.email, "role": "member"}),
+        )
+    });
+    for (status, body) in futures::future::join_all(adds).await {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "writes queued behind each other for {:?}",
+        started.elapsed()
+    );
+}
