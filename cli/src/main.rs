@@ -75,6 +75,26 @@ enum Command {
         #[command(subcommand)]
         command: Option<ApiKeysCommand>,
     },
+    /// Operator commands (your account must be the deployment's operator).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Mint a one-time bootstrap token for a node agent; printed this once.
+    NodeToken {
+        /// How long the token stays usable, in seconds (60 to 604800).
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u32,
+        /// A note to recognise the token by (e.g. the host it is for).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// List the nodes that have joined.
+    Nodes,
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +242,12 @@ async fn run(cli: Cli) -> Result<()> {
                 expires_at,
             } => keys_create(&mut ctx, &name, role, expires_at).await,
             ApiKeysCommand::Revoke { key } => keys_revoke(&mut ctx, &key).await,
+        },
+        Command::Admin { command } => match command {
+            AdminCommand::NodeToken { ttl_secs, note } => {
+                admin_node_token(&mut ctx, ttl_secs, note).await
+            }
+            AdminCommand::Nodes => admin_nodes(&mut ctx).await,
         },
     }
 }
@@ -751,5 +777,52 @@ async fn keys_revoke(ctx: &mut Ctx, key: &str) -> Result<()> {
     if ctx.format == Format::Table {
         println!("Revoked API key {key}; it stops working at once.");
     }
+    Ok(())
+}
+
+async fn admin_node_token(ctx: &mut Ctx, ttl_secs: u32, note: Option<String>) -> Result<()> {
+    let mut body = json!({ "ttl_secs": ttl_secs });
+    if let Some(n) = note {
+        body["note"] = json!(n);
+    }
+    let t = ctx.client.create("/v1/admin/node-tokens", &body).await?;
+    ctx.show(&t, |t| {
+        println!(
+            "Bootstrap token {} expires {}:",
+            cell(t, "id"),
+            output::human_time(&cell(t, "expires_at"))
+        );
+        println!();
+        println!("    {}", cell(t, "token"));
+        println!();
+        println!(
+            "It works once: give it to one node agent to join with. It is shown only this once."
+        );
+    });
+    Ok(())
+}
+
+async fn admin_nodes(ctx: &mut Ctx) -> Result<()> {
+    let list = ctx.client.list_all("/v1/admin/nodes").await?;
+    ctx.show(&list, |list| {
+        let rows = list["items"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|n| {
+                vec![
+                    cell(n, "id"),
+                    cell(n, "hostname"),
+                    cell(n, "state"),
+                    cell(n, "agent_version"),
+                    when(n, "last_heartbeat_at"),
+                ]
+            });
+        output::table(
+            &["ID", "HOSTNAME", "STATE", "AGENT", "LAST HEARTBEAT"],
+            rows,
+        );
+    });
     Ok(())
 }

@@ -422,3 +422,58 @@ async fn mistakes_are_explained(pool: sqlx::PgPool) {
     let out = kiln.run(&["orgs", "--output", "yaml"]).await;
     assert_eq!(out.code, 2, "{out:?}");
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn operators_mint_node_tokens_and_others_cannot(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    // The deployment's operator, as `make up` creates it.
+    let hash = app.state.hasher.hash("operator password 123").unwrap();
+    let email = kiln_domain::Email::parse("email", "ops@example.com").unwrap();
+    app.store()
+        .user_ensure_operator(&email, &hash)
+        .await
+        .unwrap();
+    let ops = Kiln::new(&app);
+    ops.login("ops@example.com", "operator password 123")
+        .await
+        .ok();
+
+    let minted = ops
+        .run(&[
+            "admin",
+            "node-token",
+            "--ttl-secs",
+            "600",
+            "--note",
+            "gpu-host-7",
+            "--output",
+            "json",
+        ])
+        .await
+        .ok();
+    let token = minted.json()["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("kiln_nbt_"), "{token}");
+    let table = ops.run(&["admin", "node-token"]).await.ok();
+    assert!(
+        table.stdout.contains("shown only this once"),
+        "{}",
+        table.stdout
+    );
+    let nodes = ops.run(&["admin", "nodes", "--output", "json"]).await.ok();
+    assert_eq!(items(&nodes.json()).len(), 0, "no agent has joined yet");
+
+    // A tenant sees no admin surface at all.
+    app.user("tenant").await;
+    let tenant = Kiln::new(&app);
+    tenant
+        .login("tenant@example.com", "tenant-correct-horse-battery")
+        .await
+        .ok();
+    let refused = tenant.run(&["admin", "node-token"]).await;
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr.to_lowercase().contains("not found"),
+        "{}",
+        refused.stderr
+    );
+}
