@@ -59,6 +59,8 @@ pub enum ApiError {
     RateLimited { retry_after: Duration },
     #[error("payload too large")]
     PayloadTooLarge,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::Conflict(_) | ApiError::IdempotencyInProgress => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +107,7 @@ impl ApiError {
             ApiError::IdempotencyInProgress => "idempotency-key-in-progress",
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::PayloadTooLarge => "payload-too-large",
+            ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -138,6 +142,11 @@ impl ApiError {
             ApiError::RateLimited { retry_after } => (
                 "Too many requests",
                 format!("slow down; retry after {} seconds", retry_after.as_secs()),
+                vec![],
+            ),
+            ApiError::MethodNotAllowed => (
+                "Method not allowed",
+                "this resource does not support that method".to_owned(),
                 vec![],
             ),
             ApiError::PayloadTooLarge => (

@@ -21,6 +21,29 @@ pub struct AuditEvent {
     pub details: serde_json::Value,
 }
 
+impl AuditEvent {
+    /// An event a person caused with their own account (sign-in, sign-out, …), recorded against
+    /// `org` or, with `None`, against the person alone.
+    pub fn by_user(
+        org_id: Option<OrgId>,
+        user: UserId,
+        action: &'static str,
+        target: String,
+        ip: Option<String>,
+        details: serde_json::Value,
+    ) -> Self {
+        Self {
+            org_id,
+            actor_user: Some(user),
+            actor_api_key: None,
+            action,
+            target: Some(target),
+            ip,
+            details,
+        }
+    }
+}
+
 /// A recorded event as an org admin sees it.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {

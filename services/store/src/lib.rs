@@ -82,13 +82,6 @@ impl PageRequest {
     pub const DEFAULT_LIMIT: u32 = 50;
     pub const MAX_LIMIT: u32 = 200;
 
-    pub fn first(limit: u32) -> Self {
-        Self {
-            limit: limit.clamp(1, Self::MAX_LIMIT),
-            after: None,
-        }
-    }
-
     fn fetch(&self) -> i64 {
         i64::from(self.limit) + 1
     }

@@ -146,20 +146,6 @@ impl Store {
         Ok(page.finish(items, |m| m.user_id.to_string()))
     }
 
-    pub async fn member_get(&self, scope: &OrgScope, user: UserId) -> StoreResult<MemberRecord> {
-        let row: Option<MemberRow> = sqlx::query_as(&format!(
-            "SELECT {MEMBER_COLUMNS} FROM memberships m JOIN users u ON u.id = m.user_id
-             WHERE m.org_id = $1 AND m.user_id = $2"
-        ))
-        .bind(scope.org_id().as_uuid())
-        .bind(user.as_uuid())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(member_from_row)
-            .transpose()?
-            .ok_or(StoreError::NotFound { what: "member" })
-    }
-
     async fn org_lock(&self, conn: &mut PgConnection, org: OrgId) -> StoreResult<()> {
         let found: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM orgs WHERE id = $1 FOR UPDATE")
             .bind(org.as_uuid())

@@ -80,15 +80,14 @@ pub async fn signup(
         .store
         .audit_record(
             conn,
-            &AuditEvent {
-                org_id: Some(org.id),
-                actor_user: Some(user.id),
-                actor_api_key: None,
-                action: "auth.signup",
-                target: Some(user.id.to_string()),
-                ip: client.ip.clone(),
-                details: serde_json::json!({}),
-            },
+            &AuditEvent::by_user(
+                Some(org.id),
+                user.id,
+                "auth.signup",
+                user.id.to_string(),
+                client.ip.clone(),
+                serde_json::json!({}),
+            ),
         )
         .await?;
     Ok(SignupView {
@@ -160,15 +159,14 @@ pub async fn login(
             // as fast as one for an unknown email.
             let (store, ip) = (state.store.clone(), client.ip.clone());
             tokio::spawn(async move {
-                let event = AuditEvent {
-                    org_id: None,
-                    actor_user: Some(user_id),
-                    actor_api_key: None,
-                    action: "auth.login_failed",
-                    target: Some(user_id.to_string()),
+                let event = AuditEvent::by_user(
+                    None,
+                    user_id,
+                    "auth.login_failed",
+                    user_id.to_string(),
                     ip,
-                    details: serde_json::json!({}),
-                };
+                    serde_json::json!({}),
+                );
                 if let Err(error) = store.audit_record_now(&event).await {
                     tracing::warn!(%error, "could not record a failed sign-in");
                 }
@@ -190,15 +188,14 @@ pub async fn login(
         .await?;
     state
         .store
-        .audit_record_now(&AuditEvent {
-            org_id: None,
-            actor_user: Some(user.id),
-            actor_api_key: None,
-            action: "auth.login",
-            target: Some(session.to_string()),
-            ip: client.ip.clone(),
-            details: serde_json::json!({ "user_agent": client.user_agent }),
-        })
+        .audit_record_now(&AuditEvent::by_user(
+            None,
+            user.id,
+            "auth.login",
+            session.to_string(),
+            client.ip.clone(),
+            serde_json::json!({ "user_agent": client.user_agent }),
+        ))
         .await?;
     metrics::counter!("kiln_logins_total", "outcome" => "ok").increment(1);
     issue_pair(state, user.id, session, &refresh).await
@@ -236,15 +233,14 @@ pub async fn refresh(
             tracing::warn!(%session_id, %user_id, "refresh token reused; session revoked");
             state
                 .store
-                .audit_record_now(&AuditEvent {
-                    org_id: None,
-                    actor_user: Some(user_id),
-                    actor_api_key: None,
-                    action: "auth.refresh_reuse",
-                    target: Some(session_id.to_string()),
-                    ip: client.ip.clone(),
-                    details: serde_json::json!({ "revoked": true }),
-                })
+                .audit_record_now(&AuditEvent::by_user(
+                    None,
+                    user_id,
+                    "auth.refresh_reuse",
+                    session_id.to_string(),
+                    client.ip.clone(),
+                    serde_json::json!({ "revoked": true }),
+                ))
                 .await?;
             Err(ApiError::Unauthenticated(
                 "the refresh token was already used; the session has been revoked",
@@ -297,15 +293,14 @@ pub async fn logout(
     state.forget_session(session);
     state
         .store
-        .audit_record_now(&AuditEvent {
-            org_id: None,
-            actor_user: Some(user),
-            actor_api_key: None,
-            action: "auth.logout",
-            target: Some(session.to_string()),
-            ip: caller.and_then(|c| c.client.ip.clone()),
-            details: serde_json::json!({}),
-        })
+        .audit_record_now(&AuditEvent::by_user(
+            None,
+            user,
+            "auth.logout",
+            session.to_string(),
+            caller.and_then(|c| c.client.ip.clone()),
+            serde_json::json!({}),
+        ))
         .await?;
     Ok(())
 }

@@ -83,15 +83,14 @@ pub async fn create(
         .store
         .audit_record(
             conn,
-            &AuditEvent {
-                org_id: Some(org.id),
-                actor_user: Some(*user_id),
-                actor_api_key: None,
-                action: "org.create",
-                target: Some(org.id.to_string()),
-                ip: caller.client.ip.clone(),
-                details: serde_json::json!({ "name": org.name }),
-            },
+            &AuditEvent::by_user(
+                Some(org.id),
+                *user_id,
+                "org.create",
+                org.id.to_string(),
+                caller.client.ip.clone(),
+                serde_json::json!({ "name": org.name }),
+            ),
         )
         .await?;
     Ok(OrgView::new(&org, Role::Owner))

@@ -61,18 +61,8 @@ pub async fn not_found() -> ApiError {
     ApiError::NotFound("resource")
 }
 
-pub async fn method_not_allowed() -> Response {
-    let mut p = ApiError::NotFound("resource").problem();
-    p.status = 405;
-    p.title = "Method not allowed".into();
-    p.detail = "this resource does not support that method".into();
-    p.kind = "https://kiln.dev/problems/method-not-allowed".into();
-    let mut r = (StatusCode::METHOD_NOT_ALLOWED, Json(p)).into_response();
-    r.headers_mut().insert(
-        "content-type",
-        HeaderValue::from_static("application/problem+json"),
-    );
-    r
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// Run a creating operation in one transaction, guarded by an optional `Idempotency-Key`:
