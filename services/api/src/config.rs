@@ -52,6 +52,9 @@ pub struct ApiConfig {
     /// Sign-ups allowed per client IP per hour.
     #[arg(long, env = "KILN_SIGNUP_LIMIT_PER_IP", default_value_t = 20)]
     pub signup_limit_per_ip: u32,
+    /// Sign-up attempts allowed per email address per hour.
+    #[arg(long, env = "KILN_SIGNUP_LIMIT_PER_ACCOUNT", default_value_t = 5)]
+    pub signup_limit_per_account: u32,
     /// Take the client address from `X-Forwarded-For` (only behind a trusted proxy).
     #[arg(long, env = "KILN_TRUST_FORWARDED_FOR", default_value_t = false)]
     pub trust_forwarded_for: bool,
@@ -86,6 +89,7 @@ impl ApiConfig {
             login_limit_per_ip: 1000,
             login_limit_per_account: 1000,
             signup_limit_per_ip: 1000,
+            signup_limit_per_account: 1000,
             trust_forwarded_for: false,
             admin_email: None,
             admin_password: None,

@@ -50,6 +50,14 @@ pub async fn signup(
         Limit::per_hour(state.config.signup_limit_per_ip),
     )
     .await?;
+    let account_key = input.email.trim().to_lowercase();
+    limit(
+        state,
+        "signup-account",
+        &account_key,
+        Limit::per_hour(state.config.signup_limit_per_account),
+    )
+    .await?;
     let mut checks = Checks::default();
     let email = checks.take(Email::parse("email", &input.email));
     let name = checks.take(PersonName::parse("name", &input.name));

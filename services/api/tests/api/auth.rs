@@ -420,3 +420,39 @@ async fn a_logout_on_one_replica_reaches_the_others(pool: PgPool) {
     )
     .await;
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn sign_up_is_rate_limited_per_account(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.signup_limit_per_account = 2).await;
+    // Attempts at one email count whatever their outcome (here: a taken address)...
+    let body =
+        json!({"email": "Judy@example.com", "password": "correct horse battery", "name": "Judy"});
+    assert_eq!(
+        app.call(Method::POST, "/v1/auth/signup", None, Some(body.clone()))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+    let again =
+        json!({"email": "judy@EXAMPLE.com ", "password": "correct horse battery", "name": "Judy"});
+    assert_eq!(
+        app.call(Method::POST, "/v1/auth/signup", None, Some(again.clone()))
+            .await
+            .0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let (status, headers, problem) = app
+        .call_full(Method::POST, "/v1/auth/signup", None, Some(again), &[])
+        .await;
+    assert_problem(status, &problem, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key("retry-after"));
+    // ...while other addresses from the same client are unaffected.
+    let other =
+        json!({"email": "kim@example.com", "password": "correct horse battery", "name": "Kim"});
+    assert_eq!(
+        app.call(Method::POST, "/v1/auth/signup", None, Some(other))
+            .await
+            .0,
+        StatusCode::CREATED
+    );
+}
