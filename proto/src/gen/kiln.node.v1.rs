@@ -117,6 +117,10 @@ pub struct Gpu {
     /// unknown (e.g. no IOMMU).
     #[prost(uint32, optional, tag = "11")]
     pub iommu_group: ::core::option::Option<u32>,
+    /// Kiln's GPU type id (e.g. "h100-80gb") when the agent recognises the model; empty otherwise,
+    /// and the control plane then derives it from `model` and `memory_mib`. Added in minor 1.
+    #[prost(string, tag = "12")]
+    pub gpu_type: ::prost::alloc::string::String,
 }
 /// A MIG GPU instance (with its compute instance) present on a GPU.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

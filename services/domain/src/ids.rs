@@ -96,6 +96,8 @@ typed_id!(/// A GPU host that joined the fleet.
     NodeId, "node", "node");
 typed_id!(/// A one-time node bootstrap token (the id, never the secret).
     NodeTokenId, "ntk", "node token");
+typed_id!(/// One piece of work (a pod or an instance) placed on a node, as its agent sees it.
+    AssignmentId, "asg", "assignment");
 
 #[cfg(test)]
 mod tests {

@@ -7,8 +7,12 @@
 
 pub mod ids;
 pub mod inputs;
+pub mod node;
 pub mod roles;
 
-pub use ids::{ApiKeyId, IdParseError, NodeId, NodeTokenId, OrgId, SessionId, UserId};
+pub use ids::{
+    ApiKeyId, AssignmentId, IdParseError, NodeId, NodeTokenId, OrgId, SessionId, UserId,
+};
 pub use inputs::{ApiKeyName, Email, InputError, OrgName, Password, PersonName};
+pub use node::{AdminState, Liveness, LivenessPolicy, NodeState, NodeStateParseError};
 pub use roles::{Permission, Role, RoleParseError};

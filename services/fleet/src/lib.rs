@@ -1,27 +1,46 @@
 //! The control-plane side of the node-agent contract (`kiln.node.v1.NodeControl`).
 //!
-//! [`NodeControlService`] is a plain tonic service over the [`Store`], with no state of its own,
-//! so any number of replicas can serve it and the scheduler can host it beside its own work
-//! ([`serve`] is the stand-alone way). Today only `Join` is real: it spends a one-time bootstrap
-//! token and mints the node's long-lived credential. The other RPCs answer UNIMPLEMENTED, which
-//! the contract tells agents to read as "not supported by this control plane".
+//! [`NodeControlService`] is a tonic service over the [`Store`]. Postgres holds every fact; the
+//! service keeps only caches that may be lost (credential lookups for a few seconds) and the
+//! [`WatchHub`], which wakes the assignment streams this replica holds when any replica (or the
+//! scheduler, or the lifecycle controller) appends to a node's log. So any number of replicas
+//! can serve agents behind a load balancer, and `kiln-scheduler` hosts it beside its own loops.
+//!
+//! * `Join` spends a one-time bootstrap token and mints the node's long-lived credential.
+//! * Every other call is authenticated by that credential ([`NodeControlService::authenticate`]);
+//!   a `node_id` in the request must be the credential's node.
+//! * `Register` records the inventory; `Heartbeat` keeps the node online and carries GPU health;
+//!   `StreamMetrics` records the newest sample per GPU and XID events; `ReportObserved` records
+//!   what the agent sees; `WatchAssignments` replays the node's log from the agent's revision
+//!   and follows it (see [`watch`]).
 
+pub mod convert;
+pub mod hub;
+pub mod watch;
+
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use kiln_auth::OpaqueSecret;
 use kiln_auth::SecretDigest;
+use kiln_domain::NodeId;
 use kiln_proto::node::v1::node_control_server::{NodeControl, NodeControlServer};
 use kiln_proto::node::v1::{
     AssignmentEvent, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, MetricsReport,
     MetricsSummary, ObservedAck, ObservedReport, PROTOCOL_VERSION, RegisterRequest,
     RegisterResponse, WatchRequest,
 };
-use kiln_store::{AuditEvent, JoinError, NewNode, Store};
+use kiln_store::{AuditEvent, JoinError, NewNode, Store, StoreError};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+
+pub use hub::WatchHub;
 
 /// The text a node credential starts with (`kiln_ncr_…`). Distinct from bootstrap tokens
 /// (`kiln_nbt_…`) and API keys (`kiln_` + 43), so a secret pasted in the wrong place is obvious.
@@ -31,35 +50,142 @@ pub const NODE_CREDENTIAL_PREFIX: &str = "kiln_ncr";
 const MAX_HOSTNAME: usize = 253;
 const MAX_AGENT_VERSION: usize = 64;
 
-const NOT_YET: &str = "arrives with the node-agent issue";
+/// How the service talks to agents.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetConfig {
+    /// How often agents are told to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// How long a verified credential is trusted without asking Postgres again: the longest a
+    /// revoked credential keeps working.
+    pub credential_cache_ttl: Duration,
+    /// How often an idle assignment stream re-reads the log even without a wake-up.
+    pub stream_recheck: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            credential_cache_ttl: Duration::from_secs(2),
+            stream_recheck: Duration::from_secs(30),
+        }
+    }
+}
 
 /// The `NodeControl` gRPC service.
 #[derive(Clone, Debug)]
 pub struct NodeControlService {
     store: Store,
+    config: FleetConfig,
+    hub: WatchHub,
+    credentials: Arc<Mutex<HashMap<Vec<u8>, (NodeId, Instant)>>>,
 }
 
 impl NodeControlService {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// The service, with its hub. Run [`WatchHub::run`] (as [`serve`] does) so streams hear of
+    /// changes made elsewhere without waiting for their re-check timer.
+    pub fn new(store: Store, config: FleetConfig) -> Self {
+        Self {
+            store,
+            config,
+            hub: WatchHub::default(),
+            credentials: Arc::default(),
+        }
+    }
+
+    pub fn hub(&self) -> &WatchHub {
+        &self.hub
     }
 
     /// The tonic server wrapper, ready to add to a `Server` router.
     pub fn into_server(self) -> NodeControlServer<Self> {
         NodeControlServer::new(self)
     }
+
+    /// The node a call's credential belongs to. Unknown, malformed or revoked credentials are
+    /// UNAUTHENTICATED, with the way out in the message.
+    pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<NodeId, Status> {
+        let Some(credential) = kiln_proto::auth::credential(request.metadata()) else {
+            return Err(Status::unauthenticated(
+                "missing node credential (authorization: Bearer <node credential>)",
+            ));
+        };
+        let digest = SecretDigest::of(credential);
+        let key = digest.as_bytes().to_vec();
+        {
+            let cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((node, at)) = cache.get(&key)
+                && at.elapsed() < self.config.credential_cache_ttl
+            {
+                return Ok(*node);
+            }
+        }
+        match self.store.node_authenticate(&digest).await {
+            Ok(Some(node)) => {
+                let mut cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() > 100_000 {
+                    cache.retain(|_, (_, at)| at.elapsed() < self.config.credential_cache_ttl);
+                }
+                cache.insert(key, (node, Instant::now()));
+                Ok(node)
+            }
+            Ok(None) => {
+                tracing::warn!(remote = ?request.remote_addr(), "node credential refused");
+                Err(Status::unauthenticated(
+                    "the node credential is unknown or was revoked; join again with a new \
+                     bootstrap token (kiln admin node-token)",
+                ))
+            }
+            Err(e) => Err(internal("authenticate", &e)),
+        }
+    }
 }
 
-/// Serve `NodeControl` on `listener` until `shutdown` completes.
+/// A request's `node_id`, when set, must be the credential's node.
+fn check_node(node: NodeId, claimed: &str) -> Result<(), Status> {
+    if claimed.is_empty() || claimed == node.to_string() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "this credential belongs to {node}, not {claimed}"
+        )))
+    }
+}
+
+fn store_status(what: &str, e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound { what } => Status::not_found(format!("{what} not found")),
+        e => internal(what, &e),
+    }
+}
+
+/// Serve `NodeControl` on `listener` until `shutdown` completes, with the watch hub listening.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
+    config: FleetConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    Server::builder()
-        .add_service(NodeControlService::new(store).into_server())
+    let service = NodeControlService::new(store.clone(), config);
+    serve_service(listener, service, store.pool().clone(), shutdown).await
+}
+
+/// Serve an existing service (its hub listening on `pool`) until `shutdown` completes.
+pub async fn serve_service(
+    listener: TcpListener,
+    service: NodeControlService,
+    pool: sqlx::PgPool,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let hub = tokio::spawn(service.hub().clone().run(pool));
+    let served = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(service.into_server())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-        .await
+        .await;
+    hub.abort();
+    served
 }
 
 /// Log an unexpected failure with its chain and answer a generic INTERNAL.
@@ -163,38 +289,126 @@ impl NodeControl for NodeControlService {
 
     async fn register(
         &self,
-        _request: Request<RegisterRequest>,
+        request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        let node = self.authenticate(&request).await?;
+        let register = request.into_inner();
+        let version = register.protocol_version.unwrap_or_default();
+        if !version.is_compatible_with(&PROTOCOL_VERSION) {
+            return Err(Status::failed_precondition(format!(
+                "the agent speaks protocol {version}; this control plane speaks {PROTOCOL_VERSION}"
+            )));
+        }
+        let registration = convert::registration(&register)?;
+        let status = self
+            .store
+            .node_register(node, &registration)
+            .await
+            .map_err(|e| store_status("register", e))?;
+        tracing::info!(
+            %node,
+            hostname = registration.hostname,
+            gpus = registration.gpus.len(),
+            agent_version = registration.agent_version,
+            protocol = %version,
+            "node registered"
+        );
+        Ok(Response::new(RegisterResponse {
+            node_id: node.to_string(),
+            heartbeat_interval_ms: millis(self.config.heartbeat_interval),
+            protocol_version: Some(PROTOCOL_VERSION),
+            node_state: convert::node_state(&status.state) as i32,
+        }))
     }
 
     async fn heartbeat(
         &self,
-        _request: Request<HeartbeatRequest>,
+        request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        let node = self.authenticate(&request).await?;
+        let beat = request.into_inner();
+        check_node(node, &beat.node_id)?;
+        let health = convert::health_reports(&beat.gpu_health)?;
+        let status = self
+            .store
+            .node_heartbeat(node, beat.last_applied_revision, &health)
+            .await
+            .map_err(|e| store_status("heartbeat", e))?;
+        if let Some(was) = &status.recovered_from {
+            tracing::info!(%node, was, state = status.state, "node is back");
+        }
+        Ok(Response::new(HeartbeatResponse {
+            node_state: convert::node_state(&status.state) as i32,
+            next_interval_ms: millis(self.config.heartbeat_interval),
+            latest_revision: status.assignment_revision,
+        }))
     }
 
     async fn stream_metrics(
         &self,
-        _request: Request<Streaming<MetricsReport>>,
+        request: Request<Streaming<MetricsReport>>,
     ) -> Result<Response<MetricsSummary>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        let node = self.authenticate(&request).await?;
+        let mut reports = request.into_inner();
+        let mut summary = MetricsSummary::default();
+        while let Some(report) = reports.message().await? {
+            check_node(node, &report.node_id)?;
+            let samples = convert::samples(&report)?;
+            self.store
+                .node_metrics(node, &samples)
+                .await
+                .map_err(|e| store_status("metrics", e))?;
+            summary.reports_received += 1;
+            summary.samples_received += samples.len() as u64;
+        }
+        Ok(Response::new(summary))
     }
 
     type WatchAssignmentsStream = BoxStream<'static, Result<AssignmentEvent, Status>>;
 
     async fn watch_assignments(
         &self,
-        _request: Request<WatchRequest>,
+        request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        let node = self.authenticate(&request).await?;
+        let watch = request.into_inner();
+        check_node(node, &watch.node_id)?;
+        let events = watch::stream(
+            self.store.clone(),
+            self.hub.clone(),
+            node,
+            watch.from_revision,
+            self.config.stream_recheck,
+        );
+        Ok(Response::new(events.boxed()))
     }
 
     async fn report_observed(
         &self,
-        _request: Request<ObservedReport>,
+        request: Request<ObservedReport>,
     ) -> Result<Response<ObservedAck>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        let node = self.authenticate(&request).await?;
+        let report = request.into_inner();
+        check_node(node, &report.node_id)?;
+        let rows = convert::observed(&report)?;
+        let outcome = self
+            .store
+            .observed_report(node, report.applied_revision, &rows, report.complete)
+            .await
+            .map_err(|e| store_status("report observed", e))?;
+        if outcome.refused > 0 {
+            tracing::warn!(%node, refused = outcome.refused, "observed report names other nodes' assignments");
+            return Err(Status::permission_denied(format!(
+                "{} entries name assignments of another node and were ignored; the rest were recorded",
+                outcome.refused
+            )));
+        }
+        Ok(Response::new(ObservedAck {
+            recorded_revision: outcome.recorded_revision,
+        }))
     }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }

@@ -11,6 +11,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod fleet;
 pub mod idempotency;
 pub mod nodes;
 pub mod orgs;
@@ -23,6 +24,12 @@ use uuid::Uuid;
 
 pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
+pub use fleet::{
+    ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,
+    AssignmentSnapshot, CapacityRow, GpuEventRecord, GpuHealthReport, GpuRecord, GpuRegistration,
+    GpuSampleReport, LivenessChange, MigInstanceRecord, NodeRegistration, NodeStatus,
+    ObservedOutcome, ObservedRecord, ObservedView,
+};
 pub use idempotency::{Claim, IdempotencyScope};
 pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};
 pub use orgs::{MemberRecord, OrgRecord};

@@ -19,12 +19,26 @@ use crate::{PageOf, PageRequest, Store, StoreError, StoreResult};
 pub struct NodeRecord {
     pub id: NodeId,
     pub hostname: String,
-    /// ready, cordoned, draining, unreachable, lost or retired.
+    /// ready, cordoned, draining, unreachable, lost or retired (derived from the two below).
     pub state: String,
+    /// active, cordoned, draining or retired: what the operator decided.
+    pub admin_state: String,
+    /// online, unreachable or lost: whether the node is talking to us.
+    pub liveness: String,
     pub agent_version: String,
     pub joined_at: OffsetDateTime,
     pub last_heartbeat_at: Option<OffsetDateTime>,
     pub credential_revoked_at: Option<OffsetDateTime>,
+    /// When the agent last registered its inventory; `None` until it has.
+    pub registered_at: Option<OffsetDateTime>,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub cpu_cores: i32,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    /// The newest revision of the node's assignment log, and the newest its agent applied.
+    pub assignment_revision: i64,
+    pub applied_revision: i64,
 }
 
 /// A bootstrap token as issued (the secret itself is only ever in the creator's hands).
@@ -73,28 +87,50 @@ impl From<sqlx::Error> for JoinError {
     }
 }
 
-type NodeRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    OffsetDateTime,
-    Option<OffsetDateTime>,
-    Option<OffsetDateTime>,
-);
+#[derive(sqlx::FromRow)]
+pub(crate) struct NodeRow {
+    id: Uuid,
+    hostname: String,
+    state: String,
+    admin_state: String,
+    liveness: String,
+    agent_version: String,
+    joined_at: OffsetDateTime,
+    last_heartbeat_at: Option<OffsetDateTime>,
+    credential_revoked_at: Option<OffsetDateTime>,
+    registered_at: Option<OffsetDateTime>,
+    driver_version: String,
+    cuda_version: String,
+    cpu_cores: i32,
+    memory_mib: i64,
+    disk_gib: i64,
+    assignment_revision: i64,
+    applied_revision: i64,
+}
 
-const NODE_COLUMNS: &str =
-    "id, hostname, state, agent_version, joined_at, last_heartbeat_at, credential_revoked_at";
+pub(crate) const NODE_COLUMNS: &str = "id, hostname, state, admin_state, liveness, agent_version, \
+     joined_at, last_heartbeat_at, credential_revoked_at, registered_at, driver_version, \
+     cuda_version, cpu_cores, memory_mib, disk_gib, assignment_revision, applied_revision";
 
-fn node_from_row(r: NodeRow) -> NodeRecord {
+pub(crate) fn node_from_row(r: NodeRow) -> NodeRecord {
     NodeRecord {
-        id: NodeId::from_uuid(r.0),
-        hostname: r.1,
-        state: r.2,
-        agent_version: r.3,
-        joined_at: r.4,
-        last_heartbeat_at: r.5,
-        credential_revoked_at: r.6,
+        id: NodeId::from_uuid(r.id),
+        hostname: r.hostname,
+        state: r.state,
+        admin_state: r.admin_state,
+        liveness: r.liveness,
+        agent_version: r.agent_version,
+        joined_at: r.joined_at,
+        last_heartbeat_at: r.last_heartbeat_at,
+        credential_revoked_at: r.credential_revoked_at,
+        registered_at: r.registered_at,
+        driver_version: r.driver_version,
+        cuda_version: r.cuda_version,
+        cpu_cores: r.cpu_cores,
+        memory_mib: r.memory_mib,
+        disk_gib: r.disk_gib,
+        assignment_revision: r.assignment_revision,
+        applied_revision: r.applied_revision,
     }
 }
 
@@ -181,7 +217,8 @@ impl Store {
         credential: &SecretDigest,
     ) -> StoreResult<Option<NodeId>> {
         let row: Option<(Uuid,)> = sqlx::query_as(
-            "SELECT id FROM nodes WHERE credential_hash = $1 AND credential_revoked_at IS NULL",
+            "SELECT id FROM nodes WHERE credential_hash = $1 AND credential_revoked_at IS NULL
+             AND admin_state <> 'retired'",
         )
         .bind(credential.as_bytes())
         .fetch_optional(&self.pool)
@@ -189,15 +226,19 @@ impl Store {
         Ok(row.map(|(id,)| NodeId::from_uuid(id)))
     }
 
-    /// Revoke a node's credential: its agent is refused from its next call. Revoking twice is not
-    /// an error (the first time stands). The node must join again with a new token.
+    /// Revoke a node's credential, which retires the node: its agent is refused from its next
+    /// call, and the host must join again with a new token (as a new node). Revoking twice is
+    /// not an error (the first time stands).
     pub async fn node_credential_revoke(
         &self,
         conn: &mut PgConnection,
         node: NodeId,
     ) -> StoreResult<NodeRecord> {
         let row: Option<NodeRow> = sqlx::query_as(&format!(
-            "UPDATE nodes SET credential_revoked_at = COALESCE(credential_revoked_at, now())
+            "UPDATE nodes SET credential_revoked_at = COALESCE(credential_revoked_at, now()),
+                 admin_state = 'retired',
+                 admin_state_changed_at = CASE WHEN admin_state = 'retired'
+                     THEN admin_state_changed_at ELSE now() END
              WHERE id = $1 RETURNING {NODE_COLUMNS}"
         ))
         .bind(node.as_uuid())

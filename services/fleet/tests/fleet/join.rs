@@ -1,79 +1,14 @@
-//! `Join` end to end: a real tonic server on a loopback port over a per-test database, called by
-//! the generated client, with tokens minted through the store as the operator API does.
+//! `Join`: a one-time token buys one node its credential.
 
 use std::time::Duration;
 
 use kiln_auth::{OpaqueSecret, SecretDigest};
 use kiln_domain::NodeId;
-use kiln_proto::node::v1::node_control_client::NodeControlClient;
-use kiln_proto::node::v1::{HeartbeatRequest, JoinRequest, PROTOCOL_VERSION};
-use kiln_store::{NewNodeToken, Store};
+use kiln_proto::node::v1::HeartbeatRequest;
 use sqlx::PgPool;
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::Channel;
 
-/// A running `NodeControl` server; dropping it shuts the server down.
-struct Fleet {
-    store: Store,
-    client: NodeControlClient<Channel>,
-    _shutdown: oneshot::Sender<()>,
-}
-
-impl Fleet {
-    async fn start(pool: PgPool) -> Self {
-        let store = Store::new(pool);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(kiln_fleet::serve(listener, store.clone(), async {
-            let _ = rx.await;
-        }));
-        let client = NodeControlClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect to the fleet server");
-        Self {
-            store,
-            client,
-            _shutdown: tx,
-        }
-    }
-
-    /// Mint a bootstrap token as the operator API does; returns the secret.
-    async fn token(&self, ttl: Duration) -> String {
-        let secret = OpaqueSecret::generate("kiln_nbt");
-        let mut tx = self.store.begin().await.unwrap();
-        self.store
-            .node_token_create(
-                &mut tx,
-                NewNodeToken {
-                    digest: &secret.digest(),
-                    created_by: None,
-                    ttl,
-                    note: "test",
-                },
-            )
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        secret.expose().to_owned()
-    }
-
-    async fn join(&self, token: &str, hostname: &str) -> Result<(String, String), tonic::Status> {
-        let r = self
-            .client
-            .clone()
-            .join(JoinRequest {
-                bootstrap_token: token.into(),
-                hostname: hostname.into(),
-                agent_version: "0.1.0".into(),
-                protocol_version: Some(PROTOCOL_VERSION),
-            })
-            .await?
-            .into_inner();
-        Ok((r.node_id, r.node_credential))
-    }
-}
+use crate::Fleet;
 
 #[track_caller]
 fn assert_refused(r: Result<(String, String), tonic::Status>, says: &str) {
@@ -179,7 +114,7 @@ async fn two_agents_racing_with_one_token_join_one_node(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
-async fn a_bad_request_does_not_burn_the_token_and_other_rpcs_are_unimplemented(pool: PgPool) {
+async fn a_bad_request_does_not_burn_the_token_and_other_rpcs_need_a_credential(pool: PgPool) {
     let fleet = Fleet::start(pool).await;
     let token = fleet.token(Duration::from_secs(3600)).await;
     let status = fleet.join(&token, "  ").await.expect_err("no hostname");
@@ -194,6 +129,6 @@ async fn a_bad_request_does_not_burn_the_token_and_other_rpcs_are_unimplemented(
         .clone()
         .heartbeat(HeartbeatRequest::default())
         .await
-        .expect_err("not yet");
-    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+        .expect_err("no credential");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }

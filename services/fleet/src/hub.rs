@@ -1,0 +1,131 @@
+//! Wakes the assignment streams this replica holds when a node's log grows, wherever the change
+//! was written.
+//!
+//! Every assignment change sends `NOTIFY kiln_node_assignments, '<node uuid>:<revision>'` in its
+//! transaction (see `kiln_store::fleet`). Each replica runs one `LISTEN` connection and keeps a
+//! `watch` channel per node whose stream it currently holds; the map is only "who here is
+//! waiting", never the source of truth — a woken stream re-reads the log from Postgres. If the
+//! listener connection drops, notifications may have been missed, so every waiting stream is
+//! woken to re-read; streams also re-read on a timer, so a lost wake-up costs latency, not
+//! correctness.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_domain::NodeId;
+use kiln_store::ASSIGNMENT_CHANNEL;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// The per-replica registry of waiting streams, fed by Postgres notifications.
+#[derive(Debug, Clone, Default)]
+pub struct WatchHub {
+    nodes: Arc<Mutex<HashMap<NodeId, watch::Sender<u64>>>>,
+}
+
+impl WatchHub {
+    /// A receiver that changes whenever `node`'s log may have grown (the value is the newest
+    /// revision heard of, or 0 after a listener reconnect).
+    pub fn subscribe(&self, node: NodeId) -> watch::Receiver<u64> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget nodes nobody here waits on any more.
+        nodes.retain(|_, tx| tx.receiver_count() > 0);
+        nodes
+            .entry(node)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Wake the streams of `node`, if any are held here.
+    pub fn wake(&self, node: NodeId, revision: u64) {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = nodes.get(&node) {
+            tx.send_replace(revision);
+        }
+    }
+
+    /// Wake every stream held here (after notifications may have been missed).
+    pub fn wake_all(&self) {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        for tx in nodes.values() {
+            tx.send_modify(|_| {});
+        }
+    }
+
+    /// Streams currently held by this replica.
+    pub fn held(&self) -> usize {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.values().map(|tx| tx.receiver_count()).sum()
+    }
+
+    /// Listen for assignment notifications until the process ends, reconnecting with a pause
+    /// when the connection fails.
+    pub async fn run(self, pool: PgPool) {
+        loop {
+            match self.listen_once(&pool).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "assignment listener failed; reconnecting"),
+            }
+            self.wake_all();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn listen_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(ASSIGNMENT_CHANNEL).await?;
+        // Anything sent before LISTEN took effect was missed.
+        self.wake_all();
+        loop {
+            let note = listener.recv().await?;
+            match parse(note.payload()) {
+                Some((node, revision)) => self.wake(node, revision),
+                None => tracing::warn!(payload = note.payload(), "malformed assignment notice"),
+            }
+        }
+    }
+}
+
+fn parse(payload: &str) -> Option<(NodeId, u64)> {
+    let (node, revision) = payload.split_once(':')?;
+    let node = NodeId::from_uuid(Uuid::parse_str(node).ok()?);
+    Some((node, revision.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notice_names_a_node_and_a_revision() {
+        let id = Uuid::now_v7();
+        assert_eq!(
+            parse(&format!("{id}:42")),
+            Some((NodeId::from_uuid(id), 42))
+        );
+        assert_eq!(parse("nonsense"), None);
+        assert_eq!(parse(&format!("{id}:x")), None);
+    }
+
+    #[tokio::test]
+    async fn a_wake_reaches_only_that_nodes_streams() {
+        let hub = WatchHub::default();
+        let a = NodeId::new();
+        let b = NodeId::new();
+        let mut ra = hub.subscribe(a);
+        let rb = hub.subscribe(b);
+        hub.wake(a, 7);
+        assert!(ra.has_changed().unwrap());
+        assert_eq!(*ra.borrow_and_update(), 7);
+        assert!(!rb.has_changed().unwrap());
+        hub.wake_all();
+        assert!(rb.has_changed().unwrap());
+        drop(ra);
+        drop(rb);
+        let _c = hub.subscribe(NodeId::new());
+        assert_eq!(hub.held(), 1, "dropped streams are forgotten");
+    }
+}

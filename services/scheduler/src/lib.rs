@@ -1,0 +1,93 @@
+//! `kiln-scheduler`: the control-plane process that faces the fleet.
+//!
+//! Today it hosts two things, both safe to run as several replicas over one Postgres:
+//!
+//! * the node-control gRPC service ([`kiln_fleet`]) agents dial out to, and
+//! * the node [`lifecycle`] controller, which marks silent nodes unreachable and then lost
+//!   (handing their work back), with conditional updates so replicas racing do each transition
+//!   once.
+//!
+//! Placement of pending work joins it with the scheduler issue.
+
+pub mod config;
+pub mod lifecycle;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kiln_fleet::{FleetConfig, NodeControlService};
+use kiln_store::Store;
+use tokio::net::TcpListener;
+
+pub use config::SchedulerConfig;
+pub use lifecycle::LifecycleController;
+
+/// Everything a running scheduler needs, bound to its listeners.
+pub struct Scheduler {
+    pub store: Store,
+    pub config: SchedulerConfig,
+    pub fleet_listener: TcpListener,
+    pub ops_listener: TcpListener,
+}
+
+impl Scheduler {
+    /// Serve node control and ops, and run the lifecycle controller, until `shutdown`.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Scheduler {
+            store,
+            config,
+            fleet_listener,
+            ops_listener,
+        } = self;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let fleet_config = FleetConfig {
+            heartbeat_interval: config.heartbeat_interval(),
+            credential_cache_ttl: config.credential_cache(),
+            ..FleetConfig::default()
+        };
+        let health_store = store.clone();
+        let health: kiln_telemetry::HealthCheck = Arc::new(move || {
+            let store = health_store.clone();
+            Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+        });
+        let ops = kiln_telemetry::ops_router::<()>("kiln-scheduler", health);
+        let ops_stop = stopped(stop_rx.clone());
+        let ops_task = tokio::spawn(async move {
+            axum::serve(ops_listener, ops)
+                .with_graceful_shutdown(ops_stop)
+                .await
+        });
+
+        let controller = LifecycleController::new(store.clone(), config.liveness_policy());
+        let tick = config.lifecycle_tick();
+        let controller_stop = stopped(stop_rx.clone());
+        let controller_task = tokio::spawn(controller.run(tick, controller_stop));
+
+        let service = NodeControlService::new(store.clone(), fleet_config);
+        tracing::info!(
+            fleet = %fleet_listener.local_addr()?,
+            "kiln-scheduler serving node control"
+        );
+        kiln_fleet::serve_service(
+            fleet_listener,
+            service,
+            store.pool().clone(),
+            stopped(stop_rx),
+        )
+        .await?;
+        controller_task.await?;
+        ops_task.await??;
+        Ok(())
+    }
+}

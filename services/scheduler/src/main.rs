@@ -1,0 +1,61 @@
+//! `kiln-scheduler` binary: node control for agents, and the node lifecycle controller.
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_scheduler::{Scheduler, SchedulerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "kiln-scheduler",
+    about = "Kiln's scheduler: where node agents dial in, and what watches the fleet"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: SchedulerConfig,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    kiln_telemetry::init_tracing("kiln-scheduler");
+    let config = Cli::parse().config;
+    config.validate()?;
+    let store = kiln_store::Store::connect(&config.database_url, config.db_max_connections)
+        .await
+        .context("connecting to PostgreSQL")?;
+    store.migrate().await.context("applying migrations")?;
+    let fleet_listener = tokio::net::TcpListener::bind(config.fleet_listen)
+        .await
+        .with_context(|| format!("binding {}", config.fleet_listen))?;
+    let ops_listener = tokio::net::TcpListener::bind(config.ops_listen)
+        .await
+        .with_context(|| format!("binding {}", config.ops_listen))?;
+    tracing::info!(
+        fleet = %fleet_listener.local_addr()?,
+        ops = %ops_listener.local_addr()?,
+        "kiln-scheduler listening"
+    );
+    Scheduler {
+        store,
+        config,
+        fleet_listener,
+        ops_listener,
+    }
+    .run(shutdown_signal())
+    .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    tracing::info!("shutting down");
+}
