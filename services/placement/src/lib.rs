@@ -44,8 +44,12 @@
 //!
 //! ## Performance note
 //! [`place`] scans every node of the snapshot (cheap checks first: schedulable, GPU type, CPU,
-//! memory, disk). For very large fleets the service should pass a snapshot of candidate nodes
-//! (e.g. those with free GPUs of the requested type) rather than the whole fleet.
+//! memory, disk; no heap allocation per node; UUIDs are cloned only for the winner). First-fit
+//! stops at the first node that fits; best-fit looks at all of them, so its cost grows with the
+//! snapshot: measured in release on one core at 10,000 idle nodes × 8 H100s it makes only a few
+//! hundred decisions per second, bound by walking ~80,000 `Gpu` structs. For large fleets the
+//! service should hand [`place`] a small candidate snapshot (e.g. nodes bucketed by GPU type and
+//! free-GPU count, best buckets first) instead of the whole fleet.
 
 mod apply;
 mod error;
@@ -77,5 +81,7 @@ pub use snapshot::{
     QuotaKey, Resources, Share, UNITS_PER_GPU,
 };
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;

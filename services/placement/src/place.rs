@@ -106,10 +106,57 @@ impl Decision {
 /// Lexicographic score of a fit, lower is better.
 pub(crate) type Score = [u64; 12];
 
+/// What a fit takes on its node, by GPU position (turned into UUIDs only for the winner).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Choice {
+    None,
+    /// Bit mask over [`Node::gpus`] positions.
+    Whole(u64),
+    Mig {
+        gpu: usize,
+        start: u8,
+    },
+    Share {
+        gpu: usize,
+    },
+}
+
 /// One node's best option for the request.
 pub(crate) struct Fit {
-    pub gpus: GpuAssignment,
+    pub choice: Choice,
     pub score: Score,
+}
+
+impl Fit {
+    /// The placement's GPU part on `node` (the node the fit was computed for, or a copy of it
+    /// with other allocations removed: GPU positions are the same).
+    pub fn assignment(&self, node: &Node, req: &PlacementRequest, ctx: &Ctx<'_>) -> GpuAssignment {
+        match self.choice {
+            Choice::None => GpuAssignment::None,
+            Choice::Whole(mask) => GpuAssignment::Whole {
+                gpu_uuids: (0..node.gpus.len().min(64))
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| node.gpus[i].uuid.clone())
+                    .collect(),
+            },
+            Choice::Mig { gpu, start } => {
+                let (_, prof) = ctx.mig.expect("MIG context resolved in Ctx::new");
+                GpuAssignment::Mig {
+                    gpu_uuid: node.gpus[gpu].uuid.clone(),
+                    profile: prof.name.to_owned(),
+                    start,
+                    size: prof.size,
+                }
+            }
+            Choice::Share { gpu } => GpuAssignment::Share {
+                gpu_uuid: node.gpus[gpu].uuid.clone(),
+                memory_mib: match req.gpu {
+                    GpuDemand::Share { memory_mib } => memory_mib,
+                    _ => 0,
+                },
+            },
+        }
+    }
 }
 
 /// What a request needs, resolved once.
@@ -178,13 +225,13 @@ pub(crate) fn fit_node(node: &Node, ctx: &Ctx<'_>) -> Result<Fit, Miss> {
     let strategy = ctx.policy.strategy;
     let first_fit = strategy == Strategy::FirstFit;
     let mut score: Score = [0; 12];
-    let gpus = match &req.gpu {
+    let choice = match &req.gpu {
         GpuDemand::None => {
             if !first_fit {
                 score[0] = node.gpus.len() as u64;
                 score[1] = idle_gpus(node);
             }
-            GpuAssignment::None
+            Choice::None
         }
         GpuDemand::Whole { count, passthrough } => {
             let w = whole::fit(
@@ -196,9 +243,7 @@ pub(crate) fn fit_node(node: &Node, ctx: &Ctx<'_>) -> Result<Fit, Miss> {
                 strategy,
             )?;
             score[..4].copy_from_slice(&w.score);
-            GpuAssignment::Whole {
-                gpu_uuids: w.gpus.iter().map(|&i| node.gpus[i].uuid.clone()).collect(),
-            }
+            Choice::Whole(w.mask)
         }
         GpuDemand::Share { memory_mib } => {
             let s = share::fit(
@@ -209,21 +254,13 @@ pub(crate) fn fit_node(node: &Node, ctx: &Ctx<'_>) -> Result<Fit, Miss> {
                 strategy,
             )?;
             score[..3].copy_from_slice(&s.score);
-            GpuAssignment::Share {
-                gpu_uuid: node.gpus[s.gpu].uuid.clone(),
-                memory_mib: *memory_mib,
-            }
+            Choice::Share { gpu: s.gpu }
         }
         GpuDemand::Mig { .. } => {
             let (geom, prof) = ctx.mig.expect("MIG context resolved in Ctx::new");
             let (gpu, start, s) = fit_mig(node, &req.gpu_type, geom, prof, first_fit)?;
             score[..9].copy_from_slice(&s);
-            GpuAssignment::Mig {
-                gpu_uuid: node.gpus[gpu].uuid.clone(),
-                profile: prof.name.to_owned(),
-                start,
-                size: prof.size,
-            }
+            Choice::Mig { gpu, start }
         }
     };
     if !first_fit {
@@ -233,7 +270,7 @@ pub(crate) fn fit_node(node: &Node, ctx: &Ctx<'_>) -> Result<Fit, Miss> {
         }
         score[11] = node.free.cpu_millis - req.cpu_millis;
     }
-    Ok(Fit { gpus, score })
+    Ok(Fit { choice, score })
 }
 
 /// Best MIG GPU and start on `node`: (GPU position, start, score) where the score is [GPU was
@@ -331,7 +368,7 @@ pub fn place(
         (Ok((i, fit)), None) => {
             return Ok(Decision::Placed(Placement {
                 node_id: fleet.nodes[i].id.clone(),
-                gpus: fit.gpus,
+                gpus: fit.assignment(&fleet.nodes[i], req, &ctx),
                 preempt: Vec::new(),
             }));
         }

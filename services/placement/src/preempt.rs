@@ -144,7 +144,7 @@ pub(crate) fn find(nodes: &[Node], ctx: &Ctx<'_>) -> Option<Placement> {
     }
     best.map(|(i, preempt, fit, _)| Placement {
         node_id: nodes[i].id.clone(),
-        gpus: fit.gpus,
+        gpus: fit.assignment(&nodes[i], ctx.req, ctx),
         preempt,
     })
 }

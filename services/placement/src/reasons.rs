@@ -219,8 +219,8 @@ impl fmt::Display for Reason {
                 wanted,
             } => write!(
                 f,
-                "{} {wanted} free {gpu_type} GPUs but no entirely free IOMMU groups adding up to \
-                 exactly {wanted}",
+                "{} {wanted} or more free {gpu_type} GPUs but no entirely free IOMMU groups \
+                 adding up to exactly {wanted}",
                 nodes_have(*nodes)
             ),
             MigModeOff { nodes, gpu_type } => {
@@ -243,8 +243,13 @@ impl fmt::Display for Reason {
             } => write!(
                 f,
                 "{} no {gpu_type} GPU with room for another {memory_mib} MiB share (at most \
-                 {tenant_limit} tenants per GPU)",
-                nodes_have(*nodes)
+                 {tenant_limit} {} per GPU)",
+                nodes_have(*nodes),
+                if *tenant_limit == 1 {
+                    "tenant"
+                } else {
+                    "tenants"
+                }
             ),
             QuotaExceeded {
                 gpu_type,

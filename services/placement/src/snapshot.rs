@@ -286,9 +286,13 @@ impl KeyedCounts {
     pub fn add(&mut self, key: QuotaKey, delta: u64) {
         *self.0.entry(key).or_default() += delta;
     }
+    /// Subtracts `delta` (never below zero); an entry reaching zero is removed.
     pub fn sub(&mut self, key: &QuotaKey, delta: u64) {
         if let Some(v) = self.0.get_mut(key) {
             *v = v.saturating_sub(delta);
+            if *v == 0 {
+                self.0.remove(key);
+            }
         }
     }
 }

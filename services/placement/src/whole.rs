@@ -17,16 +17,23 @@ use crate::snapshot::{GpuUse, Node};
 /// practice (C(8,4) = 70 sets); the cap only bounds pathological inventories.
 const SET_BUDGET: usize = 20_000;
 
-/// A chosen set of GPUs (positions in [`Node::gpus`]) and its within-node score (lower is
-/// better): [not NVLink-connected, not one NUMA node, free GPUs left, NUMA pressure].
+/// A chosen set of GPUs (bit mask over positions in [`Node::gpus`]) and its within-node score
+/// (lower is better): [not NVLink-connected, not one NUMA node, free GPUs left, NUMA pressure].
 pub(crate) struct WholeFit {
-    pub gpus: Vec<usize>,
+    pub mask: u64,
     pub score: [u64; 4],
 }
 
-pub(crate) fn eligible(node: &Node, i: usize, gpu_type: &str) -> bool {
-    let g = &node.gpus[i];
-    g.gpu_type == gpu_type && g.healthy && !g.mig_enabled && matches!(g.used, GpuUse::Idle)
+/// Bits of `mask`, lowest first.
+fn bits(mask: u64) -> impl Iterator<Item = usize> {
+    let mut m = mask;
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let i = m.trailing_zeros() as usize;
+            m &= m - 1;
+            i
+        })
+    })
 }
 
 pub(crate) fn fit(
@@ -39,110 +46,107 @@ pub(crate) fn fit(
 ) -> Result<WholeFit, Miss> {
     let n = node.gpus.len().min(64);
     let mut healthy_typed = 0u32;
-    let mut elig: Vec<usize> = Vec::with_capacity(n);
+    let mut elig = 0u64;
     for i in 0..n {
         let g = &node.gpus[i];
         if g.gpu_type == gpu_type && g.healthy {
             healthy_typed += 1;
-            if eligible(node, i, gpu_type) {
-                elig.push(i);
+            if !g.mig_enabled && matches!(g.used, GpuUse::Idle) {
+                elig |= 1 << i;
             }
         }
     }
     if healthy_typed == 0 {
         return Err(Miss::UnhealthyGpus);
     }
-    if elig.is_empty() {
+    let free = elig.count_ones();
+    if free == 0 {
         return Err(Miss::NoFreeGpus);
     }
-    let count_us = count as usize;
-    if elig.len() < count_us {
-        return Err(Miss::TooFewFreeGpus {
-            free: elig.len() as u32,
+    if free < count {
+        return Err(Miss::TooFewFreeGpus { free });
+    }
+    let first_fit = strategy == Strategy::FirstFit;
+    let left = u64::from(free - count);
+    // NUMA pressure of a GPU: free GPUs on its NUMA node (take from the fuller socket first).
+    let mut pressure = [0u64; 64];
+    for i in bits(elig) {
+        let numa = node.gpus[i].numa_node;
+        pressure[i] = bits(elig)
+            .filter(|&j| node.gpus[j].numa_node == numa)
+            .count() as u64;
+    }
+
+    // Fast path: one container GPU has no topology to weigh.
+    if count == 1 && !passthrough {
+        let pick = if first_fit {
+            elig.trailing_zeros() as usize
+        } else {
+            bits(elig).min_by_key(|&i| pressure[i]).expect("free > 0")
+        };
+        return Ok(WholeFit {
+            mask: 1 << pick,
+            score: if first_fit {
+                [0; 4]
+            } else {
+                [0, 0, left, pressure[pick]]
+            },
         });
     }
 
     // Items to choose from: single GPUs, or whole IOMMU groups for passthrough.
-    let items: Vec<u64> = if passthrough {
-        let mut groups: Vec<u64> = Vec::new();
-        for &i in &elig {
-            let mask = group_mask(node, i, n);
-            let all_eligible = (0..n)
-                .filter(|j| mask & (1 << j) != 0)
-                .all(|j| eligible(node, j, gpu_type));
-            if all_eligible && !groups.contains(&mask) {
-                groups.push(mask);
-            }
-        }
-        groups
-    } else {
-        elig.iter().map(|&i| 1u64 << i).collect()
-    };
-
-    let adj: Vec<u64> = (0..n)
-        .map(|i| {
-            (0..n)
-                .filter(|&j| j == i || node.nvlinked(i, j))
-                .fold(0u64, |m, j| m | (1 << j))
-        })
-        .collect();
-    let mut numa_free: Vec<(Option<u32>, u64)> = Vec::new();
-    for &i in &elig {
-        let numa = node.gpus[i].numa_node;
-        match numa_free.iter_mut().find(|(k, _)| *k == numa) {
-            Some((_, c)) => *c += 1,
-            None => numa_free.push((numa, 1)),
+    let mut items = [0u64; 64];
+    let mut n_items = 0;
+    for i in bits(elig) {
+        let mask = if passthrough {
+            group_mask(node, i, n)
+        } else {
+            1 << i
+        };
+        if mask & !elig == 0 && !items[..n_items].contains(&mask) {
+            items[n_items] = mask;
+            n_items += 1;
         }
     }
-    let left = (elig.len() - count_us) as u64;
 
+    let mut adj = [0u64; 64];
+    if count > 1 {
+        for i in bits(elig) {
+            adj[i] = bits(elig)
+                .filter(|&j| j == i || node.nvlinked(i, j))
+                .fold(0u64, |m, j| m | (1 << j));
+        }
+    }
+
+    let score_set = |mask: u64| -> Option<[u64; 4]> {
+        let clique = bits(mask).all(|i| adj[i] & mask == mask) || count == 1;
+        if require_nvlink && !clique {
+            return None;
+        }
+        if first_fit {
+            return Some([0; 4]);
+        }
+        let first = node.gpus[mask.trailing_zeros() as usize].numa_node;
+        let same_numa = bits(mask).all(|i| node.gpus[i].numa_node == first);
+        let p: u64 = bits(mask).map(|i| pressure[i]).sum();
+        Some([u64::from(!clique), u64::from(!same_numa), left, p])
+    };
     let mut search = Search {
-        items: &items,
+        items: &items[..n_items],
         want: count,
         budget: SET_BUDGET,
         found_exact: false,
         best: None,
-        first_only: strategy == Strategy::FirstFit,
-        score_set: &|mask: u64| {
-            let clique = (0..n)
-                .filter(|i| mask & (1 << i) != 0)
-                .all(|i| adj[i] & mask == mask);
-            if require_nvlink && !clique {
-                return None;
-            }
-            let mut numas = (0..n)
-                .filter(|i| mask & (1 << i) != 0)
-                .map(|i| node.gpus[i].numa_node);
-            let first = numas.next().flatten();
-            let same_numa = numas.all(|x| x == first);
-            let pressure: u64 = (0..n)
-                .filter(|i| mask & (1 << i) != 0)
-                .map(|i| {
-                    let numa = node.gpus[i].numa_node;
-                    numa_free
-                        .iter()
-                        .find(|(k, _)| *k == numa)
-                        .map_or(0, |(_, c)| *c)
-                })
-                .sum();
-            Some([u64::from(!clique), u64::from(!same_numa), left, pressure])
-        },
+        first_only: first_fit,
+        score_set: &score_set,
     };
     search.dfs(0, 0, 0);
     match search.best {
-        Some((mask, score)) => Ok(WholeFit {
-            gpus: (0..n).filter(|i| mask & (1 << i) != 0).collect(),
-            score: if strategy == Strategy::FirstFit {
-                [0; 4]
-            } else {
-                score
-            },
-        }),
+        Some((mask, score)) => Ok(WholeFit { mask, score }),
         None if passthrough && !search.found_exact => Err(Miss::IommuGroupsBusy),
         None => Err(Miss::NoNvlinkSet),
     }
 }
-
 /// Bit mask (over node GPU positions) of the IOMMU group GPU `i` belongs to.
 fn group_mask(node: &Node, i: usize, n: usize) -> u64 {
     match node.gpus[i].iommu_group {
