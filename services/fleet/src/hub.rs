@@ -8,25 +8,39 @@
 //! listener connection drops, notifications may have been missed, so every waiting stream is
 //! woken to re-read; streams also re-read on a timer, so a lost wake-up costs latency, not
 //! correctness.
+//!
+//! The same connection listens for credential revocations (`kiln_node_credentials`), so a
+//! revoked node is refused by every replica at once rather than when its cache entry expires.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_domain::NodeId;
-use kiln_store::ASSIGNMENT_CHANNEL;
+use kiln_store::{ASSIGNMENT_CHANNEL, CREDENTIAL_CHANNEL};
+
+use crate::credentials::CredentialCache;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 /// The per-replica registry of waiting streams, fed by Postgres notifications.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WatchHub {
     nodes: Arc<Mutex<HashMap<NodeId, watch::Sender<u64>>>>,
+    credentials: CredentialCache,
 }
 
 impl WatchHub {
+    /// A hub that also evicts revoked credentials from `credentials`.
+    pub fn new(credentials: CredentialCache) -> Self {
+        Self {
+            nodes: Arc::default(),
+            credentials,
+        }
+    }
+
     /// A receiver that changes whenever `node`'s log may have grown (the value is the newest
     /// revision heard of, or 0 after a listener reconnect).
     pub fn subscribe(&self, node: NodeId) -> watch::Receiver<u64> {
@@ -70,17 +84,28 @@ impl WatchHub {
                 Err(e) => tracing::warn!(error = %e, "assignment listener failed; reconnecting"),
             }
             self.wake_all();
+            self.credentials.clear();
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
     async fn listen_once(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         let mut listener = PgListener::connect_with(pool).await?;
-        listener.listen(ASSIGNMENT_CHANNEL).await?;
+        listener
+            .listen_all([ASSIGNMENT_CHANNEL, CREDENTIAL_CHANNEL])
+            .await?;
         // Anything sent before LISTEN took effect was missed.
         self.wake_all();
+        self.credentials.clear();
         loop {
             let note = listener.recv().await?;
+            if note.channel() == CREDENTIAL_CHANNEL {
+                match Uuid::parse_str(note.payload()) {
+                    Ok(node) => self.credentials.evict(NodeId::from_uuid(node)),
+                    Err(_) => self.credentials.clear(),
+                }
+                continue;
+            }
             match parse(note.payload()) {
                 Some((node, revision)) => self.wake(node, revision),
                 None => tracing::warn!(payload = note.payload(), "malformed assignment notice"),
@@ -112,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wake_reaches_only_that_nodes_streams() {
-        let hub = WatchHub::default();
+        let hub = WatchHub::new(CredentialCache::new(std::time::Duration::ZERO));
         let a = NodeId::new();
         let b = NodeId::new();
         let mut ra = hub.subscribe(a);

@@ -15,13 +15,12 @@
 //!   and follows it (see [`watch`]).
 
 pub mod convert;
+pub mod credentials;
 pub mod hub;
 pub mod watch;
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -40,6 +39,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
+pub use credentials::CredentialCache;
 pub use hub::WatchHub;
 
 /// The text a node credential starts with (`kiln_ncr_…`). Distinct from bootstrap tokens
@@ -55,8 +55,9 @@ const MAX_AGENT_VERSION: usize = 64;
 pub struct FleetConfig {
     /// How often agents are told to heartbeat.
     pub heartbeat_interval: Duration,
-    /// How long a verified credential is trusted without asking Postgres again: the longest a
-    /// revoked credential keeps working.
+    /// How long a verified credential is trusted without asking Postgres again. Revocations
+    /// evict at once through `kiln_node_credentials`; this bounds how long a revocation whose
+    /// notice was missed keeps working.
     pub credential_cache_ttl: Duration,
     /// How often an idle assignment stream re-reads the log even without a wake-up.
     pub stream_recheck: Duration,
@@ -66,7 +67,7 @@ impl Default for FleetConfig {
     fn default() -> Self {
         Self {
             heartbeat_interval: Duration::from_secs(10),
-            credential_cache_ttl: Duration::from_secs(2),
+            credential_cache_ttl: Duration::from_secs(60),
             stream_recheck: Duration::from_secs(30),
         }
     }
@@ -78,18 +79,19 @@ pub struct NodeControlService {
     store: Store,
     config: FleetConfig,
     hub: WatchHub,
-    credentials: Arc<Mutex<HashMap<Vec<u8>, (NodeId, Instant)>>>,
+    credentials: CredentialCache,
 }
 
 impl NodeControlService {
     /// The service, with its hub. Run [`WatchHub::run`] (as [`serve`] does) so streams hear of
     /// changes made elsewhere without waiting for their re-check timer.
     pub fn new(store: Store, config: FleetConfig) -> Self {
+        let credentials = CredentialCache::new(config.credential_cache_ttl);
         Self {
             store,
             config,
-            hub: WatchHub::default(),
-            credentials: Arc::default(),
+            hub: WatchHub::new(credentials.clone()),
+            credentials,
         }
     }
 
@@ -111,22 +113,12 @@ impl NodeControlService {
             ));
         };
         let digest = SecretDigest::of(credential);
-        let key = digest.as_bytes().to_vec();
-        {
-            let cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((node, at)) = cache.get(&key)
-                && at.elapsed() < self.config.credential_cache_ttl
-            {
-                return Ok(*node);
-            }
+        if let Some(node) = self.credentials.get(&digest) {
+            return Ok(node);
         }
         match self.store.node_authenticate(&digest).await {
             Ok(Some(node)) => {
-                let mut cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
-                if cache.len() > 100_000 {
-                    cache.retain(|_, (_, at)| at.elapsed() < self.config.credential_cache_ttl);
-                }
-                cache.insert(key, (node, Instant::now()));
+                self.credentials.insert(&digest, node);
                 Ok(node)
             }
             Ok(None) => {

@@ -33,9 +33,9 @@ pub struct SchedulerConfig {
     /// How often the lifecycle controller looks for silent nodes.
     #[arg(long, env = "KILN_LIFECYCLE_TICK_MS", default_value_t = 1_000)]
     pub lifecycle_tick_ms: u64,
-    /// How long a verified node credential is trusted without asking Postgres again (the
-    /// longest a revoked credential keeps working).
-    #[arg(long, env = "KILN_NODE_CREDENTIAL_CACHE_MS", default_value_t = 2_000)]
+    /// How long a verified node credential is trusted without asking Postgres again.
+    /// Revocations evict at once (Postgres NOTIFY); this bounds a missed notice.
+    #[arg(long, env = "KILN_NODE_CREDENTIAL_CACHE_MS", default_value_t = 60_000)]
     pub node_credential_cache_ms: u64,
 }
 

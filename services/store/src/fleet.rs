@@ -21,6 +21,9 @@ use crate::{Store, StoreError, StoreResult};
 /// The Postgres channel that carries `<node uuid>:<revision>` for every assignment change.
 pub const ASSIGNMENT_CHANNEL: &str = "kiln_node_assignments";
 
+/// The Postgres channel that carries `<node uuid>` when a node's credential is revoked.
+pub const CREDENTIAL_CHANNEL: &str = "kiln_node_credentials";
+
 /// A GPU as the node registered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuRegistration {

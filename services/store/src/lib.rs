@@ -26,9 +26,9 @@ pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,
-    AssignmentSnapshot, CapacityRow, GpuEventRecord, GpuHealthReport, GpuRecord, GpuRegistration,
-    GpuSampleReport, LivenessChange, MigInstanceRecord, NodeRegistration, NodeStatus,
-    ObservedOutcome, ObservedRecord, ObservedView,
+    AssignmentSnapshot, CREDENTIAL_CHANNEL, CapacityRow, GpuEventRecord, GpuHealthReport,
+    GpuRecord, GpuRegistration, GpuSampleReport, LivenessChange, MigInstanceRecord,
+    NodeRegistration, NodeStatus, ObservedOutcome, ObservedRecord, ObservedView,
 };
 pub use idempotency::{Claim, IdempotencyScope};
 pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};

@@ -244,8 +244,16 @@ impl Store {
         .bind(node.as_uuid())
         .fetch_optional(&mut *conn)
         .await?;
-        row.map(node_from_row)
-            .ok_or(StoreError::NotFound { what: "node" })
+        let record = row
+            .map(node_from_row)
+            .ok_or(StoreError::NotFound { what: "node" })?;
+        // Replicas drop the credential from their caches at commit.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::fleet::CREDENTIAL_CHANNEL)
+            .bind(node.as_uuid().to_string())
+            .execute(&mut *conn)
+            .await?;
+        Ok(record)
     }
 
     /// Joined nodes, oldest first.

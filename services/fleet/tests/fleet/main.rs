@@ -40,7 +40,8 @@ impl Fleet {
         let (tx, rx) = oneshot::channel::<()>();
         let config = FleetConfig {
             heartbeat_interval: Duration::from_secs(1),
-            credential_cache_ttl: Duration::ZERO,
+            // Long, so a test only passes if revocation notices evict credentials.
+            credential_cache_ttl: Duration::from_secs(600),
             // Long, so a test only passes if the NOTIFY fan-out wakes streams.
             stream_recheck: Duration::from_secs(600),
         };
