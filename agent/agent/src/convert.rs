@@ -1,5 +1,9 @@
 //! From the inventory crate's plain data to the wire messages of `kiln.node.v1`.
 
+// The contract only grows: `..Default::default()` keeps these conversions compiling when a field
+// is added, until they are taught to fill it.
+#![allow(clippy::needless_update)]
+
 use kiln_inventory as inv;
 use kiln_proto::node::v1 as pb;
 
@@ -10,6 +14,7 @@ pub fn host_inventory(host: &inv::HostInventory) -> pb::HostInventory {
         driver_version: host.driver_version.clone(),
         cuda_version: host.cuda_version.clone(),
         gpus: host.gpus.iter().map(|g| gpu(host, g)).collect(),
+        ..Default::default()
     }
 }
 
@@ -42,11 +47,14 @@ fn gpu(host: &inv::HostInventory, g: &inv::GpuInfo) -> pb::Gpu {
                 start: m.placement.map_or(0, |p| p.start),
                 size: m.placement.map_or(0, |p| p.size),
                 uuid: m.uuid.clone(),
+                ..Default::default()
             })
             .collect(),
         nvlink_peer_uuids,
         // The inventory source does not read IOMMU groups yet: unknown.
         iommu_group: None,
+        gpu_type: g.gpu_type.clone().unwrap_or_default(),
+        ..Default::default()
     }
 }
 
@@ -67,6 +75,7 @@ pub fn health_statuses(samples: &[inv::GpuSample]) -> Vec<pb::GpuHealthStatus> {
                 uuid: s.uuid.clone(),
                 health: health as i32,
                 reason,
+                ..Default::default()
             }
         })
         .collect()
@@ -93,8 +102,10 @@ pub fn sample(s: &inv::GpuSample, at_unix_ms: i64) -> pb::GpuSample {
                 code: u32::try_from(x.code).unwrap_or(u32::MAX),
                 at_unix_ms,
                 message: String::new(),
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -136,6 +147,7 @@ mod tests {
             assert_eq!(g.mig_capable, src.mig.capable);
             assert_eq!(g.mig_enabled, src.mig.enabled);
             assert_eq!(g.mig_instances.len(), src.mig.instances.len());
+            assert_eq!(g.gpu_type, "h100-80gb");
             assert!(!g.nvlink_peer_uuids.contains(&g.uuid), "no self link");
             for peer in &g.nvlink_peer_uuids {
                 let j = host.gpus.iter().find(|x| &x.uuid == peer).unwrap().index;
