@@ -684,6 +684,7 @@ impl<R: Runtime> Agent<R> {
             })?
             .into_inner();
         tracing::info!(from_revision, "watching assignments");
+        let mut first = true;
         let mut timer = tokio::time::interval(self.observed_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -692,7 +693,9 @@ impl<R: Runtime> Agent<R> {
                     let event = message
                         .map_err(|status| SessionError::Rpc { call: "WatchAssignments", status })?
                         .ok_or(SessionError::WatchEnded)?;
-                    if self.apply_event(event).await? {
+                    let applied = self.apply_event(event, first).await?;
+                    first = false;
+                    if applied {
                         self.report_observed(&mut client).await?;
                     }
                 }
@@ -702,9 +705,13 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// Applies one event if it is new; true when it was applied (and persisted).
-    async fn apply_event(&self, event: pb::AssignmentEvent) -> Result<bool, SessionError> {
+    async fn apply_event(
+        &self,
+        event: pb::AssignmentEvent,
+        first: bool,
+    ) -> Result<bool, SessionError> {
         let mut state = self.state.lock().await;
-        let plan = match state.plan(&event) {
+        let plan = match state.plan_in_stream(&event, first) {
             Step::AlreadyApplied {
                 revision,
                 applied_revision,
@@ -718,6 +725,13 @@ impl<R: Runtime> Agent<R> {
             }
             Step::Apply(plan) => plan,
         };
+        if plan.revision < state.applied_revision {
+            tracing::warn!(
+                revision = plan.revision,
+                applied_revision = state.applied_revision,
+                "the control plane's revisions went backwards; resynchronising from its snapshot"
+            );
+        }
         for r in &plan.refused {
             tracing::warn!(
                 revision = plan.revision,

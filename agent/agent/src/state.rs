@@ -219,7 +219,20 @@ pub struct Plan {
 impl AppliedState {
     /// Decides what applying `event` means, without doing it.
     pub fn plan(&self, event: &AssignmentEvent) -> Step {
-        if event.revision <= self.applied_revision {
+        self.plan_in_stream(event, false)
+    }
+
+    /// Like [`plan`](Self::plan), for an event at `first` position of a stream. The contract
+    /// starts a stream with a snapshot when `from_revision` is newer than any revision the
+    /// control plane issued (its history went backwards, e.g. a restored database): such a
+    /// snapshot, with a revision *below* the applied one, is applied and becomes the new
+    /// applied revision, since otherwise every later event would be ignored as old. Anything
+    /// else at or below the applied revision is never applied again.
+    pub fn plan_in_stream(&self, event: &AssignmentEvent, first: bool) -> Step {
+        let rewind = first
+            && event.revision < self.applied_revision
+            && matches!(event.event, Some(Event::Snapshot(_)));
+        if event.revision <= self.applied_revision && !rewind {
             return Step::AlreadyApplied {
                 revision: event.revision,
                 applied_revision: self.applied_revision,
@@ -555,6 +568,31 @@ mod tests {
         let p = apply(&mut s, snap(11, vec![]));
         assert_eq!(p.actions.len(), 3);
         assert!(s.assignments.is_empty());
+    }
+
+    #[test]
+    fn a_first_snapshot_below_the_applied_revision_rewinds() {
+        let mut s = AppliedState::default();
+        apply(&mut s, up(1, pod("a", 1)));
+        apply(&mut s, up(10, pod("b", 1)));
+        let rewound = snap(7, vec![pod("a", 1)]);
+        // Mid-stream, an old snapshot is never applied.
+        assert!(matches!(s.plan(&rewound), Step::AlreadyApplied { .. }));
+        assert!(matches!(
+            s.plan_in_stream(&up(7, pod("c", 1)), true),
+            Step::AlreadyApplied { .. }
+        ));
+        // At the start of a stream it is the control plane's whole truth.
+        let Step::Apply(plan) = s.plan_in_stream(&rewound, true) else {
+            panic!("expected a plan")
+        };
+        assert_eq!(plan.next.applied_revision, 7);
+        assert_eq!(plan.next.assignments.keys().collect::<Vec<_>>(), vec!["a"]);
+        // The same revision as applied is already in place.
+        assert!(matches!(
+            s.plan_in_stream(&snap(10, vec![]), true),
+            Step::AlreadyApplied { .. }
+        ));
     }
 
     #[test]
