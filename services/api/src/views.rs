@@ -212,33 +212,214 @@ impl From<&AuditRecord> for AuditEventView {
 
 // ---- fleet (operators only) ----
 
-/// A GPU host that joined the fleet. Its credential is never shown again after the join.
+/// A GPU host that joined the fleet, with its GPUs. Its credential is never shown again after
+/// the join.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
 pub struct NodeView {
     #[schema(example = "node_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
     pub id: String,
     pub hostname: String,
-    /// ready, cordoned, draining, unreachable, lost or retired.
+    /// ready, cordoned, draining, unreachable, lost or retired: the one state, derived from
+    /// `admin_state` and `liveness`.
     pub state: String,
+    /// active, cordoned, draining or retired: what operators decided.
+    pub admin_state: String,
+    /// online, unreachable or lost: whether the node is talking to the control plane.
+    pub liveness: String,
     pub agent_version: String,
     pub joined_at: String,
     pub last_heartbeat_at: Option<String>,
     /// Set once the node's credential is revoked; the agent must join again with a new token.
     pub credential_revoked_at: Option<String>,
+    /// When the agent last registered its inventory; null until it has.
+    pub registered_at: Option<String>,
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub cpu_cores: i32,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    /// The newest revision of the node's assignment log.
+    pub assignment_revision: i64,
+    /// The newest revision the node's agent has applied.
+    pub applied_revision: i64,
+    pub gpu_summary: GpuSummaryView,
+    /// The node's GPUs (those still present), in index order, with what runs on each.
+    pub gpus: Vec<GpuView>,
 }
 
-impl From<&NodeRecord> for NodeView {
-    fn from(n: &NodeRecord) -> Self {
+impl NodeView {
+    /// The node with its GPUs.
+    pub fn new(n: &NodeRecord, gpus: Vec<GpuView>) -> Self {
         Self {
             id: n.id.to_string(),
             hostname: n.hostname.clone(),
             state: n.state.clone(),
+            admin_state: n.admin_state.clone(),
+            liveness: n.liveness.clone(),
             agent_version: n.agent_version.clone(),
             joined_at: ts(n.joined_at),
             last_heartbeat_at: ots(n.last_heartbeat_at),
             credential_revoked_at: ots(n.credential_revoked_at),
+            registered_at: ots(n.registered_at),
+            driver_version: n.driver_version.clone(),
+            cuda_version: n.cuda_version.clone(),
+            cpu_cores: n.cpu_cores,
+            memory_mib: n.memory_mib,
+            disk_gib: n.disk_gib,
+            assignment_revision: n.assignment_revision,
+            applied_revision: n.applied_revision,
+            gpu_summary: GpuSummaryView::of(&gpus),
+            gpus,
         }
     }
+}
+
+/// A node's GPUs at a glance.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct GpuSummaryView {
+    pub count: i32,
+    /// The distinct GPU types present, sorted (`unknown` for a model Kiln does not sell).
+    pub gpu_types: Vec<String>,
+    pub healthy: i32,
+    pub degraded: i32,
+    pub unhealthy: i32,
+    /// GPUs with at least one assignment on them (or on one of their MIG instances).
+    pub allocated: i32,
+    /// Mean SM utilisation of the GPUs that reported a sample, in percent; null when none did.
+    pub mean_sm_util_pct: Option<f64>,
+}
+
+impl GpuSummaryView {
+    pub fn of(gpus: &[GpuView]) -> Self {
+        let mut types: Vec<String> = gpus
+            .iter()
+            .map(|g| g.gpu_type.clone().unwrap_or_else(|| "unknown".to_owned()))
+            .collect();
+        types.sort();
+        types.dedup();
+        let count = |h: &str| gpus.iter().filter(|g| g.health == h).count() as i32;
+        let utils: Vec<f64> = gpus
+            .iter()
+            .filter_map(|g| g.sm_util_pct.map(f64::from))
+            .collect();
+        Self {
+            count: gpus.len() as i32,
+            gpu_types: types,
+            healthy: count("healthy"),
+            degraded: count("degraded"),
+            unhealthy: count("unhealthy"),
+            allocated: gpus.iter().filter(|g| g.allocated).count() as i32,
+            mean_sm_util_pct: (!utils.is_empty())
+                .then(|| (utils.iter().sum::<f64>() / utils.len() as f64 * 10.0).round() / 10.0),
+        }
+    }
+}
+
+/// One GPU of a node: what it is, how it is doing, and what runs on it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct GpuView {
+    #[schema(example = "GPU-5f3c2a1e-0b7d-4c9a-8e6f-1a2b3c4d5e6f")]
+    pub uuid: String,
+    pub index: i32,
+    #[schema(example = "NVIDIA H100 80GB HBM3")]
+    pub model: String,
+    /// The catalog GPU type (`h100-80gb`), or null for a model Kiln does not sell.
+    pub gpu_type: Option<String>,
+    pub memory_mib: i64,
+    pub pci_bus_id: String,
+    pub numa_node: Option<i32>,
+    pub mig_capable: bool,
+    pub mig_enabled: bool,
+    /// The MIG instances carved out of the GPU (`start` and `size` in slices out of 8).
+    pub mig_instances: Vec<MigInstanceView>,
+    /// UUIDs of the GPUs this one has an NVLink to.
+    pub nvlink_peers: Vec<String>,
+    /// healthy, degraded or unhealthy. An unhealthy GPU takes no new work.
+    pub health: String,
+    /// Why the GPU is not healthy (empty when it is).
+    pub health_reason: String,
+    pub health_changed_at: String,
+    /// When the latest metrics sample was taken; the fields below are from it.
+    pub sampled_at: Option<String>,
+    pub sm_util_pct: Option<i32>,
+    pub mem_util_pct: Option<i32>,
+    pub memory_used_mib: Option<i64>,
+    pub temperature_c: Option<i32>,
+    pub power_w: Option<f64>,
+    pub ecc_corrected: Option<i64>,
+    pub ecc_uncorrected: Option<i64>,
+    /// Whether any assignment uses the GPU (or one of its MIG instances).
+    pub allocated: bool,
+    /// What runs on the GPU: the node's assignments that name it or one of its MIG instances.
+    pub assignments: Vec<GpuAssignmentView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct MigInstanceView {
+    #[schema(example = "3g.40gb")]
+    pub profile: String,
+    /// The first slice (0–7) the instance occupies.
+    pub start: i32,
+    /// How many slices it occupies.
+    pub size: i32,
+    pub uuid: String,
+    /// Whether an assignment uses this instance.
+    pub allocated: bool,
+}
+
+/// An assignment on a GPU, with what the node's agent last reported about it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct GpuAssignmentView {
+    #[schema(example = "asg_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub id: String,
+    /// pod or instance.
+    pub kind: String,
+    pub generation: i64,
+    /// The MIG instance it uses, when it uses one rather than the whole GPU.
+    pub mig_uuid: Option<String>,
+    /// What the agent last reported (e.g. running, failed, stopped), or `pending` when it has
+    /// not reported this generation yet.
+    pub state: String,
+    pub reason: String,
+}
+
+/// Something that happened to a GPU: an XID error or a health change.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct GpuEventView {
+    pub gpu_uuid: String,
+    pub at: String,
+    /// xid or health.
+    pub kind: String,
+    /// The XID code, for XID events.
+    pub code: Option<i32>,
+    pub message: String,
+}
+
+/// One node in full: the node and its GPUs, and the newest GPU events (at most 20).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct NodeDetailView {
+    #[serde(flatten)]
+    #[graphql(flatten)]
+    pub node: NodeView,
+    pub gpu_events: Vec<GpuEventView>,
+}
+
+/// GPU capacity of one GPU type across the fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct GpuTypeCapacityView {
+    #[schema(example = "h100-80gb")]
+    pub gpu_type: String,
+    /// GPUs present on nodes that are not retired.
+    pub total: i64,
+    /// Healthy (or degraded) GPUs on ready nodes: where new work can go.
+    pub schedulable: i64,
+    pub unhealthy: i64,
+}
+
+/// The fleet's GPU capacity per GPU type.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct FleetCapacityView {
+    pub items: Vec<GpuTypeCapacityView>,
 }
 
 /// A new bootstrap token. `token` is the secret: it is shown this once and can be spent once.

@@ -1,15 +1,20 @@
-//! The fleet, for operators: bootstrap tokens for joining nodes, the nodes, their credentials.
+//! The fleet, for operators: bootstrap tokens for joining nodes, the nodes with their GPUs and
+//! what runs on each, cordon / uncordon / drain, credentials, and GPU capacity.
 //!
 //! These are deployment-wide, not tenant data, so there is no `OrgScope`; every operation starts
 //! with [`require_operator`]. Anyone else gets 404 — the same answer as an unknown path — so the
 //! admin surface is invisible to tenants rather than merely forbidden.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use kiln_auth::OpaqueSecret;
-use kiln_domain::NodeId;
-use kiln_store::{AuditEvent, NewNodeToken};
+use kiln_domain::{AdminState, AssignmentId, NodeId};
+use kiln_store::{
+    AssignmentRecord, AuditEvent, GpuRecord, NewNodeToken, NodeRecord, ObservedView, StoreError,
+};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::{Checks, page};
 use crate::error::ApiError;
@@ -108,6 +113,8 @@ pub async fn token_create(
     })
 }
 
+/// Nodes, oldest first, each with its GPUs and what runs on them. The page's GPUs come from one
+/// query; assignments are read per node that has GPUs and has ever had an assignment.
 pub async fn list(
     state: &AppState,
     caller: &Caller,
@@ -118,33 +125,268 @@ pub async fn list(
     let page = page::<NodeId>(limit, cursor, |n| n.as_uuid())?;
     let p = state.store.node_list(page).await?;
     Ok(NodeList {
-        items: p.items.iter().map(NodeView::from).collect(),
+        items: node_views(state, &p.items).await?,
         next_cursor: p.next_cursor,
     })
 }
 
-pub async fn get(state: &AppState, caller: &Caller, node: &str) -> Result<NodeView, ApiError> {
+/// How many GPU events the node detail shows.
+pub const NODE_EVENTS: i64 = 20;
+
+/// One node in full: its GPUs with health, utilisation and what runs on each, and its newest
+/// GPU events.
+pub async fn get(
+    state: &AppState,
+    caller: &Caller,
+    node: &str,
+) -> Result<NodeDetailView, ApiError> {
     require_operator(caller)?;
     let node = parse_node(node)?;
-    Ok((&state.store.node_get(node).await?).into())
+    let record = state.store.node_get(node).await?;
+    let view = node_view(state, &record).await?;
+    let events = state.store.gpu_events(node, NODE_EVENTS).await?;
+    Ok(NodeDetailView {
+        node: view,
+        gpu_events: events
+            .into_iter()
+            .map(|e| GpuEventView {
+                gpu_uuid: e.gpu_uuid,
+                at: ts(e.at),
+                kind: e.kind,
+                code: e.code,
+                message: e.message,
+            })
+            .collect(),
+    })
 }
 
-/// Revoke a node's credential: its agent is refused from its next call and must join again.
+/// The fleet's GPUs per type: present, schedulable, unhealthy.
+pub async fn capacity(state: &AppState, caller: &Caller) -> Result<FleetCapacityView, ApiError> {
+    require_operator(caller)?;
+    let rows = state.store.fleet_capacity().await?;
+    Ok(FleetCapacityView {
+        items: rows
+            .into_iter()
+            .map(|r| GpuTypeCapacityView {
+                gpu_type: r.gpu_type,
+                total: r.total,
+                schedulable: r.schedulable,
+                unhealthy: r.unhealthy,
+            })
+            .collect(),
+    })
+}
+
+/// Cordon: the node keeps its work and takes no new work.
+pub async fn cordon(state: &AppState, caller: &Caller, node: &str) -> Result<NodeView, ApiError> {
+    set_admin_state(state, caller, node, AdminState::Cordoned).await
+}
+
+/// Uncordon: the node takes new work again (this also ends a drain).
+pub async fn uncordon(state: &AppState, caller: &Caller, node: &str) -> Result<NodeView, ApiError> {
+    set_admin_state(state, caller, node, AdminState::Active).await
+}
+
+/// Drain: the node takes no new work and its work is moved or stopped, per its kind.
+pub async fn drain(state: &AppState, caller: &Caller, node: &str) -> Result<NodeView, ApiError> {
+    set_admin_state(state, caller, node, AdminState::Draining).await
+}
+
+/// Record the operator's decision about a node, audited, in one transaction. A retired node
+/// stays retired (409). Doing it twice is harmless (and audited twice: it was asked twice).
+async fn set_admin_state(
+    state: &AppState,
+    caller: &Caller,
+    node: &str,
+    to: AdminState,
+) -> Result<NodeView, ApiError> {
+    require_operator(caller)?;
+    let node = parse_node(node)?;
+    let mut tx = state.store.begin().await?;
+    let record = match state.store.node_set_admin_state(&mut tx, node, to).await {
+        Ok(r) => r,
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::Conflict(format!(
+                "node {node} is retired: its credential was revoked, so it cannot be cordoned, \
+                 uncordoned or drained"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let action = match to {
+        AdminState::Cordoned => "node.cordon",
+        AdminState::Draining => "node.drain",
+        AdminState::Active | AdminState::Retired => "node.uncordon",
+    };
+    let event = audit(
+        caller,
+        action,
+        record.id.to_string(),
+        serde_json::json!({ "hostname": record.hostname, "admin_state": record.admin_state }),
+    );
+    state.store.audit_record(&mut tx, &event).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    node_view(state, &record).await
+}
+
+/// Revoke a node's credential, which retires it: its agent is refused from its next call and
+/// the host must join again with a new token.
 pub async fn credential_revoke(
     state: &AppState,
-    conn: &mut PgConnection,
     caller: &Caller,
     node: &str,
 ) -> Result<NodeView, ApiError> {
     require_operator(caller)?;
     let node = parse_node(node)?;
-    let record = state.store.node_credential_revoke(conn, node).await?;
+    let mut tx = state.store.begin().await?;
+    let record = state.store.node_credential_revoke(&mut tx, node).await?;
     let event = audit(
         caller,
         "node.credential_revoke",
         record.id.to_string(),
         serde_json::json!({ "hostname": record.hostname }),
     );
-    state.store.audit_record(conn, &event).await?;
-    Ok((&record).into())
+    state.store.audit_record(&mut tx, &event).await?;
+    tx.commit().await.map_err(StoreError::from)?;
+    node_view(state, &record).await
+}
+
+// ---- building node views ----
+
+/// One node with its GPUs (read after any transaction has committed: never a second pooled
+/// connection while a transaction holds one).
+async fn node_view(state: &AppState, record: &NodeRecord) -> Result<NodeView, ApiError> {
+    let gpus = state.store.node_gpus(record.id).await?;
+    let work = node_work(state, record, !gpus.is_empty()).await?;
+    Ok(NodeView::new(record, gpu_views(&gpus, &work)))
+}
+
+/// Nodes with their GPUs: the GPUs of all of them in one query.
+async fn node_views(state: &AppState, records: &[NodeRecord]) -> Result<Vec<NodeView>, ApiError> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<NodeId> = records.iter().map(|n| n.id).collect();
+    let mut by_node: HashMap<Uuid, Vec<GpuRecord>> = HashMap::new();
+    for g in state.store.node_gpus_of(&ids).await? {
+        by_node.entry(g.node_id).or_default().push(g);
+    }
+    let mut views = Vec::with_capacity(records.len());
+    for n in records {
+        let gpus = by_node.remove(&n.id.as_uuid()).unwrap_or_default();
+        let work = node_work(state, n, !gpus.is_empty()).await?;
+        views.push(NodeView::new(n, gpu_views(&gpus, &work)));
+    }
+    Ok(views)
+}
+
+/// A node's assignments and what its agent last reported about them.
+struct NodeWork {
+    assignments: Vec<AssignmentRecord>,
+    observed: HashMap<Uuid, ObservedView>,
+}
+
+async fn node_work(
+    state: &AppState,
+    record: &NodeRecord,
+    has_gpus: bool,
+) -> Result<NodeWork, ApiError> {
+    // A node that never had an assignment (or has no GPU to run one on) needs no query.
+    if !has_gpus || record.assignment_revision == 0 {
+        return Ok(NodeWork {
+            assignments: Vec::new(),
+            observed: HashMap::new(),
+        });
+    }
+    let assignments = state.store.assignment_list(record.id).await?;
+    let observed = if assignments.is_empty() {
+        HashMap::new()
+    } else {
+        state
+            .store
+            .observed_list(record.id)
+            .await?
+            .into_iter()
+            .map(|o| (o.assignment_id, o))
+            .collect()
+    };
+    Ok(NodeWork {
+        assignments,
+        observed,
+    })
+}
+
+/// Each GPU with the assignments that name it, or one of its MIG instances.
+fn gpu_views(gpus: &[GpuRecord], work: &NodeWork) -> Vec<GpuView> {
+    gpus.iter()
+        .map(|g| {
+            let mut assignments = Vec::new();
+            for a in &work.assignments {
+                let mig = g
+                    .mig_instances
+                    .0
+                    .iter()
+                    .find(|m| a.gpu_uuids.iter().any(|u| *u == m.uuid));
+                if !(a.gpu_uuids.iter().any(|u| *u == g.uuid) || mig.is_some()) {
+                    continue;
+                }
+                let (state, reason) = match work.observed.get(&a.id) {
+                    Some(o) if o.generation >= a.generation => (o.state.clone(), o.reason.clone()),
+                    Some(o) => (
+                        "pending".to_owned(),
+                        format!("was {} at generation {}", o.state, o.generation),
+                    ),
+                    None => ("pending".to_owned(), String::new()),
+                };
+                assignments.push(GpuAssignmentView {
+                    id: AssignmentId::from_uuid(a.id).to_string(),
+                    kind: a.kind.clone(),
+                    generation: a.generation,
+                    mig_uuid: mig.map(|m| m.uuid.clone()),
+                    state,
+                    reason,
+                });
+            }
+            let mig_instances = g
+                .mig_instances
+                .0
+                .iter()
+                .map(|m| MigInstanceView {
+                    profile: m.profile.clone(),
+                    start: m.start as i32,
+                    size: m.size as i32,
+                    uuid: m.uuid.clone(),
+                    allocated: assignments
+                        .iter()
+                        .any(|a| a.mig_uuid.as_deref() == Some(m.uuid.as_str())),
+                })
+                .collect();
+            GpuView {
+                uuid: g.uuid.clone(),
+                index: g.idx,
+                model: g.model.clone(),
+                gpu_type: g.gpu_type.clone(),
+                memory_mib: g.memory_mib,
+                pci_bus_id: g.pci_bus_id.clone(),
+                numa_node: g.numa_node,
+                mig_capable: g.mig_capable,
+                mig_enabled: g.mig_enabled,
+                mig_instances,
+                nvlink_peers: g.nvlink_peers.clone(),
+                health: g.health.clone(),
+                health_reason: g.health_reason.clone(),
+                health_changed_at: ts(g.health_changed_at),
+                sampled_at: g.sampled_at.map(ts),
+                sm_util_pct: g.sm_util_pct,
+                mem_util_pct: g.mem_util_pct,
+                memory_used_mib: g.memory_used_mib,
+                temperature_c: g.temperature_c,
+                power_w: g.power_w,
+                ecc_corrected: g.ecc_corrected,
+                ecc_uncorrected: g.ecc_uncorrected,
+                allocated: !assignments.is_empty(),
+                assignments,
+            }
+        })
+        .collect()
 }

@@ -53,7 +53,8 @@ pub async fn node_token_create(
     .await
 }
 
-/// Nodes that joined the fleet, oldest first.
+/// Nodes that joined the fleet, oldest first, each with its GPUs (health, utilisation, MIG
+/// instances, what runs on each) and a GPU summary.
 #[utoipa::path(get, path = "/v1/admin/nodes", tag = "admin", params(ListParams),
     responses((status = 200, body = NodeList), (status = 404, body = Problem)), security(("bearer" = [])))]
 pub async fn node_list(
@@ -66,19 +67,20 @@ pub async fn node_list(
         .map(Json)
 }
 
-/// One node.
+/// One node in full: its GPUs with health, utilisation, MIG instances and what runs on each,
+/// and its newest GPU events.
 #[utoipa::path(get, path = "/v1/admin/nodes/{node}", tag = "admin", params(("node" = String, Path)),
-    responses((status = 200, body = NodeView), (status = 404, body = Problem)), security(("bearer" = [])))]
+    responses((status = 200, body = NodeDetailView), (status = 404, body = Problem)), security(("bearer" = [])))]
 pub async fn node_get(
     State(state): State<AppState>,
     Operator(caller): Operator,
     Path(node): Path<String>,
-) -> Result<Json<NodeView>, ApiError> {
+) -> Result<Json<NodeDetailView>, ApiError> {
     ops::fleet::get(&state, &caller, &node).await.map(Json)
 }
 
-/// Revoke a node's credential: its agent is refused from its next call and must join again with
-/// a new bootstrap token. Revoking twice is harmless.
+/// Revoke a node's credential, which retires the node: its agent is refused from its next call
+/// and must join again with a new bootstrap token. Revoking twice is harmless.
 #[utoipa::path(post, path = "/v1/admin/nodes/{node}/revoke-credential", tag = "admin", params(("node" = String, Path)),
     responses((status = 200, body = NodeView), (status = 404, body = Problem)), security(("bearer" = [])))]
 pub async fn node_credential_revoke(
@@ -86,8 +88,63 @@ pub async fn node_credential_revoke(
     Operator(caller): Operator,
     Path(node): Path<String>,
 ) -> Result<Json<NodeView>, ApiError> {
-    let mut tx = state.store.begin().await?;
-    let view = ops::fleet::credential_revoke(&state, &mut tx, &caller, &node).await?;
-    tx.commit().await.map_err(kiln_store::StoreError::from)?;
-    Ok(Json(view))
+    ops::fleet::credential_revoke(&state, &caller, &node)
+        .await
+        .map(Json)
+}
+
+/// Cordon a node: it keeps its work and takes no new work. Answers the node; its `state` is
+/// `cordoned` while it is online. Audited as `node.cordon`.
+#[utoipa::path(post, path = "/v1/admin/nodes/{node}/cordon", tag = "admin", params(("node" = String, Path)),
+    responses((status = 202, body = NodeView), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The node is retired")),
+    security(("bearer" = [])))]
+pub async fn node_cordon(
+    State(state): State<AppState>,
+    Operator(caller): Operator,
+    Path(node): Path<String>,
+) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    let view = ops::fleet::cordon(&state, &caller, &node).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Uncordon a node: it takes new work again (this also ends a drain). Audited as
+/// `node.uncordon`.
+#[utoipa::path(post, path = "/v1/admin/nodes/{node}/uncordon", tag = "admin", params(("node" = String, Path)),
+    responses((status = 202, body = NodeView), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The node is retired")),
+    security(("bearer" = [])))]
+pub async fn node_uncordon(
+    State(state): State<AppState>,
+    Operator(caller): Operator,
+    Path(node): Path<String>,
+) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    let view = ops::fleet::uncordon(&state, &caller, &node).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// Drain a node: it takes no new work, and its work is moved or stopped per its kind (which
+/// happens after the answer). Audited as `node.drain`.
+#[utoipa::path(post, path = "/v1/admin/nodes/{node}/drain", tag = "admin", params(("node" = String, Path)),
+    responses((status = 202, body = NodeView), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The node is retired")),
+    security(("bearer" = [])))]
+pub async fn node_drain(
+    State(state): State<AppState>,
+    Operator(caller): Operator,
+    Path(node): Path<String>,
+) -> Result<(StatusCode, Json<NodeView>), ApiError> {
+    let view = ops::fleet::drain(&state, &caller, &node).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// The fleet's GPU capacity per GPU type: GPUs present (on nodes that are not retired), those
+/// new work can go to (healthy or degraded GPUs of ready nodes), and the unhealthy ones.
+#[utoipa::path(get, path = "/v1/admin/capacity", tag = "admin",
+    responses((status = 200, body = FleetCapacityView), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn capacity(
+    State(state): State<AppState>,
+    Operator(caller): Operator,
+) -> Result<Json<FleetCapacityView>, ApiError> {
+    ops::fleet::capacity(&state, &caller).await.map(Json)
 }

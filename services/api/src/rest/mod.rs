@@ -53,6 +53,13 @@ pub fn router() -> Router<AppState> {
             "/v1/admin/nodes/{node}/revoke-credential",
             post(admin::node_credential_revoke),
         )
+        .route("/v1/admin/nodes/{node}/cordon", post(admin::node_cordon))
+        .route(
+            "/v1/admin/nodes/{node}/uncordon",
+            post(admin::node_uncordon),
+        )
+        .route("/v1/admin/nodes/{node}/drain", post(admin::node_drain))
+        .route("/v1/admin/capacity", get(admin::capacity))
         .route("/openapi.json", get(openapi_json))
 }
 
@@ -133,13 +140,14 @@ where
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
+        admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
     ),
     components(schemas(Problem, FieldError)),
     modifiers(&BearerAuth),
     tags(
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
-        (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes and their bootstrap tokens"),
+        (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),
     )
 )]
 pub struct ApiDoc;
