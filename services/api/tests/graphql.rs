@@ -607,6 +607,139 @@ async fn serves_the_playground_introspection_and_refuses_abuse(pool: PgPool) {
     assert_eq!(only_error(&body).0, "bad-request");
 }
 
+// ---- the fleet (operators only) ----
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn operators_list_nodes_with_gpus_and_cordon_them(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let hash = app.state.hasher.hash("op-correct-horse-battery").unwrap();
+    app.store()
+        .user_ensure_operator(
+            &kiln_domain::Email::parse("email", "op@example.com").unwrap(),
+            &hash,
+        )
+        .await
+        .unwrap();
+    let op = app
+        .login("op@example.com", "op-correct-horse-battery")
+        .await
+        .0;
+    let (_, created) = app.post("/v1/admin/node-tokens", &op, json!({})).await;
+    let mut tx = app.store().begin().await.unwrap();
+    let node = app
+        .store()
+        .node_join(
+            &mut tx,
+            kiln_store::NewNode {
+                token: &kiln_auth::SecretDigest::of(created["token"].as_str().unwrap()),
+                hostname: "gpu-01",
+                agent_version: "0.1.0",
+                credential: &kiln_auth::OpaqueSecret::generate("kiln_ncr").digest(),
+            },
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    app.store()
+        .node_register(
+            node,
+            &kiln_store::NodeRegistration {
+                hostname: "gpu-01".into(),
+                agent_version: "0.1.0".into(),
+                protocol_minor: 0,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+                cpu_cores: 32,
+                memory_mib: 262_144,
+                disk_gib: 500,
+                gpus: vec![kiln_store::GpuRegistration {
+                    uuid: "GPU-l40s-0".into(),
+                    index: 0,
+                    model: "NVIDIA L40S".into(),
+                    gpu_type: Some("l40s-48gb".into()),
+                    memory_mib: 46_068,
+                    pci_bus_id: "00000000:41:00.0".into(),
+                    numa_node: Some(1),
+                    iommu_group: None,
+                    mig_capable: false,
+                    mig_enabled: false,
+                    mig_instances: vec![],
+                    nvlink_peers: vec![],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    let node = node.to_string();
+
+    const NODES: &str = "{ nodes { items { id hostname state gpuSummary { count gpuTypes } \
+                         gpus { uuid health allocated } } } }";
+    let body = gql(&app, Some(&op), NODES, json!({})).await;
+    let items = &data(&body)["nodes"]["items"];
+    assert_eq!(
+        items,
+        &json!([{"id": node, "hostname": "gpu-01", "state": "ready",
+                 "gpuSummary": {"count": 1, "gpuTypes": ["l40s-48gb"]},
+                 "gpus": [{"uuid": "GPU-l40s-0", "health": "healthy", "allocated": false}]}])
+    );
+
+    const CORDON: &str = "mutation($id: ID!) { cordonNode(id: $id) { id state adminState } }";
+    let body = gql(&app, Some(&op), CORDON, json!({ "id": node })).await;
+    assert_eq!(
+        data(&body)["cordonNode"],
+        json!({"id": node, "state": "cordoned", "adminState": "cordoned"})
+    );
+    let body = gql(
+        &app,
+        Some(&op),
+        "query($id: ID!) { node(id: $id) { state gpus { uuid } gpuEvents { kind } } }",
+        json!({ "id": node }),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["node"],
+        json!({"state": "cordoned", "gpus": [{"uuid": "GPU-l40s-0"}], "gpuEvents": []})
+    );
+    let body = gql(
+        &app,
+        Some(&op),
+        "mutation($id: ID!) { uncordonNode(id: $id) { state } drainNode(id: $id) { state } }",
+        json!({ "id": node }),
+    )
+    .await;
+    assert_eq!(
+        data(&body),
+        &json!({"uncordonNode": {"state": "ready"}, "drainNode": {"state": "draining"}})
+    );
+    let body = gql(
+        &app,
+        Some(&op),
+        "{ fleetCapacity { items { gpuType total schedulable } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["fleetCapacity"]["items"],
+        json!([{"gpuType": "l40s-48gb", "total": 1, "schedulable": 0}])
+    );
+
+    // Anyone else: not found, and nothing changes.
+    let ada = app.user("ada").await;
+    let body = gql(&app, Some(&ada.access_token), NODES, json!({})).await;
+    assert_eq!(only_error(&body).0, "not-found", "{body}");
+    assert_eq!(body["data"]["nodes"], Value::Null);
+    let body = gql(&app, Some(&ada.access_token), CORDON, json!({ "id": node })).await;
+    assert_eq!(only_error(&body).0, "not-found", "{body}");
+    let (_, one) = app.get(&format!("/v1/admin/nodes/{node}"), &op).await;
+    assert_eq!(one["state"], "draining");
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_events WHERE action LIKE 'node.%'")
+            .fetch_one(app.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(n, 3, "cordon, uncordon and drain by the operator only");
+}
+
 #[test]
 fn schema_graphql_is_up_to_date() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql");

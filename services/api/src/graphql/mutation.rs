@@ -180,4 +180,31 @@ impl MutationRoot {
         commit(tx).await?;
         Ok(Some(view))
     }
+
+    /// Operators only: cordon a node (it keeps its work, takes no new work).
+    async fn cordon_node(&self, ctx: &Context<'_>, id: ID) -> Result<Option<NodeView>> {
+        Ok(Some(
+            ops::fleet::cordon(state(ctx), caller(ctx)?, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// Operators only: uncordon a node (it takes new work again; ends a drain).
+    async fn uncordon_node(&self, ctx: &Context<'_>, id: ID) -> Result<Option<NodeView>> {
+        Ok(Some(
+            ops::fleet::uncordon(state(ctx), caller(ctx)?, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// Operators only: drain a node (no new work; its work is moved or stopped).
+    async fn drain_node(&self, ctx: &Context<'_>, id: ID) -> Result<Option<NodeView>> {
+        Ok(Some(
+            ops::fleet::drain(state(ctx), caller(ctx)?, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
 }

@@ -1,4 +1,5 @@
-//! Reads: the same as `GET /v1/me`, `/v1/orgs…`, members, API keys and the audit log.
+//! Reads: the same as `GET /v1/me`, `/v1/orgs…`, members, API keys, the audit log and (for
+//! operators) `/v1/admin/nodes…` and `/v1/admin/capacity`.
 //!
 //! Root fields are nullable so that one failing field does not null its siblings.
 
@@ -112,5 +113,46 @@ impl QueryRoot {
         .await
         .map_err(gql)?;
         Ok(Some(list))
+    }
+
+    /// Operators only (`not-found` for anyone else): nodes, oldest first, with their GPUs and
+    /// what runs on each.
+    async fn nodes(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<NodeList>> {
+        let list = ops::fleet::list(
+            state(ctx),
+            caller(ctx)?,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// Operators only: one node in full, with its newest GPU events.
+    async fn node(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The node's id (`node_…`).")] id: ID,
+    ) -> Result<Option<NodeDetailView>> {
+        Ok(Some(
+            ops::fleet::get(state(ctx), caller(ctx)?, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// Operators only: GPU capacity per GPU type.
+    async fn fleet_capacity(&self, ctx: &Context<'_>) -> Result<Option<FleetCapacityView>> {
+        Ok(Some(
+            ops::fleet::capacity(state(ctx), caller(ctx)?)
+                .await
+                .map_err(gql)?,
+        ))
     }
 }
