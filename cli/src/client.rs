@@ -180,6 +180,11 @@ impl Client {
             .await
     }
 
+    /// A `POST` that changes something in place (no `Idempotency-Key`: doing it twice is harmless).
+    pub async fn post(&mut self, path: &str, body: &Value) -> Result<Value> {
+        self.authed(Method::POST, path, &[], Some(body), None).await
+    }
+
     pub async fn patch(&mut self, path: &str, body: &Value) -> Result<Value> {
         self.authed(Method::PATCH, path, &[], Some(body), None)
             .await

@@ -93,8 +93,39 @@ enum AdminCommand {
         #[arg(long)]
         note: Option<String>,
     },
-    /// List the nodes that have joined.
-    Nodes,
+    /// The fleet's nodes [default: list].
+    Nodes {
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
+    },
+    /// GPU capacity per GPU type: present, schedulable, unhealthy.
+    Capacity,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List the nodes that have joined, with their GPUs at a glance.
+    List,
+    /// One node: its GPUs with health, utilisation, memory and what runs on each.
+    Show {
+        #[arg(value_name = "NODE_ID")]
+        node: String,
+    },
+    /// Cordon a node: it keeps its work and takes no new work.
+    Cordon {
+        #[arg(value_name = "NODE_ID")]
+        node: String,
+    },
+    /// Uncordon a node: it takes new work again (this also ends a drain).
+    Uncordon {
+        #[arg(value_name = "NODE_ID")]
+        node: String,
+    },
+    /// Drain a node: no new work, and its work is moved or stopped.
+    Drain {
+        #[arg(value_name = "NODE_ID")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,7 +278,16 @@ async fn run(cli: Cli) -> Result<()> {
             AdminCommand::NodeToken { ttl_secs, note } => {
                 admin_node_token(&mut ctx, ttl_secs, note).await
             }
-            AdminCommand::Nodes => admin_nodes(&mut ctx).await,
+            AdminCommand::Nodes { command } => match command.unwrap_or(NodesCommand::List) {
+                NodesCommand::List => admin_nodes(&mut ctx).await,
+                NodesCommand::Show { node } => admin_node_show(&mut ctx, &node).await,
+                NodesCommand::Cordon { node } => admin_node_set(&mut ctx, &node, "cordon").await,
+                NodesCommand::Uncordon { node } => {
+                    admin_node_set(&mut ctx, &node, "uncordon").await
+                }
+                NodesCommand::Drain { node } => admin_node_set(&mut ctx, &node, "drain").await,
+            },
+            AdminCommand::Capacity => admin_capacity(&mut ctx).await,
         },
     }
 }
@@ -805,23 +845,251 @@ async fn admin_node_token(ctx: &mut Ctx, ttl_secs: u32, note: Option<String>) ->
 async fn admin_nodes(ctx: &mut Ctx) -> Result<()> {
     let list = ctx.client.list_all("/v1/admin/nodes").await?;
     ctx.show(&list, |list| {
-        let rows = list["items"]
+        let rows = items(list).iter().map(|n| {
+            let s = &n["gpu_summary"];
+            vec![
+                cell(n, "id"),
+                cell(n, "hostname"),
+                cell(n, "state"),
+                gpu_count(s),
+                format!(
+                    "{}/{}/{}",
+                    cell(s, "healthy"),
+                    cell(s, "degraded"),
+                    cell(s, "unhealthy")
+                ),
+                cell(s, "allocated"),
+                s["mean_sm_util_pct"]
+                    .as_f64()
+                    .map_or_else(|| "-".to_owned(), |u| format!("{u:.0}%")),
+                cell(n, "agent_version"),
+                when(n, "last_heartbeat_at"),
+            ]
+        });
+        output::table(
+            &[
+                "ID",
+                "HOSTNAME",
+                "STATE",
+                "GPUS",
+                "OK/DEGRADED/BAD",
+                "ALLOCATED",
+                "SM UTIL",
+                "AGENT",
+                "LAST HEARTBEAT",
+            ],
+            rows,
+        );
+    });
+    Ok(())
+}
+
+/// "8 × h100-80gb" (or "-" without GPUs).
+fn gpu_count(summary: &Value) -> String {
+    let count = summary["count"].as_i64().unwrap_or(0);
+    if count == 0 {
+        return "-".to_owned();
+    }
+    let types: Vec<&str> = summary["gpu_types"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    format!("{count} × {}", types.join(", "))
+}
+
+async fn admin_node_show(ctx: &mut Ctx, node: &str) -> Result<()> {
+    let n = ctx
+        .client
+        .get(&format!("/v1/admin/nodes/{}", seg(node)))
+        .await?;
+    ctx.show(&n, |n| {
+        output::fields(&[
+            ("Node", cell(n, "id")),
+            ("Hostname", cell(n, "hostname")),
+            (
+                "State",
+                format!(
+                    "{} (admin {}, {})",
+                    cell(n, "state"),
+                    cell(n, "admin_state"),
+                    cell(n, "liveness")
+                ),
+            ),
+            (
+                "Versions",
+                format!(
+                    "agent {}, driver {}, CUDA {}",
+                    cell(n, "agent_version"),
+                    cell(n, "driver_version"),
+                    cell(n, "cuda_version")
+                ),
+            ),
+            (
+                "Host",
+                format!(
+                    "{} CPUs, {} GiB memory, {} GiB disk",
+                    cell(n, "cpu_cores"),
+                    n["memory_mib"].as_i64().unwrap_or(0) / 1024,
+                    cell(n, "disk_gib")
+                ),
+            ),
+            ("Joined", when(n, "joined_at")),
+            ("Last heartbeat", when(n, "last_heartbeat_at")),
+            (
+                "Revisions",
+                format!(
+                    "{} applied of {}",
+                    cell(n, "applied_revision"),
+                    cell(n, "assignment_revision")
+                ),
+            ),
+            ("GPUs", gpu_count(&n["gpu_summary"])),
+        ]);
+        let gpus = n["gpus"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if !gpus.is_empty() {
+            println!();
+            output::table(
+                &[
+                    "IDX", "UUID", "TYPE", "HEALTH", "SM", "MEMORY", "TEMP", "POWER", "MIG",
+                    "RUNNING",
+                ],
+                gpus.iter().map(gpu_row),
+            );
+        }
+        let events = n["gpu_events"]
             .as_array()
             .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(|n| {
-                vec![
-                    cell(n, "id"),
-                    cell(n, "hostname"),
-                    cell(n, "state"),
-                    cell(n, "agent_version"),
-                    when(n, "last_heartbeat_at"),
-                ]
-            });
+            .unwrap_or_default();
+        if !events.is_empty() {
+            println!();
+            output::table(
+                &["WHEN", "GPU", "KIND", "MESSAGE"],
+                events.iter().map(|e| {
+                    vec![
+                        when(e, "at"),
+                        cell(e, "gpu_uuid"),
+                        match e["code"].as_i64() {
+                            Some(code) => format!("{} {code}", cell(e, "kind")),
+                            None => cell(e, "kind"),
+                        },
+                        cell(e, "message"),
+                    ]
+                }),
+            );
+        }
+    });
+    Ok(())
+}
+
+fn gpu_row(g: &Value) -> Vec<String> {
+    let pct = |k: &str| {
+        g[k].as_i64()
+            .map_or_else(|| "-".to_owned(), |v| format!("{v}%"))
+    };
+    let health = match g["health_reason"].as_str() {
+        Some(r) if !r.is_empty() => format!("{} ({r})", cell(g, "health")),
+        _ => cell(g, "health"),
+    };
+    let total = g["memory_mib"].as_i64().unwrap_or(0);
+    let memory = match g["memory_used_mib"].as_i64() {
+        Some(used) => format!("{} / {} MiB", used, total),
+        None => format!("{total} MiB"),
+    };
+    let mig = g["mig_instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    format!(
+                        "{}@{}{}",
+                        cell(m, "profile"),
+                        cell(m, "start"),
+                        if m["allocated"].as_bool() == Some(true) {
+                            "*"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".to_owned());
+    let running = g["assignments"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|w| {
+                    format!(
+                        "{} {} ({})",
+                        cell(w, "kind"),
+                        cell(w, "id"),
+                        cell(w, "state")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".to_owned());
+    vec![
+        cell(g, "index"),
+        cell(g, "uuid"),
+        g["gpu_type"]
+            .as_str()
+            .map_or_else(|| cell(g, "model"), str::to_owned),
+        health,
+        pct("sm_util_pct"),
+        memory,
+        g["temperature_c"]
+            .as_i64()
+            .map_or_else(|| "-".to_owned(), |t| format!("{t}C")),
+        g["power_w"]
+            .as_f64()
+            .map_or_else(|| "-".to_owned(), |p| format!("{p:.0}W")),
+        mig,
+        running,
+    ]
+}
+
+async fn admin_node_set(ctx: &mut Ctx, node: &str, action: &str) -> Result<()> {
+    let n = ctx
+        .client
+        .post(
+            &format!("/v1/admin/nodes/{}/{action}", seg(node)),
+            &json!({}),
+        )
+        .await?;
+    ctx.show(&n, |n| {
+        let done = match action {
+            "cordon" => "Cordoned",
+            "uncordon" => "Uncordoned",
+            _ => "Draining",
+        };
+        println!(
+            "{done} {} ({}): state {}.",
+            cell(n, "hostname"),
+            cell(n, "id"),
+            cell(n, "state")
+        );
+    });
+    Ok(())
+}
+
+async fn admin_capacity(ctx: &mut Ctx) -> Result<()> {
+    let c = ctx.client.get("/v1/admin/capacity").await?;
+    ctx.show(&c, |c| {
         output::table(
-            &["ID", "HOSTNAME", "STATE", "AGENT", "LAST HEARTBEAT"],
-            rows,
+            &["GPU TYPE", "PRESENT", "SCHEDULABLE", "UNHEALTHY"],
+            items(c).iter().map(|r| {
+                vec![
+                    cell(r, "gpu_type"),
+                    cell(r, "total"),
+                    cell(r, "schedulable"),
+                    cell(r, "unhealthy"),
+                ]
+            }),
         );
     });
     Ok(())

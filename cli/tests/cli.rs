@@ -477,3 +477,133 @@ async fn operators_mint_node_tokens_and_others_cannot(pool: sqlx::PgPool) {
         refused.stderr
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn operators_inspect_nodes_and_cordon_them(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let hash = app.state.hasher.hash("operator password 123").unwrap();
+    let email = kiln_domain::Email::parse("email", "ops@example.com").unwrap();
+    app.store()
+        .user_ensure_operator(&email, &hash)
+        .await
+        .unwrap();
+    // A node that joined (its join is tested elsewhere) and registered one GPU.
+    let node = kiln_domain::NodeId::new();
+    sqlx::query(
+        "INSERT INTO nodes (id, hostname, agent_version, credential_hash)
+         VALUES ($1, 'gpu-07', '0.1.0', decode(md5(random()::text), 'hex'))",
+    )
+    .bind(node.as_uuid())
+    .execute(app.store().pool())
+    .await
+    .unwrap();
+    app.store()
+        .node_register(
+            node,
+            &kiln_store::NodeRegistration {
+                hostname: "gpu-07".into(),
+                agent_version: "0.1.0".into(),
+                protocol_minor: 0,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+                cpu_cores: 32,
+                memory_mib: 262_144,
+                disk_gib: 500,
+                gpus: vec![kiln_store::GpuRegistration {
+                    uuid: "GPU-a100-0".into(),
+                    index: 0,
+                    model: "NVIDIA A100-SXM4-40GB".into(),
+                    gpu_type: Some("a100-40gb".into()),
+                    memory_mib: 40_960,
+                    pci_bus_id: "00000000:07:00.0".into(),
+                    numa_node: Some(0),
+                    iommu_group: None,
+                    mig_capable: true,
+                    mig_enabled: false,
+                    mig_instances: vec![],
+                    nvlink_peers: vec![],
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    app.store()
+        .node_heartbeat(
+            node,
+            0,
+            &[kiln_store::GpuHealthReport {
+                uuid: "GPU-a100-0".into(),
+                health: "unhealthy",
+                reason: "XID 48: double-bit ECC error".into(),
+            }],
+        )
+        .await
+        .unwrap();
+    let node = node.to_string();
+    let ops = Kiln::new(&app);
+    ops.login("ops@example.com", "operator password 123")
+        .await
+        .ok();
+
+    // `kiln admin nodes` is still the list.
+    for args in [&["admin", "nodes"][..], &["admin", "nodes", "list"]] {
+        let out = ops.run(args).await.ok();
+        assert!(out.stdout.contains("gpu-07"), "{}", out.stdout);
+        assert!(out.stdout.contains("1 × a100-40gb"), "{}", out.stdout);
+        assert!(out.stdout.contains("0/0/1"), "{}", out.stdout);
+    }
+    let shown = ops.run(&["admin", "nodes", "show", &node]).await.ok();
+    assert!(shown.stdout.contains("GPU-a100-0"), "{}", shown.stdout);
+    assert!(
+        shown
+            .stdout
+            .contains("unhealthy (XID 48: double-bit ECC error)"),
+        "{}",
+        shown.stdout
+    );
+    let shown = ops
+        .run(&["admin", "nodes", "show", &node, "--output", "json"])
+        .await
+        .ok();
+    assert_eq!(shown.json()["gpus"][0]["health"], "unhealthy");
+
+    let cordoned = ops.run(&["admin", "nodes", "cordon", &node]).await.ok();
+    assert!(
+        cordoned.stdout.contains("state cordoned"),
+        "{}",
+        cordoned.stdout
+    );
+    let drained = ops
+        .run(&["admin", "nodes", "drain", &node, "--output", "json"])
+        .await
+        .ok();
+    assert_eq!(drained.json()["state"], "draining");
+    let back = ops.run(&["admin", "nodes", "uncordon", &node]).await.ok();
+    assert!(back.stdout.contains("state ready"), "{}", back.stdout);
+
+    let capacity = ops
+        .run(&["admin", "capacity", "--output", "json"])
+        .await
+        .ok();
+    assert_eq!(
+        capacity.json()["items"],
+        json!([{"gpu_type": "a100-40gb", "total": 1, "schedulable": 0, "unhealthy": 1}])
+    );
+    let table = ops.run(&["admin", "capacity"]).await.ok();
+    assert!(table.stdout.contains("a100-40gb"), "{}", table.stdout);
+
+    let missing = ops
+        .run(&[
+            "admin",
+            "nodes",
+            "cordon",
+            "node_0190a0b0c0d0e0f00000000000000001",
+        ])
+        .await;
+    assert_eq!(missing.code, 1);
+    assert!(
+        missing.stderr.to_lowercase().contains("not found"),
+        "{}",
+        missing.stderr
+    );
+}
