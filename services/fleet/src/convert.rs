@@ -203,8 +203,6 @@ pub fn samples(report: &MetricsReport) -> Result<Vec<GpuSampleReport>, Status> {
                 memory_used_mib: i64::try_from(s.memory_used_mib).ok(),
                 ecc_corrected: i64::try_from(s.ecc_corrected).ok(),
                 ecc_uncorrected: i64::try_from(s.ecc_uncorrected).ok(),
-                health: health(s.health).unwrap_or("healthy"),
-                health_reason: String::new(),
                 xids,
             }
         })

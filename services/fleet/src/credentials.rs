@@ -14,10 +14,13 @@ use kiln_domain::NodeId;
 /// Past this many entries, expired ones are swept on insert.
 const SWEEP_ABOVE: usize = 50_000;
 
+/// Credential digest → (node, when verified).
+type Entries = HashMap<Vec<u8>, (NodeId, Instant)>;
+
 #[derive(Debug, Clone)]
 pub struct CredentialCache {
     ttl: Duration,
-    entries: Arc<Mutex<HashMap<Vec<u8>, (NodeId, Instant)>>>,
+    entries: Arc<Mutex<Entries>>,
 }
 
 impl CredentialCache {
@@ -28,7 +31,7 @@ impl CredentialCache {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, (NodeId, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -92,8 +92,6 @@ pub struct GpuSampleReport {
     pub memory_used_mib: Option<i64>,
     pub ecc_corrected: Option<i64>,
     pub ecc_uncorrected: Option<i64>,
-    pub health: &'static str,
-    pub health_reason: String,
     /// (code, message) of XID events since the previous sample.
     pub xids: Vec<(i32, String)>,
 }
@@ -400,7 +398,8 @@ impl Store {
         Ok(())
     }
 
-    /// Record one metrics report: each GPU's latest sample and health, and its XID events.
+    /// Record one metrics report: each GPU's latest sample and its XID events. Health is the
+    /// heartbeat's to set (it carries the reason, and both would otherwise flap the reason).
     pub async fn node_metrics(&self, node: NodeId, samples: &[GpuSampleReport]) -> StoreResult<()> {
         if samples.is_empty() {
             return Ok(());
@@ -432,15 +431,6 @@ impl Store {
         .bind(col(&|s| s.ecc_uncorrected))
         .execute(&self.pool)
         .await?;
-        let health: Vec<GpuHealthReport> = samples
-            .iter()
-            .map(|s| GpuHealthReport {
-                uuid: s.uuid.clone(),
-                health: s.health,
-                reason: s.health_reason.clone(),
-            })
-            .collect();
-        self.gpu_health_update(node, &health).await?;
         let xids: Vec<(&str, i32, &str)> = samples
             .iter()
             .flat_map(|s| {
