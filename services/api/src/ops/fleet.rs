@@ -326,8 +326,8 @@ fn gpu_views(gpus: &[GpuRecord], work: &NodeWork) -> Vec<GpuView> {
                     .mig_instances
                     .0
                     .iter()
-                    .find(|m| a.gpu_uuids.iter().any(|u| *u == m.uuid));
-                if !(a.gpu_uuids.iter().any(|u| *u == g.uuid) || mig.is_some()) {
+                    .find(|m| a.gpu_uuids.contains(&m.uuid));
+                if !(a.gpu_uuids.contains(&g.uuid) || mig.is_some()) {
                     continue;
                 }
                 let (state, reason) = match work.observed.get(&a.id) {

@@ -314,8 +314,6 @@ fn sample(uuid: &str, sm: i32, used: i64) -> GpuSampleReport {
         memory_used_mib: Some(used),
         ecc_corrected: Some(0),
         ecc_uncorrected: Some(0),
-        health: "healthy",
-        health_reason: String::new(),
         xids: vec![],
     }
 }
