@@ -555,3 +555,258 @@ async fn viewers_see_read_only_pages_and_the_server_enforces_it(pool: PgPool) {
 
     app.stop().await;
 }
+
+// ---- the operators' fleet page ----
+
+/// Make `user` the deployment's operator (as `KILN_ADMIN_EMAIL` does at start-up).
+async fn make_operator(app: &TestApp, email: &str) {
+    sqlx::query("UPDATE users SET is_operator = true WHERE email = $1")
+        .bind(email)
+        .execute(app.store().pool())
+        .await
+        .expect("make an operator");
+}
+
+/// A node with two H100s (GPU 1 split into two MIG instances) whose GPU 0 reports unhealthy.
+/// The node is inserted directly: joining is tested with the node-control service.
+async fn fleet_node(app: &TestApp, hostname: &str) -> String {
+    sqlx::query(
+        "INSERT INTO nodes (id, hostname, agent_version, credential_hash)
+         VALUES (gen_random_uuid(), $1, '0.1.0', decode(md5(random()::text), 'hex'))",
+    )
+    .bind(hostname)
+    .execute(app.store().pool())
+    .await
+    .expect("insert a node");
+    let page = app
+        .store()
+        .node_list(kiln_store::PageRequest {
+            limit: 50,
+            after: None,
+        })
+        .await
+        .expect("list nodes");
+    let id = page
+        .items
+        .iter()
+        .find(|n| n.hostname == hostname)
+        .expect("the node")
+        .id;
+    let gpu = |index: u32, mig: Vec<kiln_store::MigInstanceRecord>| kiln_store::GpuRegistration {
+        uuid: format!("GPU-{hostname}-{index}"),
+        index,
+        model: "NVIDIA H100 80GB HBM3".into(),
+        gpu_type: Some("h100-80gb".into()),
+        memory_mib: 81_559,
+        pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + index),
+        numa_node: Some(0),
+        iommu_group: None,
+        mig_capable: true,
+        mig_enabled: !mig.is_empty(),
+        mig_instances: mig,
+        nvlink_peers: vec![],
+    };
+    let mig = |start: u32, size: u32| kiln_store::MigInstanceRecord {
+        profile: format!("{size}g.{}gb", size * 10),
+        start,
+        size,
+        uuid: format!("MIG-{hostname}-{start}"),
+    };
+    app.store()
+        .node_register(
+            id,
+            &kiln_store::NodeRegistration {
+                hostname: hostname.to_owned(),
+                agent_version: "0.1.0".into(),
+                protocol_minor: 0,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+                cpu_cores: 96,
+                memory_mib: 1_048_576,
+                disk_gib: 2000,
+                gpus: vec![gpu(0, vec![]), gpu(1, vec![mig(0, 4), mig(4, 4)])],
+            },
+        )
+        .await
+        .expect("register");
+    app.store()
+        .node_heartbeat(
+            id,
+            0,
+            &[kiln_store::GpuHealthReport {
+                uuid: format!("GPU-{hostname}-0"),
+                health: "unhealthy",
+                reason: "XID 79: GPU has fallen off the bus".into(),
+            }],
+        )
+        .await
+        .expect("heartbeat");
+    id.to_string()
+}
+
+/// An operator opens the fleet page from the top bar, sees the unhealthy GPU coloured and the
+/// MIG slices inside their GPU, and cordons the node with a click.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_operator_sees_the_fleet_grid_and_cordons_a_node(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let op = app.user("op").await;
+    make_operator(&app, &op.email).await;
+    let node = fleet_node(&app, "gpu-01").await;
+    let driver = Chromedriver::start().await;
+    let b = Browser::open(&driver, "fleet").await;
+
+    b.goto(&format!("{}/login", app.url)).await;
+    b.fill("#email", &op.email).await;
+    b.fill("#password", &op.password).await;
+    b.click("#sign-in").await;
+    b.wait_for("#org-list").await;
+    b.click("#nav-fleet").await;
+    b.wait_for("#fleet-grid").await;
+    b.screenshot("fleet").await;
+
+    let row = format!("[data-node=\"{node}\"]");
+    assert_eq!(b.text(&format!("{row} .node-state")).await, "ready");
+    let bad = b
+        .wait_for(&format!("{row} .gpu[data-gpu=\"GPU-gpu-01-0\"]"))
+        .await;
+    assert_eq!(
+        bad.attr("data-health").await.unwrap().as_deref(),
+        Some("unhealthy")
+    );
+    let title = bad.attr("title").await.unwrap().unwrap_or_default();
+    assert!(
+        title.contains("XID 79: GPU has fallen off the bus"),
+        "{title}"
+    );
+    // Coloured: a red border, unlike the healthy GPU beside it.
+    let border = bad.css_value("border-top-color").await.unwrap();
+    let good = b
+        .wait_for(&format!("{row} .gpu[data-gpu=\"GPU-gpu-01-1\"]"))
+        .await;
+    let good_border = good.css_value("border-top-color").await.unwrap();
+    assert!(border.contains("185, 28, 28"), "unhealthy border: {border}");
+    assert_ne!(border, good_border);
+    // Two MIG instances, each four of the GPU's eight slices wide, side by side.
+    let slices = good
+        .find_all(fantoccini_css(".mig-slice"))
+        .await
+        .expect("MIG slices");
+    assert_eq!(slices.len(), 2);
+    let (first, second) = (
+        slices[0].rectangle().await.unwrap(),
+        slices[1].rectangle().await.unwrap(),
+    );
+    assert!(second.0 > first.0 + first.2 * 0.9, "{first:?} {second:?}");
+    assert!((first.2 - second.2).abs() < 2.0, "{first:?} {second:?}");
+    assert!(b.text("#capacity").await.contains("h100-80gb"));
+
+    b.click(&format!("{row} button[data-action=\"cordon\"]"))
+        .await;
+    let notice = b.text("#notice").await;
+    assert!(notice.contains("Cordoned gpu-01"), "notice: {notice}");
+    assert_eq!(b.text(&format!("{row} .node-state")).await, "cordoned");
+    b.screenshot("fleet-cordoned").await;
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE hostname = 'gpu-01'")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(state, "cordoned");
+
+    b.close().await;
+    drop(driver);
+    app.stop().await;
+}
+
+/// Without a browser: the page and its buttons are invisible to tenants, cross-site posts are
+/// refused, and a retired node's refusal is shown on the page.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn the_fleet_page_is_for_operators_only(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let op = app.user("op").await;
+    make_operator(&app, &op.email).await;
+    let ada = app.user("ada").await;
+    let node = fleet_node(&app, "gpu-01").await;
+    let http = no_redirects();
+
+    let tenant = cookie_header(&console_login(&app, &ada.email, &ada.password).await);
+    let dashboard = http
+        .get(format!("{}/", app.url))
+        .header("cookie", &tenant)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !dashboard.contains("nav-fleet"),
+        "no Fleet link for tenants"
+    );
+    let resp = http
+        .get(format!("{}/admin/fleet", app.url))
+        .header("cookie", &tenant)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(!resp.text().await.unwrap().contains("gpu-01"));
+    let resp = http
+        .post(format!("{}/admin/fleet/{node}/cordon", app.url))
+        .header("cookie", &tenant)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+
+    let operator = cookie_header(&console_login(&app, &op.email, &op.password).await);
+    let page = http
+        .get(format!("{}/admin/fleet", app.url))
+        .header("cookie", &operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("id=\"nav-fleet\""));
+    assert!(html.contains("gpu-free gpu-unhealthy"), "{html}");
+    assert!(html.contains("mig-slice mig-start-4 mig-size-4"), "{html}");
+
+    // Another site cannot make the operator's browser drain a node.
+    let resp = http
+        .post(format!("{}/admin/fleet/{node}/drain", app.url))
+        .header("cookie", &operator)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = http
+        .post(format!("{}/admin/fleet/{node}/drain", app.url))
+        .header("cookie", &operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(resp.headers()), "/admin/fleet");
+    let (state,): (String,) = sqlx::query_as("SELECT state FROM nodes WHERE hostname = 'gpu-01'")
+        .fetch_one(app.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(state, "draining");
+
+    // A retired node: the page says why nothing happened.
+    sqlx::query("UPDATE nodes SET admin_state = 'retired' WHERE hostname = 'gpu-01'")
+        .execute(app.store().pool())
+        .await
+        .unwrap();
+    let resp = http
+        .post(format!("{}/admin/fleet/{node}/uncordon", app.url))
+        .header("cookie", &operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let html = resp.text().await.unwrap();
+    assert!(html.contains("id=\"alert\""), "{html}");
+    assert!(html.contains("is retired"), "{html}");
+}

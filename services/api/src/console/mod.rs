@@ -20,6 +20,7 @@
 
 mod audit;
 mod auth;
+mod fleet;
 mod keys;
 mod orgs;
 mod session;
@@ -41,7 +42,8 @@ use crate::views::MembershipView;
 
 pub(crate) use session::{Ctx, Flash};
 
-/// The console's routes: `/`, `/login`, `/signup`, `/logout`, `/switch`, `/orgs/…`, `/static/…`.
+/// The console's routes: `/`, `/login`, `/signup`, `/logout`, `/switch`, `/orgs/…`, the
+/// operators' `/admin/fleet`, `/static/…`.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(orgs::dashboard))
@@ -66,6 +68,8 @@ pub fn router() -> Router<AppState> {
         .route("/orgs/{org}/api-keys", get(keys::list).post(keys::create))
         .route("/orgs/{org}/api-keys/{key}/revoke", post(keys::revoke))
         .route("/orgs/{org}/audit-log", get(audit::list))
+        .route("/admin/fleet", get(fleet::page))
+        .route("/admin/fleet/{node}/{action}", post(fleet::act))
         .route("/static/{file}", get(asset))
         .layer(middleware::from_fn(guard))
 }
@@ -208,6 +212,8 @@ pub(crate) struct UserBar {
     pub orgs: Vec<MembershipView>,
     /// The org being looked at, or empty.
     pub current_org: String,
+    /// Operators get the fleet page in the top bar.
+    pub is_operator: bool,
 }
 
 /// Field errors of a failed form, each shown beside its field.

@@ -343,6 +343,7 @@ impl Ctx {
             name: me.user.name,
             orgs: me.memberships,
             current_org: current_org.unwrap_or_default().to_owned(),
+            is_operator: me.user.is_operator,
         })
     }
 
