@@ -32,9 +32,10 @@ test: ## Run every test (starts PostgreSQL and Redis; installs them and Chromium
 # Silent recipe lines: stdout carries only kiln-bench's BENCH lines (everything else is stderr).
 bench: ## Build release binaries and run kiln-bench (prints BENCH <name> <value> <unit> lines)
 	@scripts/services.sh start
-	@cargo build --release -p kiln-api -p kiln-bench
+	@cargo build --release -p kiln-api -p kiln-scheduler -p kiln-bench
 	@$(SERVICES_ENV); \
-	  KILN_API_BIN="$(CARGO_TARGET_DIR)/release/kiln-api" "$(CARGO_TARGET_DIR)/release/kiln-bench" $(BENCH_ARGS)
+	  KILN_API_BIN="$(CARGO_TARGET_DIR)/release/kiln-api" KILN_SCHEDULER_BIN="$(CARGO_TARGET_DIR)/release/kiln-scheduler" \
+	  "$(CARGO_TARGET_DIR)/release/kiln-bench" $(BENCH_ARGS)
 
 build: ## Build the whole workspace (debug)
 	cargo build --workspace --all-targets

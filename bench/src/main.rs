@@ -7,10 +7,14 @@
 //! * `api.me.*` — `GET /v1/me` under closed-loop load from N keep-alive HTTP/1.1 connections
 //!   (hyper's low-level client, one connection per task, so the client costs little).
 //!
+//! * `fleet.*` — one real `kiln-scheduler` holding 10,000 simulated agents that heartbeat, and
+//!   how long it takes to notice one that stops (see `fleet.rs`).
+//!
 //! Stdout carries only `BENCH <name> <value> <unit>` lines; everything else goes to stderr.
 //! The child and the database are removed at the end, also on failure, Ctrl-C or SIGTERM.
 //! The load targets only the child on 127.0.0.1 and is bounded in time and request count.
 
+mod fleet;
 mod load;
 mod server;
 
@@ -75,6 +79,45 @@ pub struct Args {
     /// How long kiln-api may take to migrate and to answer /healthz.
     #[arg(long, default_value_t = 60)]
     startup_timeout_secs: u64,
+
+    /// Which benchmarks to run.
+    #[arg(long, value_enum, default_value = "all")]
+    only: Only,
+
+    /// The kiln-scheduler binary [default: `kiln-scheduler` next to this executable].
+    #[arg(long, env = "KILN_SCHEDULER_BIN")]
+    scheduler_bin: Option<PathBuf>,
+
+    /// Simulated agents held by one scheduler.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    fleet_agents: u32,
+
+    /// HTTP/2 connections the agents are multiplexed over.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    fleet_connections: u32,
+
+    /// Heartbeat interval the scheduler asks for, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    fleet_heartbeat_ms: u64,
+
+    /// The scheduler's grace before a silent node is unreachable, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    fleet_unreachable_after_ms: u64,
+
+    /// Seconds of heartbeats before measuring.
+    #[arg(long, default_value_t = 12)]
+    fleet_warmup_secs: u64,
+
+    /// Measured seconds of heartbeats.
+    #[arg(long, default_value_t = 30)]
+    fleet_duration_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    All,
+    Api,
+    Fleet,
 }
 
 #[tokio::main]
@@ -102,19 +145,63 @@ fn ms(micros: u64) -> String {
 }
 
 async fn run(args: &Args) -> Result<()> {
-    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let api_bin = match &args.api_bin {
+    if args.only != Only::Fleet {
+        run_api(args).await?;
+    }
+    if args.only != Only::Api {
+        run_fleet(args).await?;
+    }
+    Ok(())
+}
+
+/// A binary next to this executable unless given.
+fn sibling(given: &Option<PathBuf>, name: &str, hint: &str) -> Result<PathBuf> {
+    let path = match given {
         Some(path) => path.clone(),
         None => std::env::current_exe()
             .context("locating this executable")?
-            .with_file_name("kiln-api"),
+            .with_file_name(name),
     };
-    if !api_bin.is_file() {
-        bail!(
-            "kiln-api binary not found at {} (set KILN_API_BIN or --api-bin)",
-            api_bin.display()
-        );
+    if !path.is_file() {
+        bail!("{name} binary not found at {} ({hint})", path.display());
     }
+    Ok(path)
+}
+
+async fn run_fleet(args: &Args) -> Result<()> {
+    let scheduler_bin = sibling(
+        &args.scheduler_bin,
+        "kiln-scheduler",
+        "set KILN_SCHEDULER_BIN or --scheduler-bin",
+    )?;
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let mut child = None;
+    let plan = fleet::FleetPlan {
+        agents: args.fleet_agents,
+        connections: args.fleet_connections,
+        warmup: Duration::from_secs(args.fleet_warmup_secs),
+        duration: Duration::from_secs(args.fleet_duration_secs),
+        heartbeat_ms: args.fleet_heartbeat_ms,
+        unreachable_after_ms: args.fleet_unreachable_after_ms,
+        startup: Duration::from_secs(args.startup_timeout_secs),
+    };
+    let outcome = tokio::select! {
+        r = fleet::run(&plan, &scheduler_bin, &db.url, &mut child, |n, v, u| figure(n, v, u)) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
+    if let Some(child) = child {
+        server::stop(child).await;
+    }
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_api(args: &Args) -> Result<()> {
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let api_bin = sibling(&args.api_bin, "kiln-api", "set KILN_API_BIN or --api-bin")?;
 
     let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
     let mut child = None;

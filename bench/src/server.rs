@@ -159,7 +159,7 @@ pub async fn stop(mut child: Child) {
 }
 
 /// A loopback port nobody listens on right now.
-fn free_port() -> Result<SocketAddr> {
+pub fn free_port() -> Result<SocketAddr> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?)

@@ -19,8 +19,10 @@ pub mod credentials;
 pub mod hub;
 pub mod watch;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -50,6 +52,9 @@ pub const NODE_CREDENTIAL_PREFIX: &str = "kiln_ncr";
 const MAX_HOSTNAME: usize = 253;
 const MAX_AGENT_VERSION: usize = 64;
 
+/// How long an unchanged GPU health report is skipped before it is written again.
+const HEALTH_REWRITE: Duration = Duration::from_secs(60);
+
 /// How the service talks to agents.
 #[derive(Debug, Clone, Copy)]
 pub struct FleetConfig {
@@ -77,6 +82,11 @@ impl Default for FleetConfig {
 #[derive(Clone, Debug)]
 pub struct NodeControlService {
     store: Store,
+    /// Where heartbeats and samples are written: may be a relaxed-durability pool
+    /// ([`Store::connect_relaxed`]), since the next report restates them.
+    liveness: Store,
+    /// The GPU health last written per node, so an unchanged report costs no statement.
+    health_written: Arc<Mutex<HashMap<NodeId, (u64, Instant)>>>,
     config: FleetConfig,
     hub: WatchHub,
     credentials: CredentialCache,
@@ -88,11 +98,49 @@ impl NodeControlService {
     pub fn new(store: Store, config: FleetConfig) -> Self {
         let credentials = CredentialCache::new(config.credential_cache_ttl);
         Self {
+            liveness: store.clone(),
             store,
+            health_written: Arc::default(),
             config,
             hub: WatchHub::new(credentials.clone()),
             credentials,
         }
+    }
+
+    /// Write heartbeats and metrics samples through `store` (e.g. a relaxed-durability pool).
+    pub fn with_liveness_store(mut self, store: Store) -> Self {
+        self.liveness = store;
+        self
+    }
+
+    /// Whether this GPU health differs from what this replica last wrote for the node (or that
+    /// was long enough ago to write again, in case another replica wrote something else).
+    fn health_changed(&self, node: NodeId, health: &[kiln_store::GpuHealthReport]) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for r in health {
+            (&r.uuid, r.health, &r.reason).hash(&mut h);
+        }
+        let digest = h.finish();
+        let mut written = self
+            .health_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match written.get(&node) {
+            Some((d, at)) if *d == digest && at.elapsed() < HEALTH_REWRITE => false,
+            _ => {
+                written.insert(node, (digest, Instant::now()));
+                true
+            }
+        }
+    }
+
+    fn forget_health(&self, node: NodeId) {
+        let mut written = self
+            .health_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        written.remove(&node);
     }
 
     pub fn hub(&self) -> &WatchHub {
@@ -292,6 +340,8 @@ impl NodeControl for NodeControlService {
             )));
         }
         let registration = convert::registration(&register)?;
+        // A (re)registration starts over: the next heartbeat writes its GPU health.
+        self.forget_health(node);
         let status = self
             .store
             .node_register(node, &registration)
@@ -320,12 +370,18 @@ impl NodeControl for NodeControlService {
         let node = self.authenticate(&request).await?;
         let beat = request.into_inner();
         check_node(node, &beat.node_id)?;
-        let health = convert::health_reports(&beat.gpu_health)?;
+        let mut health = convert::health_reports(&beat.gpu_health)?;
+        if !self.health_changed(node, &health) {
+            health.clear();
+        }
         let status = self
-            .store
+            .liveness
             .node_heartbeat(node, beat.last_applied_revision, &health)
             .await
-            .map_err(|e| store_status("heartbeat", e))?;
+            .map_err(|e| {
+                self.forget_health(node);
+                store_status("heartbeat", e)
+            })?;
         if let Some(was) = &status.recovered_from {
             tracing::info!(%node, was, state = status.state, "node is back");
         }
@@ -346,7 +402,7 @@ impl NodeControl for NodeControlService {
         while let Some(report) = reports.message().await? {
             check_node(node, &report.node_id)?;
             let samples = convert::samples(&report)?;
-            self.store
+            self.liveness
                 .node_metrics(node, &samples)
                 .await
                 .map_err(|e| store_status("metrics", e))?;

@@ -21,6 +21,11 @@ pub struct SchedulerConfig {
     pub database_url: String,
     #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// Heartbeats and metrics samples go through a second pool whose commits do not wait for
+    /// the WAL flush (they may be lost in a database crash; the next report restates them).
+    /// Set by `main` to the database URL; `None` writes them through the main pool.
+    #[arg(skip)]
+    pub liveness_database_url: Option<String>,
     /// How often agents heartbeat.
     #[arg(long, env = "KILN_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
     pub heartbeat_interval_ms: u64,

@@ -74,7 +74,12 @@ impl Scheduler {
         let controller_stop = stopped(stop_rx.clone());
         let controller_task = tokio::spawn(controller.run(tick, controller_stop));
 
-        let service = NodeControlService::new(store.clone(), fleet_config);
+        let liveness = match &config.liveness_database_url {
+            Some(url) => Store::connect_relaxed(url, config.db_max_connections).await?,
+            None => store.clone(),
+        };
+        let service =
+            NodeControlService::new(store.clone(), fleet_config).with_liveness_store(liveness);
         tracing::info!(
             fleet = %fleet_listener.local_addr()?,
             "kiln-scheduler serving node control"

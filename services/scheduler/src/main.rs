@@ -17,8 +17,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     kiln_telemetry::init_tracing("kiln-scheduler");
-    let config = Cli::parse().config;
+    let mut config = Cli::parse().config;
     config.validate()?;
+    config.liveness_database_url = Some(config.database_url.clone());
     let store = kiln_store::Store::connect(&config.database_url, config.db_max_connections)
         .await
         .context("connecting to PostgreSQL")?;

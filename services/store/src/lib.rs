@@ -126,6 +126,22 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// Connect a pool whose commits do not wait for the WAL to reach disk
+    /// (`synchronous_commit = off`), for writes that may be lost in a database crash without
+    /// harm — heartbeats and metrics samples, which the next report restates. Anything else
+    /// goes through a [`Store::connect`] pool.
+    pub async fn connect_relaxed(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let opts: PgConnectOptions = url
+            .parse::<PgConnectOptions>()?
+            .options([("synchronous_commit", "off")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool })
+    }
+
     pub async fn migrate(&self) -> StoreResult<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
