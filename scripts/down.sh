@@ -9,7 +9,25 @@ STATE="$ROOT/.kiln"
 
 log() { echo "kiln down: $*" >&2; }
 
-for name in kiln-gateway kiln-api; do
+# Agents first (by their pid files, agent-NAME.pid), then the services they talk to.
+for pidfile in "$STATE"/pids/agent-*.pid; do
+  [ -f "$pidfile" ] || continue
+  pid="$(cat "$pidfile")"
+  args="$(ps -p "$pid" -o args= 2>/dev/null || true)"
+  case "$args" in
+    *"/kiln-agent "*)
+      log "stopping $(basename "$pidfile" .pid) (pid $pid)"
+      kill -TERM "$pid" 2>/dev/null || true
+      deadline=$((SECONDS + 20))
+      while kill -0 "$pid" 2>/dev/null; do
+        if [ "$SECONDS" -ge "$deadline" ]; then kill -KILL "$pid" 2>/dev/null || true; break; fi
+        sleep 0.2
+      done ;;
+  esac
+  rm -f "$pidfile"
+done
+
+for name in kiln-scheduler kiln-gateway kiln-api; do
   pidfile="$STATE/pids/$name.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"

@@ -10,6 +10,7 @@ case "$want" in
     compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || pkgs+=(postgresql)
     need redis-server redis-server
     need curl curl
+    need ip iproute2   # network namespaces for the fleet's network-cut test
     ;;&
   browser|all)
     need chromium chromium

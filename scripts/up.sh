@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make up`: the whole local stack, natively. PostgreSQL + Redis (scripts/services.sh), then
-# kiln-api (migrated) on 127.0.0.1:8080 and kiln-gateway on 127.0.0.1:8090 in the background.
-# Writes .kiln/env. Running it again is harmless: healthy services are left running, unless
+# kiln-api (migrated) on 127.0.0.1:8080, kiln-gateway on 127.0.0.1:8090, kiln-scheduler (node
+# control on 127.0.0.1:7070, ops on :9091) and two simulated GPU hosts (kiln-agent with the
+# 8x H100 and 4x A100 inventories) in the background. Writes .kiln/env. Running it again is harmless: healthy services are left running, unless
 # their binary was rebuilt since they started, in which case they are restarted.
 #
 # Env: PROFILE=release builds and runs release binaries (default: debug, shared with tests).
@@ -16,6 +17,11 @@ PROFILE="${PROFILE:-debug}"
 
 API_ADDR=127.0.0.1:8080
 GATEWAY_ADDR=127.0.0.1:8090
+FLEET_ADDR=127.0.0.1:7070
+SCHEDULER_OPS_ADDR=127.0.0.1:9091
+SCHEDULER_URL="http://$SCHEDULER_OPS_ADDR"
+# Simulated GPU hosts: NAME:INVENTORY (agent/inventory/inventories/INVENTORY.toml).
+AGENTS="sim-h100-0:h100-sxm-8x sim-a100-0:a100-40gb-4x"
 API_URL="http://$API_ADDR"
 GATEWAY_URL="http://$GATEWAY_ADDR"
 ADMIN_EMAIL=admin@kiln.local
@@ -135,15 +141,84 @@ start_service kiln-gateway "$GATEWAY_URL" "" \
   KILN_GATEWAY_LISTEN="$GATEWAY_ADDR" \
   DATABASE_URL="$DATABASE_URL" \
   REDIS_URL="$REDIS_URL"
+start_service kiln-scheduler "$SCHEDULER_URL" "" \
+  RUST_LOG="$RUST_LOG" \
+  KILN_FLEET_LISTEN="$FLEET_ADDR" \
+  KILN_SCHEDULER_OPS_LISTEN="$SCHEDULER_OPS_ADDR" \
+  DATABASE_URL="$DATABASE_URL"
 wait_healthy kiln-api "$API_URL"
 wait_healthy kiln-gateway "$GATEWAY_URL"
+wait_healthy kiln-scheduler "$SCHEDULER_URL"
 
-# 6. .kiln/env
+# 6. Simulated GPU hosts. Each keeps its node credential in .kiln/agents/NAME; only a host
+# without one asks the API (as the operator) for a one-time bootstrap token.
+operator_token() {
+  curl -fsS --max-time 10 -H 'content-type: application/json' \
+    -d "{\"email\":\"$ADMIN_EMAIL\",\"password\":\"$ADMIN_PASSWORD\"}" \
+    "$API_URL/v1/auth/login" | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p'
+}
+bootstrap_token() {
+  curl -fsS --max-time 10 -H "authorization: Bearer $1" -H 'content-type: application/json' \
+    -d "{\"note\":\"make up: $2\"}" "$API_URL/v1/admin/node-tokens" |
+    sed -n 's/.*"token":"\([^"]*\)".*/\1/p'
+}
+agent_pid() {
+  local f="$STATE/pids/agent-$1.pid" pid args
+  [ -f "$f" ] || return 1
+  pid="$(cat "$f")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  args="$(ps -p "$pid" -o args= 2>/dev/null)" || return 1
+  case "$args" in *"/kiln-agent "*"agents/$1"*) echo "$pid" ;; *) return 1 ;; esac
+}
+ACCESS=""
+for spec in $AGENTS; do
+  name="${spec%%:*}" inventory="${spec#*:}"
+  dir="$STATE/agents/$name" pidfile="$STATE/pids/agent-$name.pid" logfile="$STATE/logs/agent-$name.log"
+  mkdir -p "$dir" && chmod 700 "$dir"
+  if pid="$(agent_pid "$name")"; then
+    if [ "$BIN/kiln-agent" -nt "$pidfile" ]; then
+      log "agent $name (pid $pid) runs an older binary: restarting it"
+      stop_pid "$pid"
+    else
+      log "agent $name already running (pid $pid)"
+      continue
+    fi
+  fi
+  token=""
+  if [ ! -f "$dir/credential.json" ]; then
+    [ -n "$ACCESS" ] || ACCESS="$(operator_token)"
+    [ -n "$ACCESS" ] || die "could not sign in as $ADMIN_EMAIL to issue a bootstrap token"
+    token="$(bootstrap_token "$ACCESS" "$name")"
+    [ -n "$token" ] || die "could not issue a bootstrap token for $name"
+  fi
+  log "starting agent $name ($inventory; log: ${logfile#"$ROOT"/})"
+  echo "=== $(date -u +%FT%TZ) starting kiln-agent $name" >>"$logfile"
+  marker="$(wc -l <"$logfile")"
+  KILN_AGENT_BOOTSTRAP_TOKEN="$token" RUST_LOG="$RUST_LOG" nohup "$BIN/kiln-agent" \
+    --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" \
+    --nvml disabled --simulated-inventory "$ROOT/agent/inventory/inventories/$inventory.toml" \
+    --fault-file "$dir/faults.toml" </dev/null >>"$logfile" 2>&1 &
+  echo $! >"$pidfile"
+  deadline=$((SECONDS + HEALTH_DEADLINE_SECS))
+  until tail -n +"$((marker + 1))" "$logfile" | grep -q "registered with the control plane"; do
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      log "agent $name exited; last lines of ${logfile#"$ROOT"/}:"
+      tail -n 20 "$logfile" >&2
+      rm -f "$pidfile"
+      exit 1
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || die "agent $name did not register within ${HEALTH_DEADLINE_SECS} s (see ${logfile#"$ROOT"/})"
+    sleep 0.2
+  done
+done
+
+# 7. .kiln/env
 umask 077
 cat >"$STATE/env.tmp" <<EOF
 # Written by scripts/up.sh (make up). Shell KEY=value lines: \`set -a; . .kiln/env; set +a\`
 KILN_API_URL=$API_URL
 KILN_GATEWAY_URL=$GATEWAY_URL
+KILN_FLEET_URL=http://$FLEET_ADDR
 KILN_ADMIN_EMAIL=$ADMIN_EMAIL
 KILN_ADMIN_PASSWORD=$ADMIN_PASSWORD
 DATABASE_URL=$DATABASE_URL
@@ -158,6 +233,8 @@ Kiln is up.
   console  $API_URL/
   API      $API_URL   (GraphQL at $API_URL/graphql)
   gateway  $GATEWAY_URL
+  fleet    http://$FLEET_ADDR (agents dial in here; ops at $SCHEDULER_URL)
+  agents   $(for spec in $AGENTS; do printf '%s ' "${spec%%:*}"; done)(simulated GPU hosts; see $API_URL/admin/fleet)
   operator $ADMIN_EMAIL / $ADMIN_PASSWORD
 Log in at the console with that email and password, or from a shell:
   set -a; source .kiln/env; set +a
