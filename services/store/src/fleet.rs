@@ -641,6 +641,19 @@ impl Store {
         .await?)
     }
 
+    /// The assignments of several nodes at once, by node then age.
+    pub async fn assignment_list_of(&self, nodes: &[NodeId]) -> StoreResult<Vec<AssignmentRecord>> {
+        let ids: Vec<Uuid> = nodes.iter().map(|n| n.as_uuid()).collect();
+        Ok(sqlx::query_as(
+            "SELECT id, node_id, generation, kind, spec, gpu_uuids, revision, created_at,
+                    updated_at
+             FROM node_assignments WHERE node_id = ANY($1) ORDER BY node_id, created_at DESC, id",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Drop log entries the node has applied and that are older than `keep`; a node that comes
     /// back from before the floor gets a snapshot instead.
     pub async fn assignment_events_prune(&self, keep: Duration) -> StoreResult<u64> {
@@ -738,6 +751,19 @@ impl Store {
              FROM node_observed WHERE node_id = $1 ORDER BY assignment_id",
         )
         .bind(node.as_uuid())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// What the control plane last heard about the assignments of several nodes.
+    pub async fn observed_list_of(&self, nodes: &[NodeId]) -> StoreResult<Vec<ObservedView>> {
+        let ids: Vec<Uuid> = nodes.iter().map(|n| n.as_uuid()).collect();
+        Ok(sqlx::query_as(
+            "SELECT assignment_id, node_id, generation, state, reason, exit_code, ports,
+                    observed_at, reported_at
+             FROM node_observed WHERE node_id = ANY($1) ORDER BY node_id, assignment_id",
+        )
+        .bind(&ids)
         .fetch_all(&self.pool)
         .await?)
     }

@@ -256,67 +256,55 @@ pub async fn credential_revoke(
 /// One node with its GPUs (read after any transaction has committed: never a second pooled
 /// connection while a transaction holds one).
 async fn node_view(state: &AppState, record: &NodeRecord) -> Result<NodeView, ApiError> {
-    let gpus = state.store.node_gpus(record.id).await?;
-    let work = node_work(state, record, !gpus.is_empty()).await?;
-    Ok(NodeView::new(record, gpu_views(&gpus, &work)))
+    let mut views = node_views(state, std::slice::from_ref(record)).await?;
+    Ok(views.pop().expect("one view per record"))
 }
 
-/// Nodes with their GPUs: the GPUs of all of them in one query.
+/// Nodes with their GPUs and what runs on them: three queries for the whole page (GPUs,
+/// assignments, observed state), none for nodes that never had an assignment.
 async fn node_views(state: &AppState, records: &[NodeRecord]) -> Result<Vec<NodeView>, ApiError> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<NodeId> = records.iter().map(|n| n.id).collect();
-    let mut by_node: HashMap<Uuid, Vec<GpuRecord>> = HashMap::new();
+    let mut gpus_by_node: HashMap<Uuid, Vec<GpuRecord>> = HashMap::new();
     for g in state.store.node_gpus_of(&ids).await? {
-        by_node.entry(g.node_id).or_default().push(g);
+        gpus_by_node.entry(g.node_id).or_default().push(g);
+    }
+    // A node that never had an assignment (or has no GPU to run one on) needs no lookup.
+    let busy: Vec<NodeId> = records
+        .iter()
+        .filter(|n| n.assignment_revision > 0 && gpus_by_node.contains_key(&n.id.as_uuid()))
+        .map(|n| n.id)
+        .collect();
+    let mut work: HashMap<Uuid, NodeWork> = HashMap::new();
+    if !busy.is_empty() {
+        for a in state.store.assignment_list_of(&busy).await? {
+            work.entry(a.node_id).or_default().assignments.push(a);
+        }
+        for o in state.store.observed_list_of(&busy).await? {
+            work.entry(o.node_id)
+                .or_default()
+                .observed
+                .insert(o.assignment_id, o);
+        }
     }
     let mut views = Vec::with_capacity(records.len());
     for n in records {
-        let gpus = by_node.remove(&n.id.as_uuid()).unwrap_or_default();
-        let work = node_work(state, n, !gpus.is_empty()).await?;
-        views.push(NodeView::new(n, gpu_views(&gpus, &work)));
+        let gpus = gpus_by_node.remove(&n.id.as_uuid()).unwrap_or_default();
+        let node_work = work.remove(&n.id.as_uuid()).unwrap_or_default();
+        views.push(NodeView::new(n, gpu_views(&gpus, &node_work)));
     }
     Ok(views)
 }
 
 /// A node's assignments and what its agent last reported about them.
+#[derive(Default)]
 struct NodeWork {
     assignments: Vec<AssignmentRecord>,
     observed: HashMap<Uuid, ObservedView>,
 }
 
-async fn node_work(
-    state: &AppState,
-    record: &NodeRecord,
-    has_gpus: bool,
-) -> Result<NodeWork, ApiError> {
-    // A node that never had an assignment (or has no GPU to run one on) needs no query.
-    if !has_gpus || record.assignment_revision == 0 {
-        return Ok(NodeWork {
-            assignments: Vec::new(),
-            observed: HashMap::new(),
-        });
-    }
-    let assignments = state.store.assignment_list(record.id).await?;
-    let observed = if assignments.is_empty() {
-        HashMap::new()
-    } else {
-        state
-            .store
-            .observed_list(record.id)
-            .await?
-            .into_iter()
-            .map(|o| (o.assignment_id, o))
-            .collect()
-    };
-    Ok(NodeWork {
-        assignments,
-        observed,
-    })
-}
-
-/// Each GPU with the assignments that name it, or one of its MIG instances.
 fn gpu_views(gpus: &[GpuRecord], work: &NodeWork) -> Vec<GpuView> {
     gpus.iter()
         .map(|g| {
