@@ -25,27 +25,44 @@ pub fn release(fleet: &mut FleetSnapshot, id: &AllocationId) -> Result<Allocatio
         .iter()
         .position(|n| n.allocation(id).is_some())
         .ok_or_else(|| bad(format!("no allocation {id}")))?;
-    let node = &mut fleet.nodes[node_pos];
-    let units = node_allocation_units(node);
+    release_at(fleet, node_pos, id)
+}
+
+/// [`release`] of an allocation known to be on node `node_pos` (the index knows where).
+pub(crate) fn release_at(
+    fleet: &mut FleetSnapshot,
+    node_pos: usize,
+    id: &AllocationId,
+) -> Result<Allocation, PlacementError> {
+    let (alloc, freed) = release_from(&mut fleet.nodes[node_pos], id)?;
+    for (key, units) in freed {
+        fleet.usage.sub(&key, units);
+    }
+    Ok(alloc)
+}
+
+/// Takes allocation `id` off `node`; returns it and the quota units it held, per key.
+fn release_from(
+    node: &mut Node,
+    id: &AllocationId,
+) -> Result<(Allocation, Vec<(QuotaKey, u64)>), PlacementError> {
     let pos = node
         .allocations
         .iter()
         .position(|a| &a.id == id)
-        .expect("found above");
-    for (p, gpu_type, u) in units {
-        if p == pos {
-            let a = &node.allocations[pos];
-            fleet
-                .usage
-                .sub(&QuotaKey::new(&a.org, gpu_type, a.product), u);
-        }
-    }
+        .ok_or_else(|| bad(format!("no allocation {id}")))?;
+    let a = &node.allocations[pos];
+    let freed = node_allocation_units(node)
+        .into_iter()
+        .filter(|(p, _, _)| *p == pos)
+        .map(|(_, gpu_type, u)| (QuotaKey::new(&a.org, gpu_type, a.product), u))
+        .collect();
     for g in &mut node.gpus {
         g.used.release(id);
     }
     let alloc = node.allocations.remove(pos);
     node.free = node.free.add(&alloc.resources);
-    Ok(alloc)
+    Ok((alloc, freed))
 }
 
 /// Records `placement` of `req` as allocation `id`: preempts the named victims, then takes the
@@ -66,6 +83,20 @@ pub fn apply(
     if fleet.nodes.iter().any(|n| n.allocation(&id).is_some()) {
         return Err(bad(format!("allocation {id} exists already")));
     }
+    apply_at(fleet, node_pos, policy, req, placement, id)
+}
+
+/// [`apply`] on node `node_pos` (which must be the placement's node) of an `id` the caller
+/// has checked is new. Only that node and the usage change, so only they are copied for the
+/// trial (a fleet-wide copy per placement would cost more than the decision).
+pub(crate) fn apply_at(
+    fleet: &mut FleetSnapshot,
+    node_pos: usize,
+    policy: &Policy,
+    req: &PlacementRequest,
+    placement: &Placement,
+    id: AllocationId,
+) -> Result<(), PlacementError> {
     {
         let node = &fleet.nodes[node_pos];
         if !node.schedulable {
@@ -82,17 +113,17 @@ pub fn apply(
             return Err(bad("only on-demand work preempts"));
         }
     }
-    // Check against a copy with the victims gone, then commit.
-    let mut trial = fleet.clone();
+    // Check against a copy of the node with the victims gone, then commit.
+    let mut node = fleet.nodes[node_pos].clone();
+    let mut freed = Vec::new();
     for v in &placement.preempt {
-        release(&mut trial, v)?;
+        freed.extend(release_from(&mut node, v)?.1);
     }
-    let node = &mut trial.nodes[node_pos];
     let want = Resources::new(req.cpu_millis, req.memory_mib, req.disk_gib);
     if !node.free.covers(&want) {
         return Err(bad(format!("node {} lacks CPU, memory or disk", node.id)));
     }
-    take_gpus(node, policy, req, &placement.gpus, &id)?;
+    take_gpus(&mut node, policy, req, &placement.gpus, &id)?;
     node.free = node.free.saturating_sub(&want);
     node.allocations.push(Allocation {
         id,
@@ -102,13 +133,23 @@ pub fn apply(
         priority: req.priority,
         resources: want,
     });
-    if req.wants_gpu() {
-        let units = request_units(req, trial.gpu_memory_of(&req.gpu_type));
-        trial
+    // GPU memory per type never changes; only shares need it.
+    let units = req.wants_gpu().then(|| {
+        let memory = match req.gpu {
+            GpuDemand::Share { .. } => fleet.gpu_memory_of(&req.gpu_type),
+            _ => None,
+        };
+        request_units(req, memory)
+    });
+    fleet.nodes[node_pos] = node;
+    for (key, u) in freed {
+        fleet.usage.sub(&key, u);
+    }
+    if let Some(units) = units {
+        fleet
             .usage
             .add(QuotaKey::new(&req.org, &req.gpu_type, req.product), units);
     }
-    *fleet = trial;
     Ok(())
 }
 

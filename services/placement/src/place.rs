@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::PlacementError;
-use crate::mig::{self, MigGeometry, MigProfile};
+use crate::mig::{self, MigGeometry, MigProfile, Occupancy};
 use crate::reasons::{Miss, Tally, Unschedulable};
 use crate::request::{GpuDemand, PlacementRequest, Tier};
 use crate::snapshot::{AllocationId, FleetSnapshot, GpuUse, Node};
@@ -197,7 +197,8 @@ impl<'a> Ctx<'a> {
     }
 }
 
-fn idle_gpus(node: &Node) -> u64 {
+/// Healthy, idle, non-MIG GPUs of any type on `node` (best-fit's "keep whole nodes free" term).
+pub(crate) fn idle_gpus(node: &Node) -> u64 {
     node.gpus
         .iter()
         .filter(|g| g.healthy && !g.mig_enabled && matches!(g.used, GpuUse::Idle))
@@ -273,6 +274,25 @@ pub(crate) fn fit_node(node: &Node, ctx: &Ctx<'_>) -> Result<Fit, Miss> {
     Ok(Fit { choice, score })
 }
 
+/// Best-fit start for `prof` on one MIG GPU with occupancy `occ` (`empty`: no slices at all)
+/// and that GPU's score: [GPU was empty, memory slices left, then 255 − headroom per profile,
+/// largest first]. Shared with the index, which scores every GPU of one occupancy at once.
+pub(crate) fn mig_gpu_score(
+    geom: &MigGeometry,
+    prof: &MigProfile,
+    occ: Occupancy,
+    empty: bool,
+) -> Option<(u8, [u64; 9])> {
+    let (start, headroom) = geom.best_start(prof, occ)?;
+    let mut score = [0u64; 9];
+    score[0] = u64::from(empty);
+    score[1] = u64::from(occ.free_memory_slices() - prof.size);
+    for (s, h) in score[2..].iter_mut().zip(headroom) {
+        *s = 255 - u64::from(h);
+    }
+    Some((start, score))
+}
+
 /// Best MIG GPU and start on `node`: (GPU position, start, score) where the score is [GPU was
 /// empty, memory slices left, then 255 − headroom per profile, largest first].
 fn fit_mig(
@@ -306,15 +326,9 @@ fn fit_mig(
             }
             continue;
         }
-        let Some((start, headroom)) = geom.best_start(prof, occ) else {
+        let Some((start, score)) = mig_gpu_score(geom, prof, occ, slices.is_empty()) else {
             continue;
         };
-        let mut score = [0u64; 9];
-        score[0] = u64::from(slices.is_empty());
-        score[1] = u64::from(occ.free_memory_slices() - prof.size);
-        for (s, h) in score[2..].iter_mut().zip(headroom) {
-            *s = 255 - u64::from(h);
-        }
         if best.is_none_or(|(_, _, b)| score < b) {
             best = Some((i, start, score));
         }

@@ -76,7 +76,7 @@ fn build_fleet(specs: &[(Vec<GpuSpec>, u8, u64, bool)]) -> FleetSnapshot {
             let mut k = 0;
             for i in 0..gs.len() {
                 for j in i + 1..gs.len() {
-                    if links & (1 << k) != 0 {
+                    if k < 8 && links & (1 << k) != 0 {
                         gs[i].nvlink_peers.push(j as u32);
                     }
                     k += 1;
@@ -365,4 +365,296 @@ fn best_fit_packs_mig_at_least_as_well_as_first_fit_on_small_then_large() {
     let events = vec![ev(0, "1g.10gb"), ev(1, "1g.10gb"), ev(2, "4g.40gb")];
     assert_eq!(simulate(Strategy::BestFit, &fleet, &events).placed, 3);
     assert_eq!(simulate(Strategy::FirstFit, &fleet, &events).placed, 2);
+}
+
+/// A node of up to 8 GPUs, for the index comparison: NVLink pairs from a 28-bit mask (all
+/// links often, so the whole-GPU bound is exact and pruning really happens), CPU and memory
+/// drawn from few values so that ties on the last score elements are common.
+fn arb_big_node() -> impl proptest::strategy::Strategy<Value = (Vec<GpuSpec>, u32, u64, u64, bool)>
+{
+    (
+        prop::collection::vec(arb_gpu(), 1..=8),
+        prop_oneof![Just(u32::MAX), any::<u32>()],
+        prop::sample::select(vec![2_000u64, 8_000, 32_000]),
+        prop::sample::select(vec![16_000u64, 64_000]),
+        prop::bool::weighted(0.9),
+    )
+}
+
+fn build_big_fleet(specs: &[(Vec<GpuSpec>, u32, u64, u64, bool)]) -> FleetSnapshot {
+    let mut fleet = build_fleet(
+        &specs
+            .iter()
+            .map(|(g, _, cpu, _, sched)| (g.clone(), 0u8, *cpu, *sched))
+            .collect::<Vec<_>>(),
+    );
+    for (node, (_, links, _, mem, _)) in fleet.nodes.iter_mut().zip(specs) {
+        node.free.memory_mib = *mem;
+        let n = node.gpus.len();
+        let mut k = 0;
+        for i in 0..n {
+            for j in i + 1..n {
+                if links & (1 << k) != 0 {
+                    node.gpus[i].nvlink_peers.push(j as u32);
+                }
+                k += 1;
+            }
+        }
+    }
+    fleet
+}
+
+fn arb_sized_request() -> impl proptest::strategy::Strategy<Value = PlacementRequest> {
+    (
+        arb_request(),
+        prop::sample::select(vec![0u64, 8_000, 32_000]),
+        1u32..=8,
+        any::<bool>(),
+    )
+        .prop_map(|(mut r, mem, count, big)| {
+            r.memory_mib = mem;
+            if big && let GpuDemand::Whole { count: c, .. } = &mut r.gpu {
+                *c = count;
+            }
+            r
+        })
+}
+
+/// A node from a few HGX-like templates: 4 or 8 GPUs split over 2 NUMA nodes, all-pairs
+/// NVLink or none, sometimes an L40S in the last slot (so idle counts differ from free H100
+/// counts), sometimes the upper half in MIG mode; few CPU values. Many nodes share buckets and
+/// tie on score, which is what the index's bounds must get right.
+fn arb_template_node()
+-> impl proptest::strategy::Strategy<Value = (Vec<GpuSpec>, u32, u64, u64, bool)> {
+    (
+        prop::sample::select(vec![4usize, 8]),
+        prop::bool::weighted(0.8),
+        prop::bool::weighted(0.25),
+        prop::bool::weighted(0.2),
+        prop::sample::select(vec![8_000u64, 32_000]),
+        prop::bool::weighted(0.95),
+    )
+        .prop_map(|(n, nvlink, mixed, mig, cpu, schedulable)| {
+            let gpus = (0..n)
+                .map(|i| GpuSpec {
+                    h100: !(mixed && i == n - 1),
+                    healthy: true,
+                    mig: mig && i >= n / 2 && !(mixed && i == n - 1),
+                    numa: (i * 2 / n) as u32,
+                    group: None,
+                })
+                .collect();
+            (
+                gpus,
+                if nvlink { u32::MAX } else { 0 },
+                cpu,
+                64_000,
+                schedulable,
+            )
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// As below, on fleets of look-alike nodes with long churn.
+    #[test]
+    fn indexed_decisions_equal_exhaustive_on_lookalike_nodes(
+        nodes in prop::collection::vec(arb_template_node(), 2..=12),
+        steps in prop::collection::vec(
+            (arb_sized_request(), prop::option::weighted(0.3, any::<usize>()), Just(None)),
+            0..80,
+        ),
+        probes in prop::collection::vec(arb_sized_request(), 1..16),
+        policy in arb_policy(),
+    ) {
+        compare_indexed(&nodes, &steps, &probes, &policy)?;
+    }
+
+    /// The index changes speed, never answers: after random churn (placements, departures,
+    /// cordons, all through the index and mirrored on a plain snapshot with `apply`/`release`),
+    /// `place_indexed` decides exactly as `place` for random requests and policies, and the
+    /// index's buckets equal a fresh build.
+    #[test]
+    fn indexed_decisions_equal_exhaustive(
+        nodes in prop::collection::vec(arb_big_node(), 1..=8),
+        steps in prop::collection::vec(
+            (arb_sized_request(), prop::option::weighted(0.25, any::<usize>()), prop::option::weighted(0.05, any::<usize>())),
+            0..40,
+        ),
+        probes in prop::collection::vec(arb_sized_request(), 1..12),
+        policy in arb_policy(),
+    ) {
+        compare_indexed(&nodes, &steps, &probes, &policy)?;
+    }
+}
+
+type NodeSpec = (Vec<GpuSpec>, u32, u64, u64, bool);
+type Step = (PlacementRequest, Option<usize>, Option<usize>);
+
+/// Churns a fleet through the index and a plain snapshot side by side, comparing every
+/// decision and the snapshots, then compares `probes` under both strategies.
+fn compare_indexed(
+    nodes: &[NodeSpec],
+    steps: &[Step],
+    probes: &[PlacementRequest],
+    policy: &Policy,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    let policy = *policy;
+    let mut plain = build_big_fleet(nodes);
+    let mut index = FleetIndex::new(plain.clone());
+    for (k, (req, depart, cordon)) in steps.iter().enumerate() {
+        let d = place_indexed(req, &index, &policy);
+        prop_assert_eq!(&d, &place(req, &plain, &policy));
+        if let Ok(Decision::Placed(p)) = d {
+            let id: AllocationId = format!("r{k}").as_str().into();
+            let a = index.apply(&policy, req, &p, id.clone());
+            let b = apply(&mut plain, &policy, req, &p, id);
+            prop_assert_eq!(a, b);
+        }
+        if let Some(d) = depart {
+            let id: AllocationId = format!("r{}", d % (k + 1)).as_str().into();
+            prop_assert_eq!(index.release(&id), release(&mut plain, &id));
+        }
+        if let Some(c) = cordon {
+            let pos = c % plain.nodes.len();
+            plain.nodes[pos].schedulable = !plain.nodes[pos].schedulable;
+            index.update_node(pos, |n| n.schedulable = !n.schedulable);
+        }
+        prop_assert_eq!(index.fleet(), &plain);
+    }
+    index.assert_consistent();
+    // The invariant the index's exactness rests on: every node that fits has an entry whose
+    // bound is at most its score, and the bound is the score itself for shares, MIG, CPU-only
+    // and (on all-NVLink nodes without IOMMU groups) whole GPUs.
+    let best_fit = Policy {
+        strategy: Strategy::BestFit,
+        ..policy
+    };
+    for req in probes {
+        let Ok(ctx) = crate::place::Ctx::new(req, &best_fit) else {
+            continue;
+        };
+        // The fast path alone finds whatever fits free (no quotas in these fleets), so the
+        // fallback to `place` serves refusals only.
+        let no_preempt = Policy {
+            preemption: false,
+            ..best_fit
+        };
+        let placed = matches!(place(req, &plain, &no_preempt), Ok(Decision::Placed(_)));
+        prop_assert_eq!(index.best_fit(&ctx).is_some(), placed);
+        for (pos, node) in plain.nodes.iter().enumerate() {
+            let Ok(fit) = crate::place::fit_node(node, &ctx) else {
+                continue;
+            };
+            let bound = index.node_bound(pos, &ctx);
+            prop_assert!(
+                bound.is_some_and(|b| b <= fit.score),
+                "node {pos} scores {:?}, bound {bound:?}",
+                fit.score
+            );
+            let regular = node.gpus.iter().all(|g| {
+                g.iommu_group.is_none()
+                    && node.gpus.iter().all(|h| {
+                        h.index == g.index || node.nvlinked(g.index as usize, h.index as usize)
+                    })
+            });
+            if !matches!(req.gpu, GpuDemand::Whole { .. }) || regular {
+                prop_assert_eq!(bound, Some(fit.score), "node {} not tight", pos);
+            }
+        }
+    }
+    for req in probes {
+        for strategy in [Strategy::BestFit, Strategy::FirstFit] {
+            let policy = Policy { strategy, ..policy };
+            prop_assert_eq!(
+                place_indexed(req, &index, &policy),
+                place(req, &plain, &policy)
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn index_prefers_the_same_node_as_exhaustive_on_a_filled_hgx_fleet() {
+    // 64 NVLink nodes with a deterministic fill pattern; every 1/2/4/8-GPU request placed in
+    // turn through both paths must land on the same node and GPUs.
+    let mut nodes = Vec::new();
+    for n in 0..64u32 {
+        let mut gpus: Vec<Gpu> = (0..8)
+            .map(|i| {
+                let mut g = Gpu::new(&format!("n{n}-g{i}"), i, H100, 81559);
+                g.numa_node = Some(i / 4);
+                g.nvlink_peers = (0..8).filter(|&j| j != i).collect();
+                g
+            })
+            .collect();
+        let mut node_allocs = Vec::new();
+        for (i, g) in gpus.iter_mut().enumerate() {
+            if (n * 7 + i as u32 * 3) % 5 < 3 {
+                let id = AllocationId(format!("pre-{n}-{i}"));
+                g.used = GpuUse::Whole(id.clone());
+                node_allocs.push(Allocation {
+                    id,
+                    org: "o".into(),
+                    product: Product::Pod,
+                    tier: Tier::OnDemand,
+                    priority: 0,
+                    resources: Resources::new(1_000, 1_000, 0),
+                });
+            }
+        }
+        let mut node = Node::new(
+            &format!("n{n}"),
+            Resources::new(64_000 + u64::from(n % 3) * 1_000, 1_000_000, 1_000),
+            gpus,
+        );
+        node.allocations = node_allocs;
+        nodes.push(node);
+    }
+    let mut plain = FleetSnapshot::new(nodes);
+    let mut index = FleetIndex::new(plain.clone());
+    let policy = Policy::default();
+    for k in 0..200u32 {
+        let count = [1, 2, 4, 8, 1, 1, 2][k as usize % 7];
+        let req = PlacementRequest::whole("o", H100, count).with_resources(1_000, 1_000, 0);
+        let d = place_indexed(&req, &index, &policy).unwrap();
+        assert_eq!(d, place(&req, &plain, &policy).unwrap(), "request {k}");
+        if let Decision::Placed(p) = d {
+            let id: AllocationId = format!("r{k}").as_str().into();
+            index.apply(&policy, &req, &p, id.clone()).unwrap();
+            apply(&mut plain, &policy, &req, &p, id).unwrap();
+        }
+        if k % 3 == 0 {
+            let id: AllocationId = format!("r{}", k / 2).as_str().into();
+            assert_eq!(index.release(&id).is_ok(), release(&mut plain, &id).is_ok());
+        }
+    }
+    index.assert_consistent();
+}
+
+#[test]
+fn ties_across_buckets_go_to_the_lower_position() {
+    // Node 0 (free NUMA sizes 3+1) and node 1 (2+1+1) sit in different buckets with the same
+    // bound and the same score for one GPU; node 1's bucket sorts first. Best-fit's tie-break is
+    // the lower position: node 0.
+    let node = |id: &str, numa: [u32; 4]| {
+        let gpus = (0..4u32)
+            .map(|i| {
+                let mut g = Gpu::new(&format!("{id}-g{i}"), i, H100, 81559);
+                g.numa_node = Some(numa[i as usize]);
+                g.nvlink_peers = (0..4).filter(|&j| j != i).collect();
+                g
+            })
+            .collect();
+        Node::new(id, Resources::new(4_000, 64_000, 100), gpus)
+    };
+    let fleet = FleetSnapshot::new(vec![node("a", [0, 0, 0, 1]), node("b", [0, 0, 1, 2])]);
+    let index = FleetIndex::new(fleet.clone());
+    let req = PlacementRequest::whole("o", H100, 1).with_resources(4_000, 0, 0);
+    let policy = Policy::default();
+    let want = place(&req, &fleet, &policy).unwrap();
+    assert_eq!(want.placement().unwrap().node_id, "a");
+    assert_eq!(place_indexed(&req, &index, &policy).unwrap(), want);
 }
