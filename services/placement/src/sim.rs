@@ -4,9 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::{apply, release};
 use crate::frag::{Fragmentation, fragmentation};
-use crate::place::{Decision, Policy, Strategy, place};
+use crate::index::{FleetIndex, place_indexed};
+use crate::place::{Decision, Policy, Strategy};
 use crate::request::PlacementRequest;
 use crate::snapshot::{AllocationId, FleetSnapshot};
 
@@ -54,7 +54,7 @@ pub fn simulate_with(
     fleet: &FleetSnapshot,
     events: &[TraceEvent],
 ) -> SimulationOutcome {
-    let mut fleet = fleet.clone();
+    let mut index = FleetIndex::new(fleet.clone());
     let mut out = SimulationOutcome {
         placed: 0,
         refused: 0,
@@ -65,10 +65,10 @@ pub fn simulate_with(
     };
     for ev in events {
         match ev {
-            TraceEvent::Arrive { id, request } => match place(request, &fleet, policy) {
+            TraceEvent::Arrive { id, request } => match place_indexed(request, &index, policy) {
                 Ok(Decision::Placed(p)) => {
                     let victims = p.preempt.len() as u64;
-                    if apply(&mut fleet, policy, request, &p, id.clone()).is_ok() {
+                    if index.apply(policy, request, &p, id.clone()).is_ok() {
                         out.placed += 1;
                         out.preempted += victims;
                     } else {
@@ -77,17 +77,18 @@ pub fn simulate_with(
                 }
                 Ok(Decision::Unschedulable(_)) => {
                     if out.alloc_at_first_reject.is_none() {
-                        out.alloc_at_first_reject = Some(fragmentation(&fleet).utilisation());
+                        out.alloc_at_first_reject =
+                            Some(fragmentation(index.fleet()).utilisation());
                     }
                     out.refused += 1;
                 }
                 Err(_) => out.invalid += 1,
             },
             TraceEvent::Depart { id } => {
-                let _ = release(&mut fleet, id);
+                let _ = index.release(id);
             }
         }
     }
-    out.fragmentation = fragmentation(&fleet);
+    out.fragmentation = fragmentation(index.fleet());
     out
 }
