@@ -98,6 +98,9 @@ typed_id!(/// A one-time node bootstrap token (the id, never the secret).
     NodeTokenId, "ntk", "node token");
 typed_id!(/// One piece of work (a pod or an instance) placed on a node, as its agent sees it.
     AssignmentId, "asg", "assignment");
+typed_id!(/// A unit of work the scheduler places (a pod, an instance or an endpoint replica); the
+    /// public API names it by kind (`pod_…`, `ins_…`) with the same UUID.
+    WorkloadId, "wl", "workload");
 
 #[cfg(test)]
 mod tests {

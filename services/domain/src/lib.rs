@@ -11,7 +11,7 @@ pub mod node;
 pub mod roles;
 
 pub use ids::{
-    ApiKeyId, AssignmentId, IdParseError, NodeId, NodeTokenId, OrgId, SessionId, UserId,
+    ApiKeyId, AssignmentId, IdParseError, NodeId, NodeTokenId, OrgId, SessionId, UserId, WorkloadId,
 };
 pub use inputs::{ApiKeyName, Email, InputError, OrgName, Password, PersonName};
 pub use node::{AdminState, Liveness, LivenessPolicy, NodeState, NodeStateParseError};

@@ -38,6 +38,9 @@ pub struct SchedulerConfig {
     /// How often the lifecycle controller looks for silent nodes.
     #[arg(long, env = "KILN_LIFECYCLE_TICK_MS", default_value_t = 1_000)]
     pub lifecycle_tick_ms: u64,
+    /// How often the placer looks for pending work when nothing woke it.
+    #[arg(long, env = "KILN_PLACEMENT_TICK_MS", default_value_t = 1_000)]
+    pub placement_tick_ms: u64,
     /// How long a verified node credential is trusted without asking Postgres again.
     /// Revocations evict at once (Postgres NOTIFY); this bounds a missed notice.
     #[arg(long, env = "KILN_NODE_CREDENTIAL_CACHE_MS", default_value_t = 60_000)]
@@ -94,6 +97,10 @@ impl SchedulerConfig {
 
     pub fn lifecycle_tick(&self) -> Duration {
         Duration::from_millis(self.lifecycle_tick_ms)
+    }
+
+    pub fn placement_tick(&self) -> Duration {
+        Duration::from_millis(self.placement_tick_ms.max(10))
     }
 
     pub fn credential_cache(&self) -> Duration {

@@ -1,16 +1,19 @@
 //! `kiln-scheduler`: the control-plane process that faces the fleet.
 //!
-//! Today it hosts two things, both safe to run as several replicas over one Postgres:
+//! It hosts three things, all safe to run as several replicas over one Postgres:
 //!
 //! * the node-control gRPC service ([`kiln_fleet`]) agents dial out to, and
 //! * the node [`lifecycle`] controller, which marks silent nodes unreachable and then lost
 //!   (handing their work back), with conditional updates so replicas racing do each transition
 //!   once.
 //!
-//! Placement of pending work joins it with the scheduler issue.
+//! * the [`placer`], which turns pending workloads into committed placements with the pure
+//!   [`kiln_placement`] core; replicas split the queue with `SKIP LOCKED` and the schema refuses
+//!   any double allocation a race would cause.
 
 pub mod config;
 pub mod lifecycle;
+pub mod placer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use tokio::net::TcpListener;
 
 pub use config::SchedulerConfig;
 pub use lifecycle::LifecycleController;
+pub use placer::Placer;
 
 /// Everything a running scheduler needs, bound to its listeners.
 pub struct Scheduler {
@@ -80,6 +84,9 @@ impl Scheduler {
         };
         let service =
             NodeControlService::new(store.clone(), fleet_config).with_liveness_store(liveness);
+        let placer = Placer::new(store.clone());
+        let placer_stop = stopped(stop_rx.clone());
+        let placer_task = tokio::spawn(placer.run(config.placement_tick(), placer_stop));
         tracing::info!(
             fleet = %fleet_listener.local_addr()?,
             "kiln-scheduler serving node control"
@@ -92,6 +99,7 @@ impl Scheduler {
         )
         .await?;
         controller_task.await?;
+        placer_task.await?;
         ops_task.await??;
         Ok(())
     }

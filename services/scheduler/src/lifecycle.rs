@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use kiln_domain::LivenessPolicy;
+use kiln_domain::{LivenessPolicy, WorkloadId};
 use kiln_store::{AuditEvent, LivenessChange, Store, StoreError};
 
 /// Log entries applied by their node and older than this are pruned.
@@ -76,6 +76,39 @@ impl LifecycleController {
         Ok(changes)
     }
 
+    /// Move the work off draining nodes, by kind: pods and endpoint replicas back to the queue
+    /// (placed elsewhere), instances stopped (their GPUs are passed through on that host).
+    /// Answers how many workloads moved.
+    pub async fn drain(&self) -> Result<usize, StoreError> {
+        let mut moved = 0;
+        for node in self.store.nodes_draining_with_work().await? {
+            let mut tx = self.store.begin().await?;
+            let hostname = self.store.node_get(node).await?.hostname;
+            for w in self.store.workloads_on_node(&mut tx, node).await? {
+                let (state, reason) = if w.kind == "instance" {
+                    (
+                        "stopped",
+                        format!(
+                            "the node {hostname} was drained; start the instance to place it on another node"
+                        ),
+                    )
+                } else {
+                    (
+                        "pending",
+                        format!("the node {hostname} is draining; placing it elsewhere"),
+                    )
+                };
+                self.store
+                    .workload_release(&mut tx, WorkloadId::from_uuid(w.id), state, &reason)
+                    .await?;
+                moved += 1;
+            }
+            tx.commit().await?;
+            tracing::info!(%node, hostname, moved, "drained node");
+        }
+        Ok(moved)
+    }
+
     /// Tick every `every` until `stop`; failures are logged and retried at the next tick.
     pub async fn run(self, every: Duration, stop: impl Future<Output = ()> + Send) {
         let mut interval = tokio::time::interval(every);
@@ -89,6 +122,9 @@ impl LifecycleController {
             }
             if let Err(e) = self.tick().await {
                 tracing::error!(error = %e, "lifecycle pass failed; retrying next tick");
+            }
+            if let Err(e) = self.drain().await {
+                tracing::error!(error = %e, "draining failed; retrying next tick");
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = tokio::time::Instant::now();

@@ -824,12 +824,36 @@ impl Store {
                 continue;
             };
             let node = NodeId::from_uuid(id);
+            // Its workloads are handed back first: pods and endpoint replicas to the queue,
+            // passthrough VMs to failed (their GPUs were the host's own; the disk is kept).
+            let mut handed_back = Vec::new();
+            for w in self.workloads_on_node(&mut tx, node).await? {
+                handed_back.extend(w.assignment_id.map(AssignmentId::from_uuid));
+                let (state, reason) = if w.kind == "instance" {
+                    (
+                        "failed",
+                        format!("the node {hostname} was lost; the disk is kept"),
+                    )
+                } else {
+                    (
+                        "pending",
+                        format!("the node {hostname} was lost; placing it again"),
+                    )
+                };
+                self.workload_release(
+                    &mut tx,
+                    kiln_domain::WorkloadId::from_uuid(w.id),
+                    state,
+                    &reason,
+                )
+                .await?;
+            }
             let lost: Vec<(Uuid, i64)> =
                 sqlx::query_as("SELECT id, generation FROM node_assignments WHERE node_id = $1")
                     .bind(id)
                     .fetch_all(&mut *tx)
                     .await?;
-            let lost_ids: Vec<AssignmentId> = lost
+            let mut lost_ids: Vec<AssignmentId> = lost
                 .iter()
                 .map(|(a, _)| AssignmentId::from_uuid(*a))
                 .collect();
@@ -849,6 +873,7 @@ impl Store {
                 .await?;
                 remove_assignments(&mut tx, node, &lost_ids).await?;
             }
+            lost_ids.extend(handed_back);
             tx.commit().await?;
             changed.push(LivenessChange {
                 node,

@@ -15,6 +15,7 @@ pub mod fleet;
 pub mod idempotency;
 pub mod nodes;
 pub mod orgs;
+pub mod scheduling;
 pub mod scope;
 pub mod users;
 
@@ -33,6 +34,10 @@ pub use fleet::{
 pub use idempotency::{Claim, IdempotencyScope};
 pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};
 pub use orgs::{MemberRecord, OrgRecord};
+pub use scheduling::{
+    GpuHold, NewWorkload, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedAllocation,
+    SchedFleet, SchedGpu, SchedNode, WorkloadRecord,
+};
 pub use scope::{AuthzError, OrgScope, Principal};
 pub use users::{Me, MembershipView, RefreshOutcome, UserRecord};
 

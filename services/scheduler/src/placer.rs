@@ -1,0 +1,513 @@
+//! The placement loop: pending workloads → decisions from the pure core → committed capacity.
+//!
+//! Each pass, in one transaction: lock a batch of pending workloads (`FOR UPDATE SKIP LOCKED`,
+//! highest priority first, so replicas split the queue), read the schedulable fleet, ask
+//! [`kiln_placement::place`] for each, and commit every placement under a savepoint
+//! ([`kiln_store::Store::placement_commit`]). The schema refuses double allocation, so a race
+//! lost to another replica is a `Conflict` that leaves the workload pending for the next pass.
+//! A workload that cannot be placed keeps the core's reasons as its `state_reason`. Passes run
+//! when `kiln_workloads_pending` is notified (work created, capacity freed) and on a timer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use kiln_domain::{NodeId, WorkloadId};
+use kiln_placement::{
+    Allocation, AllocationId, Decision, FleetSnapshot, Gpu, GpuAssignment, GpuDemand, GpuUse,
+    MigSlice, Node, Placement, PlacementRequest, Policy, Product, Resources, Tier,
+};
+use kiln_proto::node::v1 as pb;
+use kiln_store::{
+    AssignmentKind, GpuHold, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedFleet, Store,
+    StoreError, WorkloadRecord,
+};
+use prost::Message;
+use sqlx::postgres::PgListener;
+use uuid::Uuid;
+
+/// Workloads decided per pass (and per transaction).
+pub const BATCH: i64 = 64;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassOutcome {
+    pub claimed: usize,
+    pub placed: usize,
+    pub unschedulable: usize,
+    /// Lost a race or found the fleet changed; retried next pass.
+    pub conflicts: usize,
+    pub preempted: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Placer {
+    store: Store,
+    policy: Policy,
+    batch: i64,
+}
+
+impl Placer {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            policy: Policy::default(),
+            batch: BATCH,
+        }
+    }
+
+    /// Decide at most `batch` workloads per pass (smaller batches let replicas interleave).
+    pub fn with_batch(mut self, batch: i64) -> Self {
+        self.batch = batch.max(1);
+        self
+    }
+
+    /// One pass over up to a batch of pending workloads.
+    pub async fn pass(&self) -> Result<PassOutcome, StoreError> {
+        let mut tx = self.store.begin().await?;
+        let claimed = self
+            .store
+            .workloads_claim_pending(&mut tx, self.batch)
+            .await?;
+        let mut out = PassOutcome {
+            claimed: claimed.len(),
+            ..PassOutcome::default()
+        };
+        if claimed.is_empty() {
+            tx.commit().await?;
+            return Ok(out);
+        }
+        let mut types: Vec<String> = claimed.iter().filter_map(|w| w.gpu_type.clone()).collect();
+        types.sort();
+        types.dedup();
+        let rows = self.store.sched_fleet(&mut tx, &types).await?;
+        let mut fleet = snapshot(&rows);
+        for w in &claimed {
+            let id = WorkloadId::from_uuid(w.id);
+            let Some(req) = request(w) else {
+                self.store
+                    .workload_release(
+                        &mut tx,
+                        id,
+                        "failed",
+                        "the request cannot be understood by this scheduler",
+                    )
+                    .await?;
+                continue;
+            };
+            let decision = match kiln_placement::place(&req, &fleet, &self.policy) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.store
+                        .workload_release(&mut tx, id, "failed", &format!("cannot be placed: {e}"))
+                        .await?;
+                    continue;
+                }
+            };
+            match decision {
+                Decision::Unschedulable(u) => {
+                    out.unschedulable += 1;
+                    let reason = format!("waiting for capacity: {u}");
+                    self.store.workload_set_reason(&mut tx, id, &reason).await?;
+                }
+                Decision::Placed(p) => {
+                    // Preempted spot work goes back to the queue, with notice to its agent
+                    // (its assignment is removed) and a reason it can read.
+                    for victim in &p.preempt {
+                        let Ok(v) = Uuid::parse_str(&victim.0) else {
+                            continue;
+                        };
+                        self.store
+                            .workload_release(
+                                &mut tx,
+                                WorkloadId::from_uuid(v),
+                                "pending",
+                                "preempted: on-demand work needed this spot capacity",
+                            )
+                            .await?;
+                        let _ = kiln_placement::release(&mut fleet, victim);
+                        out.preempted += 1;
+                    }
+                    let node = match Uuid::parse_str(&p.node_id) {
+                        Ok(u) => NodeId::from_uuid(u),
+                        Err(_) => continue,
+                    };
+                    let holds = holds(&p, &self.policy);
+                    let spec = assignment_spec(w, &p);
+                    let commit = PlacementCommit {
+                        workload: id,
+                        node,
+                        holds: &holds,
+                        assignment_spec: &spec,
+                        assignment_kind: if w.kind == "instance" {
+                            AssignmentKind::Instance
+                        } else {
+                            AssignmentKind::Pod
+                        },
+                    };
+                    match self.store.placement_commit(&mut tx, &commit).await {
+                        Ok(_) => {
+                            out.placed += 1;
+                            let _ = kiln_placement::apply(
+                                &mut fleet,
+                                &self.policy,
+                                &req,
+                                &p,
+                                AllocationId(w.id.to_string()),
+                            );
+                        }
+                        Err(PlaceError::Conflict(why)) => {
+                            out.conflicts += 1;
+                            tracing::debug!(workload = %id, why, "placement conflict; retrying");
+                            // The fleet view is stale: let the next pass read it again.
+                            fleet = snapshot(&self.store.sched_fleet(&mut tx, &types).await?);
+                        }
+                        Err(PlaceError::Store(e)) => return Err(e),
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        if out.placed > 0 {
+            metrics::counter!("kiln_scheduler_placements_total").increment(out.placed as u64);
+        }
+        Ok(out)
+    }
+
+    /// Pass until stopped: right away while passes find work, else when woken or every
+    /// `every`.
+    pub async fn run(self, every: Duration, stop: impl Future<Output = ()> + Send) {
+        let (wake_tx, mut wake_rx) = tokio::sync::watch::channel(());
+        let pool = self.store.pool().clone();
+        let listener = tokio::spawn(async move {
+            loop {
+                if let Err(e) = listen(&pool, &wake_tx).await {
+                    tracing::warn!(error = %e, "pending-work listener failed; reconnecting");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        tokio::pin!(stop);
+        loop {
+            let busy = match self.pass().await {
+                Ok(o) => o.claimed as i64 == self.batch || o.conflicts > 0,
+                Err(e) => {
+                    tracing::error!(error = %e, "scheduling pass failed; retrying");
+                    false
+                }
+            };
+            if busy {
+                continue;
+            }
+            tokio::select! {
+                () = &mut stop => break,
+                _ = wake_rx.changed() => {}
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+        listener.abort();
+    }
+}
+
+async fn listen(
+    pool: &sqlx::PgPool,
+    wake: &tokio::sync::watch::Sender<()>,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(PENDING_CHANNEL).await?;
+    let _ = wake.send(());
+    loop {
+        listener.recv().await?;
+        let _ = wake.send(());
+    }
+}
+
+/// The placement core's request for a workload; `None` for one it cannot express.
+pub fn request(w: &WorkloadRecord) -> Option<PlacementRequest> {
+    let gpu = match w.gpu_mode.as_str() {
+        "none" => GpuDemand::None,
+        "whole" => GpuDemand::Whole {
+            count: u32::try_from(w.gpu_count).ok()?,
+            passthrough: false,
+        },
+        "passthrough" => GpuDemand::Whole {
+            count: u32::try_from(w.gpu_count).ok()?,
+            passthrough: true,
+        },
+        "mig" => GpuDemand::Mig {
+            profile: w.mig_profile.clone()?,
+        },
+        "share" => GpuDemand::Share {
+            memory_mib: u64::try_from(w.share_memory_mib?).ok()?,
+        },
+        _ => return None,
+    };
+    Some(PlacementRequest {
+        org: w.org_id.to_string(),
+        product: product(&w.kind),
+        tier: tier(&w.tier),
+        priority: w.priority,
+        gpu_type: w.gpu_type.clone().unwrap_or_default(),
+        gpu,
+        require_nvlink: false,
+        cpu_millis: w.cpu_millis.max(0) as u64,
+        memory_mib: w.memory_mib.max(0) as u64,
+        disk_gib: w.disk_gib.max(0) as u64,
+    })
+}
+
+fn product(kind: &str) -> Product {
+    match kind {
+        "instance" => Product::Instance,
+        "endpoint_replica" => Product::Endpoint,
+        _ => Product::Pod,
+    }
+}
+
+fn tier(t: &str) -> Tier {
+    if t == "spot" {
+        Tier::Spot
+    } else {
+        Tier::OnDemand
+    }
+}
+
+/// The core's view of the schedulable fleet.
+pub fn snapshot(rows: &SchedFleet) -> FleetSnapshot {
+    use std::collections::HashMap;
+    let mut nodes: Vec<Node> = rows
+        .nodes
+        .iter()
+        .map(|n| {
+            Node::new(
+                &n.id.to_string(),
+                Resources {
+                    cpu_millis: n.cpu_millis_free.max(0) as u64,
+                    memory_mib: n.memory_mib_free.max(0) as u64,
+                    disk_gib: n.disk_gib_free.max(0) as u64,
+                },
+                Vec::new(),
+            )
+        })
+        .collect();
+    let pos: HashMap<Uuid, usize> = rows
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.id, i))
+        .collect();
+    // GPU index by UUID per node, for NVLink peers (the wire names peers by UUID).
+    let mut index_of: HashMap<(Uuid, &str), u32> = HashMap::new();
+    for g in &rows.gpus {
+        index_of.insert((g.node_id, g.uuid.as_str()), g.idx.max(0) as u32);
+    }
+    for g in &rows.gpus {
+        let Some(&p) = pos.get(&g.node_id) else {
+            continue;
+        };
+        let mut gpu = Gpu::new(
+            &g.uuid,
+            g.idx.max(0) as u32,
+            g.gpu_type.as_deref().unwrap_or(""),
+            g.memory_mib.max(0) as u64,
+        );
+        gpu.numa_node = g.numa_node.map(|n| n.max(0) as u32);
+        gpu.iommu_group = g.iommu_group.map(|n| n.max(0) as u32);
+        gpu.healthy = g.healthy;
+        gpu.mig_enabled = g.mig_enabled;
+        gpu.nvlink_peers = g
+            .nvlink_peers
+            .iter()
+            .filter_map(|u| index_of.get(&(g.node_id, u.as_str())).copied())
+            .collect();
+        nodes[p].gpus.push(gpu);
+    }
+    let mut seen: std::collections::HashSet<(Uuid, Uuid)> = std::collections::HashSet::new();
+    for a in &rows.allocations {
+        let Some(&p) = pos.get(&a.node_id) else {
+            continue;
+        };
+        let id = AllocationId(a.workload_id.to_string());
+        let node = &mut nodes[p];
+        if let Some(gpu) = node.gpus.iter_mut().find(|g| g.uuid == a.gpu_uuid) {
+            match a.mode.as_str() {
+                "whole" => gpu.used = GpuUse::Whole(id.clone()),
+                "mig" => {
+                    let slice = MigSlice {
+                        alloc: id.clone(),
+                        profile: a.mig_profile.clone().unwrap_or_default(),
+                        start: a.slot_start.clamp(0, 255) as u8,
+                        size: (a.slot_end - a.slot_start).clamp(0, 255) as u8,
+                    };
+                    match &mut gpu.used {
+                        GpuUse::Mig(v) => v.push(slice),
+                        other => *other = GpuUse::Mig(vec![slice]),
+                    }
+                }
+                _ => {
+                    let share = kiln_placement::Share {
+                        alloc: id.clone(),
+                        memory_mib: (a.slot_end - a.slot_start).max(0) as u64,
+                    };
+                    match &mut gpu.used {
+                        GpuUse::Shared(v) => v.push(share),
+                        other => *other = GpuUse::Shared(vec![share]),
+                    }
+                }
+            }
+        }
+        if seen.insert((a.node_id, a.workload_id)) {
+            node.allocations.push(Allocation {
+                id,
+                org: a.org_id.to_string(),
+                product: product(&a.kind),
+                tier: tier(&a.tier),
+                priority: a.priority,
+                resources: Resources {
+                    cpu_millis: a.cpu_millis.max(0) as u64,
+                    memory_mib: a.memory_mib.max(0) as u64,
+                    disk_gib: a.disk_gib.max(0) as u64,
+                },
+            });
+        }
+    }
+    let mut fleet = FleetSnapshot::new(nodes);
+    fleet.usage = kiln_placement::usage_from_nodes(&fleet.nodes);
+    fleet
+}
+
+fn holds(p: &Placement, policy: &Policy) -> Vec<GpuHold> {
+    match &p.gpus {
+        GpuAssignment::None => Vec::new(),
+        GpuAssignment::Whole { gpu_uuids } => gpu_uuids
+            .iter()
+            .map(|u| GpuHold::Whole {
+                gpu_uuid: u.clone(),
+            })
+            .collect(),
+        GpuAssignment::Mig {
+            gpu_uuid,
+            profile,
+            start,
+            size,
+        } => vec![GpuHold::Mig {
+            gpu_uuid: gpu_uuid.clone(),
+            profile: profile.clone(),
+            start: i64::from(*start),
+            size: i64::from(*size),
+        }],
+        GpuAssignment::Share {
+            gpu_uuid,
+            memory_mib,
+        } => vec![GpuHold::Share {
+            gpu_uuid: gpu_uuid.clone(),
+            memory_mib: i64::try_from(*memory_mib).unwrap_or(i64::MAX),
+            max_tenants: i64::from(policy.share_tenants_per_gpu),
+        }],
+    }
+}
+
+/// The agent's desired state for a placed workload: the kind's spec from the workload row
+/// (image, command, env, ports for pods; image, keys for instances) and the GPUs placed.
+pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
+    let text = |k: &str| {
+        w.spec
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let strings = |k: &str| -> Vec<String> {
+        w.spec
+            .get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ports: Vec<pb::PortSpec> = w
+        .spec
+        .get("ports")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_u64())
+                .map(|port| pb::PortSpec {
+                    port: port as u32,
+                    protocol: pb::Protocol::Tcp as i32,
+                    name: String::new(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let cpu_millis = u32::try_from(w.cpu_millis).unwrap_or(u32::MAX);
+    let memory_mib = w.memory_mib.max(0) as u64;
+    let kind = if w.kind == "instance" {
+        let gpu_uuids = match &p.gpus {
+            GpuAssignment::Whole { gpu_uuids } => gpu_uuids.clone(),
+            _ => Vec::new(),
+        };
+        pb::assignment::Kind::Instance(pb::InstanceSpec {
+            image: text("image"),
+            cpu_millis,
+            memory_mib,
+            disk_gib: w.disk_gib.max(0) as u64,
+            gpu_uuids,
+            ssh_authorized_keys: strings("ssh_public_keys"),
+            ports,
+        })
+    } else {
+        let gpus = match &p.gpus {
+            GpuAssignment::None => None,
+            GpuAssignment::Whole { gpu_uuids } => {
+                Some(pb::gpu_allocation::Kind::Whole(pb::WholeGpus {
+                    gpu_uuids: gpu_uuids.clone(),
+                }))
+            }
+            GpuAssignment::Mig {
+                gpu_uuid,
+                profile,
+                start,
+                ..
+            } => Some(pb::gpu_allocation::Kind::Mig(pb::MigSlice {
+                gpu_uuid: gpu_uuid.clone(),
+                profile: profile.clone(),
+                start: u32::from(*start),
+                mig_device_uuid: String::new(),
+            })),
+            GpuAssignment::Share {
+                gpu_uuid,
+                memory_mib,
+            } => Some(pb::gpu_allocation::Kind::Share(pb::GpuShare {
+                gpu_uuid: gpu_uuid.clone(),
+                memory_cap_mib: *memory_mib,
+            })),
+        };
+        let env = w
+            .spec
+            .get("env")
+            .and_then(|v| v.as_object())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        pb::assignment::Kind::Pod(pb::PodSpec {
+            image: text("image"),
+            command: strings("command"),
+            env,
+            ports,
+            cpu_millis,
+            memory_mib,
+            gpus: gpus.map(|k| pb::GpuAllocation { kind: Some(k) }),
+        })
+    };
+    pb::Assignment {
+        kind: Some(kind),
+        ..pb::Assignment::default()
+    }
+    .encode_to_vec()
+}
