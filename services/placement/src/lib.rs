@@ -56,6 +56,7 @@
 //! itself, so a refusal still costs a full scan. [`simulate`] uses the index.
 
 mod apply;
+mod availability;
 mod error;
 mod fair;
 mod frag;
@@ -72,6 +73,7 @@ mod snapshot;
 mod whole;
 
 pub use apply::{apply, check_invariants, release};
+pub use availability::{TypeAvailability, availability, mig_placeable};
 pub use error::PlacementError;
 pub use fair::{Amounts, Pending, capacity_and_usage, demand, fair_order, fair_order_with};
 pub use frag::{Fragmentation, fragmentation};
