@@ -25,9 +25,13 @@
 //!   slices used): the MIG score of that GPU, computed once per occupancy, exact;
 //! * **CPU-only**: by GPU count: exact.
 //!
-//! First-fit and every refusal go to [`place`] unchanged (refusals need every node's reason,
-//! and first-fit's answer depends on snapshot order, which it already exploits by stopping
-//! early). Quota refusals likewise.
+//! When nothing fits free, the refusal must name every node's reason, in node order (ties
+//! between causes go to the first seen). [`FleetIndex`] keeps a brief per node (schedulable,
+//! free CPU/memory/disk, per GPU type: healthy, free whole and MIG-capable GPU counts) that
+//! decides most nodes' reason as `fit_node` would; only nodes it cannot decide are evaluated.
+//! Preemption then looks only at nodes holding spot work, the only ones it can use.
+//! First-fit (whose answer is snapshot order, and which stops early anyway) and quota refusals
+//! go to [`place`] unchanged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -37,10 +41,11 @@ use crate::mig;
 use crate::place::{
     Ctx, Decision, Fit, Placement, Policy, Strategy, fit_node, idle_gpus, mig_gpu_score, place,
 };
-use crate::quota;
-use crate::request::{GpuDemand, PlacementRequest};
+use crate::reasons::{Miss, Tally, Unschedulable};
+use crate::request::{GpuDemand, PlacementRequest, Tier};
 use crate::share::share_load;
 use crate::snapshot::{Allocation, AllocationId, FleetSnapshot, GpuUse, Node};
+use crate::{preempt, quota};
 
 /// NUMA nodes per GPU type a node may have and still get the tight whole-GPU bound (more get
 /// a weaker but still valid one).
@@ -96,6 +101,30 @@ pub struct FleetIndex {
     filed: Vec<Vec<(Class, Entry)>>,
     node_pos: HashMap<String, u32>,
     alloc_node: HashMap<AllocationId, u32>,
+    /// Per node, what a refusal's reasons need to know without reading its GPUs.
+    briefs: Vec<Brief>,
+    /// Nodes holding spot work: the only ones preemption can use.
+    spot: BTreeSet<u32>,
+}
+
+/// What the reasons for a refusal need of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Brief {
+    schedulable: bool,
+    free: crate::snapshot::Resources,
+    types: Vec<(u16, TypeBrief)>,
+}
+
+/// Counts of one GPU type's GPUs on a node, as `whole::fit`, `share::fit` and `fit_mig` count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TypeBrief {
+    /// Healthy, among the first 64 GPUs (whole-GPU fits look no further).
+    healthy_64: u32,
+    healthy: u32,
+    /// Healthy, idle, not MIG, among the first 64.
+    whole_free: u32,
+    /// Healthy, MIG mode, holding nothing but MIG slices.
+    mig: u32,
 }
 
 fn bad(msg: impl Into<String>) -> PlacementError {
@@ -115,6 +144,8 @@ impl FleetIndex {
             filed: vec![Vec::new(); fleet.nodes.len()],
             node_pos: HashMap::with_capacity(fleet.nodes.len()),
             alloc_node: HashMap::new(),
+            briefs: vec![Brief::default(); fleet.nodes.len()],
+            spot: BTreeSet::new(),
             fleet,
         };
         for (i, node) in index.fleet.nodes.iter().enumerate() {
@@ -233,6 +264,127 @@ impl FleetIndex {
             self.classes.entry(class).or_default().insert(entry);
         }
         self.filed[pos] = entries;
+        self.briefs[pos] = self.brief(pos);
+        let node = &self.fleet.nodes[pos];
+        if node.allocations.iter().any(|a| a.tier == Tier::Spot) {
+            self.spot.insert(pos as u32);
+        } else {
+            self.spot.remove(&(pos as u32));
+        }
+    }
+
+    fn brief(&mut self, pos: usize) -> Brief {
+        let mut types: Vec<(u16, TypeBrief)> = Vec::new();
+        for i in 0..self.fleet.nodes[pos].gpus.len() {
+            let ty = self.intern(&self.fleet.nodes[pos].gpus[i].gpu_type.clone());
+            let g = &self.fleet.nodes[pos].gpus[i];
+            let t = match types.iter_mut().find(|(t, _)| *t == ty) {
+                Some((_, t)) => t,
+                None => {
+                    types.push((ty, TypeBrief::default()));
+                    &mut types.last_mut().expect("just pushed").1
+                }
+            };
+            if !g.healthy {
+                continue;
+            }
+            t.healthy += 1;
+            if i < 64 {
+                t.healthy_64 += 1;
+                if !g.mig_enabled && matches!(g.used, GpuUse::Idle) {
+                    t.whole_free += 1;
+                }
+            }
+            if g.mig_enabled && matches!(g.used, GpuUse::Idle | GpuUse::Mig(_)) {
+                t.mig += 1;
+            }
+        }
+        let node = &self.fleet.nodes[pos];
+        Brief {
+            schedulable: node.schedulable,
+            free: node.free,
+            types,
+        }
+    }
+
+    /// Why node `pos` cannot take `ctx`'s request, if its brief can tell (as `fit_node`
+    /// would say it); `None` when only the node's GPUs can tell.
+    fn quick_miss(&self, pos: usize, ctx: &Ctx<'_>, ty: Option<u16>) -> Option<Miss> {
+        let b = &self.briefs[pos];
+        let req = ctx.req;
+        if !b.schedulable {
+            return Some(Miss::NotSchedulable);
+        }
+        let t = if req.wants_gpu() {
+            match b.types.iter().find(|(t, _)| Some(*t) == ty) {
+                Some((_, t)) => Some(t),
+                None => return Some(Miss::NoGpuType),
+            }
+        } else {
+            None
+        };
+        if b.free.cpu_millis < req.cpu_millis {
+            return Some(Miss::Cpu);
+        }
+        if b.free.memory_mib < req.memory_mib {
+            return Some(Miss::Memory);
+        }
+        if b.free.disk_gib < req.disk_gib {
+            return Some(Miss::Disk);
+        }
+        let t = t?;
+        match &req.gpu {
+            GpuDemand::None => None,
+            GpuDemand::Whole { count, .. } => {
+                if t.healthy_64 == 0 {
+                    Some(Miss::UnhealthyGpus)
+                } else if t.whole_free == 0 {
+                    Some(Miss::NoFreeGpus)
+                } else if t.whole_free < *count {
+                    Some(Miss::TooFewFreeGpus { free: t.whole_free })
+                } else {
+                    None
+                }
+            }
+            GpuDemand::Share { .. } => (t.healthy == 0).then_some(Miss::UnhealthyGpus),
+            GpuDemand::Mig { .. } => {
+                if t.healthy == 0 {
+                    Some(Miss::UnhealthyGpus)
+                } else if t.mig == 0 {
+                    Some(Miss::MigModeOff)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The refusal (or preemption) [`place`] would answer when nothing fits free, computed
+    /// from the briefs in node order (the reasons' order depends on it), reading a node's GPUs
+    /// only when its brief cannot tell. `None` if some node turns out to fit after all.
+    fn refuse(&self, ctx: &Ctx<'_>) -> Option<Decision> {
+        let ty = self.type_id(&ctx.req.gpu_type);
+        let mut tally = Tally::default();
+        for (pos, node) in self.fleet.nodes.iter().enumerate() {
+            let miss = match self.quick_miss(pos, ctx, ty) {
+                Some(miss) => miss,
+                None => fit_node(node, ctx).err()?,
+            };
+            tally.add(miss);
+        }
+        let mut reasons = tally.into_reasons(ctx.req, ctx.policy.share_tenants_per_gpu);
+        if ctx.policy.preemption
+            && ctx.req.tier == Tier::OnDemand
+            && let Some(p) = preempt::find_among(
+                &self.fleet.nodes,
+                self.spot.iter().map(|&p| p as usize),
+                ctx,
+            )
+        {
+            return Some(Decision::Placed(p));
+        }
+        reasons.shrink_to_fit();
+        Some(Decision::Unschedulable(Unschedulable { reasons }))
     }
 
     /// The classes node `pos` belongs to, with its entry in each.
@@ -491,6 +643,24 @@ impl FleetIndex {
         assert_eq!(named(self), named(&fresh), "index drifted from its fleet");
         assert_eq!(self.alloc_node, fresh.alloc_node);
         assert_eq!(self.node_pos, fresh.node_pos);
+        assert_eq!(self.spot, fresh.spot);
+        let named_briefs = |ix: &FleetIndex| -> Vec<(bool, Vec<(String, TypeBrief)>)> {
+            ix.briefs
+                .iter()
+                .map(|b| {
+                    let mut t: Vec<_> = b
+                        .types
+                        .iter()
+                        .map(|(ty, t)| (ix.types[*ty as usize].clone(), *t))
+                        .collect();
+                    t.sort_by(|a, b| a.0.cmp(&b.0));
+                    (b.schedulable, t)
+                })
+                .collect()
+        };
+        assert_eq!(named_briefs(self), named_briefs(&fresh));
+        let free = |ix: &FleetIndex| ix.briefs.iter().map(|b| b.free).collect::<Vec<_>>();
+        assert_eq!(free(self), free(&fresh));
     }
 }
 
@@ -692,9 +862,9 @@ impl Search<'_> {
     }
 }
 
-/// [`place`] on an indexed fleet: the same decision, found through the buckets for best-fit.
-/// First-fit, quota refusals and every refusal (which needs each node's reason) and
-/// preemption (which only happens when nothing free fits) take [`place`]'s own path.
+/// [`place`] on an indexed fleet: the same decision, found through the buckets for best-fit
+/// and explained from the briefs when refused. First-fit and quota refusals take [`place`]'s
+/// own path.
 pub fn place_indexed(
     req: &PlacementRequest,
     index: &FleetIndex,
@@ -703,15 +873,18 @@ pub fn place_indexed(
     let fleet = &index.fleet;
     if policy.strategy == Strategy::BestFit {
         let ctx = Ctx::new(req, policy)?;
-        if quota::check(fleet, req).is_none()
-            && let Some((i, fit)) = index.best_fit(&ctx)
-        {
-            let node = &fleet.nodes[i];
-            return Ok(Decision::Placed(Placement {
-                node_id: node.id.clone(),
-                gpus: fit.assignment(node, req, &ctx),
-                preempt: Vec::new(),
-            }));
+        if quota::check(fleet, req).is_none() {
+            if let Some((i, fit)) = index.best_fit(&ctx) {
+                let node = &fleet.nodes[i];
+                return Ok(Decision::Placed(Placement {
+                    node_id: node.id.clone(),
+                    gpus: fit.assignment(node, req, &ctx),
+                    preempt: Vec::new(),
+                }));
+            }
+            if let Some(d) = index.refuse(&ctx) {
+                return Ok(d);
+            }
         }
     }
     place(req, fleet, policy)

@@ -52,8 +52,9 @@
 //! node), GPUs by share load and by MIG occupancy, computes a lower bound of best-fit's score
 //! per bucket, and evaluates nodes best bucket first, stopping as soon as nothing unvisited can
 //! score better. Its decisions are exactly [`place`]'s (a property test compares them on
-//! random fleets); refusals, quota refusals, preemption and first-fit go through [`place`]
-//! itself, so a refusal still costs a full scan. [`simulate`] uses the index.
+//! random fleets). A refusal is explained in one pass over compact per-node briefs (reading a
+//! node's GPUs only when its brief cannot tell) and preemption visits only nodes holding spot
+//! work; first-fit and quota refusals go through [`place`] itself. [`simulate`] uses the index.
 
 mod apply;
 mod availability;

@@ -130,8 +130,19 @@ fn next_combination(idx: &mut [usize], n: usize) -> bool {
 
 /// The cheapest preemption over all nodes, as a placement naming its victims.
 pub(crate) fn find(nodes: &[Node], ctx: &Ctx<'_>) -> Option<Placement> {
+    find_among(nodes, 0..nodes.len(), ctx)
+}
+
+/// [`find`] over the nodes at `positions` (ascending), e.g. only those holding spot work:
+/// no other node can offer a victim.
+pub(crate) fn find_among(
+    nodes: &[Node],
+    positions: impl Iterator<Item = usize>,
+    ctx: &Ctx<'_>,
+) -> Option<Placement> {
     let mut best: Option<(usize, Vec<AllocationId>, Fit, Cost)> = None;
-    for (i, node) in nodes.iter().enumerate() {
+    for i in positions {
+        let node = &nodes[i];
         if ctx.req.wants_gpu() && !node.has_gpu_type(&ctx.req.gpu_type) {
             continue;
         }

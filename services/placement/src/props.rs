@@ -410,9 +410,11 @@ fn arb_sized_request() -> impl proptest::strategy::Strategy<Value = PlacementReq
         prop::sample::select(vec![0u64, 8_000, 32_000]),
         1u32..=8,
         any::<bool>(),
+        prop::sample::select(vec![0u64, 0, 200, 600]),
     )
-        .prop_map(|(mut r, mem, count, big)| {
+        .prop_map(|(mut r, mem, count, big, disk)| {
             r.memory_mib = mem;
+            r.disk_gib = disk;
             if big && let GpuDemand::Whole { count: c, .. } = &mut r.gpu {
                 *c = count;
             }
