@@ -9,6 +9,8 @@
 //!
 //! * `fleet.*` — one real `kiln-scheduler` holding 10,000 simulated agents that heartbeat, and
 //!   how long it takes to notice one that stops (see `fleet.rs`).
+//! * `scheduler.core.*`, `scheduler.packing.*` — the placement core alone, in process, on
+//!   10,000 nodes × 8 GPUs and on a seeded trace (see `placement.rs`; `--only placement`).
 //!
 //! Stdout carries only `BENCH <name> <value> <unit>` lines; everything else goes to stderr.
 //! The child and the database are removed at the end, also on failure, Ctrl-C or SIGTERM.
@@ -16,6 +18,7 @@
 
 mod fleet;
 mod load;
+mod placement;
 mod server;
 
 use std::io::Write;
@@ -111,6 +114,14 @@ pub struct Args {
     /// Measured seconds of heartbeats.
     #[arg(long, default_value_t = 30)]
     fleet_duration_secs: u64,
+
+    /// Nodes (8 H100 each) of the placement-core benchmark's fleet.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
+    placement_nodes: u32,
+
+    /// Measured best-fit and first-fit decisions of the placement-core benchmark.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
+    placement_decisions: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -118,6 +129,7 @@ enum Only {
     All,
     Api,
     Fleet,
+    Placement,
 }
 
 #[tokio::main]
@@ -145,11 +157,19 @@ fn ms(micros: u64) -> String {
 }
 
 async fn run(args: &Args) -> Result<()> {
-    if args.only != Only::Fleet {
+    if matches!(args.only, Only::All | Only::Api) {
         run_api(args).await?;
     }
-    if args.only != Only::Api {
+    if matches!(args.only, Only::All | Only::Fleet) {
         run_fleet(args).await?;
+    }
+    if matches!(args.only, Only::All | Only::Placement) {
+        let plan = placement::PlacementPlan {
+            nodes: args.placement_nodes,
+            decisions: args.placement_decisions,
+            seed: 0x6b696c6e,
+        };
+        placement::run(&plan, figure);
     }
     Ok(())
 }
@@ -187,7 +207,7 @@ async fn run_fleet(args: &Args) -> Result<()> {
         startup: Duration::from_secs(args.startup_timeout_secs),
     };
     let outcome = tokio::select! {
-        r = fleet::run(&plan, &scheduler_bin, &db.url, &mut child, |n, v, u| figure(n, v, u)) => r,
+        r = fleet::run(&plan, &scheduler_bin, &db.url, &mut child, figure) => r,
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
     if let Some(child) = child {
