@@ -11,6 +11,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod catalog;
 pub mod fleet;
 pub mod idempotency;
 pub mod nodes;
@@ -25,6 +26,7 @@ use uuid::Uuid;
 
 pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
+pub use catalog::{CatalogGpu, CatalogSlot};
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,
     AssignmentSnapshot, CREDENTIAL_CHANNEL, CapacityRow, GpuEventRecord, GpuHealthReport,
