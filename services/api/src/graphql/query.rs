@@ -147,6 +147,16 @@ impl QueryRoot {
         ))
     }
 
+    /// Every GPU type with its MIG profiles and live availability (any signed-in caller); the
+    /// same as `GET /v1/gpu-types`.
+    async fn gpu_types(&self, ctx: &Context<'_>) -> Result<Option<ops::catalog::GpuTypeList>> {
+        Ok(Some(
+            ops::catalog::list(state(ctx), caller(ctx)?)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// Operators only: GPU capacity per GPU type.
     async fn fleet_capacity(&self, ctx: &Context<'_>) -> Result<Option<FleetCapacityView>> {
         Ok(Some(

@@ -1,6 +1,7 @@
 //! The REST surface (`/v1/…`) and its OpenAPI document.
 
 mod admin;
+mod catalog;
 pub mod extract;
 mod identity;
 mod orgs;
@@ -46,6 +47,7 @@ pub fn router() -> Router<AppState> {
             delete(orgs::api_key_revoke),
         )
         .route("/v1/orgs/{org}/audit-log", get(orgs::audit_log))
+        .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
         .route("/v1/admin/nodes/{node}", get(admin::node_get))
@@ -139,6 +141,7 @@ where
         orgs::members, orgs::member_add, orgs::member_update, orgs::member_remove,
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
+        catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
     ),
@@ -147,6 +150,7 @@ where
     tags(
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
+        (name = "catalog", description = "GPU types, their MIG profiles and live availability"),
         (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),
     )
 )]

@@ -5,6 +5,7 @@ mod api_keys;
 mod audit;
 mod auth;
 mod binary;
+mod catalog;
 mod idempotency;
 mod isolation;
 mod members;
