@@ -75,6 +75,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<ApiKeysCommand>,
     },
+    /// GPU types with their MIG profiles and what is free of each right now.
+    GpuTypes,
     /// Operator commands (your account must be the deployment's operator).
     Admin {
         #[command(subcommand)]
@@ -274,6 +276,7 @@ async fn run(cli: Cli) -> Result<()> {
             } => keys_create(&mut ctx, &name, role, expires_at).await,
             ApiKeysCommand::Revoke { key } => keys_revoke(&mut ctx, &key).await,
         },
+        Command::GpuTypes => gpu_types(&mut ctx).await,
         Command::Admin { command } => match command {
             AdminCommand::NodeToken { ttl_secs, note } => {
                 admin_node_token(&mut ctx, ttl_secs, note).await
@@ -1075,6 +1078,62 @@ async fn admin_node_set(ctx: &mut Ctx, node: &str, action: &str) -> Result<()> {
         );
     });
     Ok(())
+}
+
+async fn gpu_types(ctx: &mut Ctx) -> Result<()> {
+    let list = ctx.client.get("/v1/gpu-types").await?;
+    ctx.show(&list, |list| {
+        output::table(
+            &[
+                "GPU TYPE",
+                "NAME",
+                "MEMORY",
+                "FREE",
+                "TOTAL",
+                "UNHEALTHY",
+                "SHARES",
+                "MIG FREE",
+            ],
+            items(list).iter().map(|t| {
+                let a = t.get("available").unwrap_or(&Value::Null);
+                vec![
+                    cell(t, "id"),
+                    cell(t, "name"),
+                    format!("{} GiB", cell(t, "memory_gib")),
+                    cell(a, "whole"),
+                    cell(a, "total"),
+                    cell(a, "unhealthy"),
+                    shares_free(a.get("shares").unwrap_or(&Value::Null)),
+                    mig_free(a.get("mig").unwrap_or(&Value::Null)),
+                ]
+            }),
+        );
+    });
+    Ok(())
+}
+
+/// `2 (≤ 79 GiB)`: GPUs that take another share and the largest share that fits.
+fn shares_free(s: &Value) -> String {
+    match s.get("gpus").and_then(Value::as_i64) {
+        Some(0) | None => "-".into(),
+        Some(n) => format!("{n} (≤ {} GiB)", cell(s, "max_memory_gib")),
+    }
+}
+
+/// `1g.10gb:4 3g.40gb:1`: MIG profiles that still fit, each with how many more would.
+fn mig_free(m: &Value) -> String {
+    let free: Vec<String> = m
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_i64().unwrap_or(0) > 0)
+        .map(|(p, n)| format!("{p}:{n}"))
+        .collect();
+    if free.is_empty() {
+        "-".into()
+    } else {
+        free.join(" ")
+    }
 }
 
 async fn admin_capacity(ctx: &mut Ctx) -> Result<()> {

@@ -607,3 +607,72 @@ async fn operators_inspect_nodes_and_cordon_them(pool: sqlx::PgPool) {
         missing.stderr
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn anyone_signed_in_lists_gpu_types_with_what_is_free(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    // A ready node with two L40S GPUs (no MIG), registered straight through the store.
+    let node = kiln_domain::NodeId::new();
+    sqlx::query(
+        "INSERT INTO nodes (id, hostname, agent_version, credential_hash)
+         VALUES ($1, 'gpu-l40s', '0.1.0', decode(md5(random()::text), 'hex'))",
+    )
+    .bind(node.as_uuid())
+    .execute(app.store().pool())
+    .await
+    .unwrap();
+    app.store()
+        .node_register(
+            node,
+            &kiln_store::NodeRegistration {
+                hostname: "gpu-l40s".into(),
+                agent_version: "0.1.0".into(),
+                protocol_minor: 0,
+                driver_version: "550.54.15".into(),
+                cuda_version: "12.4".into(),
+                cpu_cores: 32,
+                memory_mib: 262_144,
+                disk_gib: 500,
+                gpus: (0..2)
+                    .map(|i| kiln_store::GpuRegistration {
+                        uuid: format!("GPU-l40s-{i}"),
+                        index: i,
+                        model: "NVIDIA L40S".into(),
+                        gpu_type: Some("l40s-48gb".into()),
+                        memory_mib: 46_068,
+                        pci_bus_id: format!("00000000:0{i}:00.0"),
+                        numa_node: Some(0),
+                        iommu_group: None,
+                        mig_capable: false,
+                        mig_enabled: false,
+                        mig_instances: vec![],
+                        nvlink_peers: vec![],
+                    })
+                    .collect(),
+            },
+        )
+        .await
+        .unwrap();
+    app.store().node_heartbeat(node, 0, &[]).await.unwrap();
+
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let list = kiln.run(&["gpu-types", "--output", "json"]).await.ok();
+    let l40s = items(&list.json())
+        .iter()
+        .find(|t| t["id"] == "l40s-48gb")
+        .cloned()
+        .unwrap();
+    assert_eq!(l40s["name"], "NVIDIA L40S 48GB");
+    assert_eq!(l40s["mig_profiles"], json!([]));
+    assert_eq!(l40s["available"]["whole"], 2);
+    assert_eq!(l40s["available"]["total"], 2);
+    let table = kiln.run(&["gpu-types"]).await.ok();
+    assert!(
+        table.stdout.contains("GPU TYPE") && table.stdout.contains("l40s-48gb"),
+        "{}",
+        table.stdout
+    );
+    assert!(table.stdout.contains("h100-80gb"), "{}", table.stdout);
+}
