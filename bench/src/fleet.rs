@@ -151,9 +151,7 @@ pub async fn run(
     let window_from = begin + plan.warmup;
     let window_until = window_from + plan.duration;
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        60_000_000,
-        3,
+        1, 60_000_000, 3,
     )?));
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -253,9 +251,8 @@ pub async fn run(
 
     // Loss detection: silence one agent, the rest keep beating.
     silenced.store(true, Ordering::Relaxed);
-    let deadline = Instant::now()
-        + Duration::from_millis(plan.unreachable_after_ms)
-        + Duration::from_secs(60);
+    let deadline =
+        Instant::now() + Duration::from_millis(plan.unreachable_after_ms) + Duration::from_secs(60);
     let victim_uuid = victim_node
         .strip_prefix("node_")
         .and_then(|hex| uuid::Uuid::parse_str(hex).ok())
@@ -290,7 +287,11 @@ pub async fn run(
     Ok(())
 }
 
-async fn wait_healthy(ops: SocketAddr, limit: Duration, child: &mut Child) -> Result<()> {
+pub(crate) async fn wait_healthy(
+    ops: SocketAddr,
+    limit: Duration,
+    child: &mut Child,
+) -> Result<()> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;

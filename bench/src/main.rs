@@ -9,6 +9,8 @@
 //!
 //! * `fleet.*` — one real `kiln-scheduler` holding 10,000 simulated agents that heartbeat, and
 //!   how long it takes to notice one that stops (see `fleet.rs`).
+//! * `scheduler.e2e.*` — a real `kiln-scheduler` placing pods committed to Postgres, in a burst
+//!   and at a steady rate (see `scheduling.rs`; `--only scheduling`).
 //! * `scheduler.core.*`, `scheduler.packing.*` — the placement core alone, in process, on
 //!   10,000 nodes × 8 GPUs and on a seeded trace (see `placement.rs`; `--only placement`).
 //!
@@ -19,6 +21,7 @@
 mod fleet;
 mod load;
 mod placement;
+mod scheduling;
 mod server;
 
 use std::io::Write;
@@ -115,6 +118,22 @@ pub struct Args {
     #[arg(long, default_value_t = 30)]
     fleet_duration_secs: u64,
 
+    /// Nodes (8 H100 each) seeded for the scheduler's end-to-end benchmark.
+    #[arg(long, default_value_t = 3_000)]
+    sched_nodes: u32,
+
+    /// Pending 1-GPU pods committed at once for `scheduler.e2e.placements_per_s`.
+    #[arg(long, default_value_t = 20_000)]
+    sched_burst: u32,
+
+    /// Pods per second, one per transaction, for `scheduler.e2e.p99_ms`.
+    #[arg(long, default_value_t = 500)]
+    sched_rate: u32,
+
+    /// Seconds of the steady rate.
+    #[arg(long, default_value_t = 20)]
+    sched_rate_secs: u64,
+
     /// Nodes (8 H100 each) of the placement-core benchmark's fleet.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     placement_nodes: u32,
@@ -130,6 +149,7 @@ enum Only {
     Api,
     Fleet,
     Placement,
+    Scheduling,
 }
 
 #[tokio::main]
@@ -162,6 +182,9 @@ async fn run(args: &Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Fleet) {
         run_fleet(args).await?;
+    }
+    if matches!(args.only, Only::All | Only::Scheduling) {
+        run_scheduling(args).await?;
     }
     if matches!(args.only, Only::All | Only::Placement) {
         let plan = placement::PlacementPlan {
@@ -208,6 +231,35 @@ async fn run_fleet(args: &Args) -> Result<()> {
     };
     let outcome = tokio::select! {
         r = fleet::run(&plan, &scheduler_bin, &db.url, &mut child, figure) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
+    if let Some(child) = child {
+        server::stop(child).await;
+    }
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_scheduling(args: &Args) -> Result<()> {
+    let scheduler_bin = sibling(
+        &args.scheduler_bin,
+        "kiln-scheduler",
+        "set KILN_SCHEDULER_BIN or --scheduler-bin",
+    )?;
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let mut child = None;
+    let plan = scheduling::SchedPlan {
+        nodes: args.sched_nodes,
+        burst: args.sched_burst,
+        rate: args.sched_rate,
+        rate_secs: args.sched_rate_secs,
+        startup: Duration::from_secs(args.startup_timeout_secs),
+    };
+    let outcome = tokio::select! {
+        r = scheduling::run(&plan, &scheduler_bin, &db.url, &mut child, figure) => r,
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
     if let Some(child) = child {

@@ -335,9 +335,10 @@ fn default_org(me: &Value) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A list answer's entries: `{items: [...]}`, or a bare array (`/v1/gpu-types`).
 fn items(v: &Value) -> &[Value] {
-    v.get("items")
-        .and_then(Value::as_array)
+    v.as_array()
+        .or_else(|| v.get("items").and_then(Value::as_array))
         .map_or(&[], Vec::as_slice)
 }
 

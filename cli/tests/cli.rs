@@ -123,8 +123,11 @@ impl Kiln {
     }
 }
 
+/// A list answer's entries: `{items: [...]}`, or a bare array (`/v1/gpu-types`).
 fn items(v: &Value) -> &Vec<Value> {
-    v["items"].as_array().expect("a list answer has items")
+    v.as_array()
+        .or_else(|| v["items"].as_array())
+        .expect("a list answer has items")
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]

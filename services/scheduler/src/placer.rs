@@ -1,32 +1,37 @@
 //! The placement loop: pending workloads → decisions from the pure core → committed capacity.
 //!
 //! Each pass, in one transaction: lock a batch of pending workloads (`FOR UPDATE SKIP LOCKED`,
-//! highest priority first, so replicas split the queue), read the schedulable fleet, ask
-//! [`kiln_placement::place`] for each, and commit every placement under a savepoint
-//! ([`kiln_store::Store::placement_commit`]). The schema refuses double allocation, so a race
-//! lost to another replica is a `Conflict` that leaves the workload pending for the next pass.
+//! highest priority first, so replicas split the queue), decide each with
+//! [`kiln_placement::place_indexed`] on a cached, indexed view of the fleet (kept in step with
+//! what this placer commits; dropped when capacity is freed anywhere, after a lost race, or
+//! when older than a couple of seconds; and never used to refuse), and commit the batch in a
+//! few set-based statements ([`kiln_store::Store::placements_commit_batch`]). The schema
+//! refuses double allocation, so a race lost to another replica is a `Conflict`: the batch is
+//! rolled back to its savepoint and committed one by one on a fresh view.
 //! A workload that cannot be placed keeps the core's reasons as its `state_reason`. Passes run
 //! when `kiln_workloads_pending` is notified (work created, capacity freed) and on a timer.
 
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use kiln_domain::{NodeId, WorkloadId};
 use kiln_placement::{
-    Allocation, AllocationId, Decision, FleetSnapshot, Gpu, GpuAssignment, GpuDemand, GpuUse,
-    MigSlice, Node, Placement, PlacementRequest, Policy, Product, Resources, Tier,
+    Allocation, AllocationId, Decision, FleetIndex, FleetSnapshot, Gpu, GpuAssignment, GpuDemand,
+    GpuUse, MigSlice, Node, Placement, PlacementRequest, Policy, Product, Resources, Tier,
 };
 use kiln_proto::node::v1 as pb;
 use kiln_store::{
-    AssignmentKind, GpuHold, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedFleet, Store,
-    StoreError, WorkloadRecord,
+    AssignmentKind, FREED, GpuHold, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedFleet,
+    Store, StoreError, WorkloadRecord,
 };
 use prost::Message;
 use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
 /// Workloads decided per pass (and per transaction).
-pub const BATCH: i64 = 64;
+pub const BATCH: i64 = 256;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -39,11 +44,40 @@ pub struct PassOutcome {
     pub preempted: usize,
 }
 
-#[derive(Debug, Clone)]
+/// The longest a cached view of the fleet is used before it is read again (so new nodes are
+/// seen). Capacity freed anywhere drops it at once (`kiln_workloads_pending` with payload
+/// `freed`), a lost race drops it, a refusal is only ever made on a view read in the same pass,
+/// and a decision the view got wrong (a node cordoned or a GPU sick since) fails its commit's
+/// checks and is retried on a fresh view — so age costs efficiency, never correctness.
+const MAX_VIEW_AGE: Duration = Duration::from_secs(30);
+
+struct View {
+    index: FleetIndex,
+    loaded: Instant,
+}
+
+#[derive(Clone)]
 pub struct Placer {
     store: Store,
     policy: Policy,
     batch: i64,
+    view: Arc<tokio::sync::Mutex<Option<View>>>,
+    stale: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Placer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placer")
+            .field("batch", &self.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A decision waiting to be committed.
+struct Decided<'w> {
+    workload: &'w WorkloadRecord,
+    req: PlacementRequest,
+    placement: Placement,
 }
 
 impl Placer {
@@ -52,6 +86,8 @@ impl Placer {
             store,
             policy: Policy::default(),
             batch: BATCH,
+            view: Arc::default(),
+            stale: Arc::default(),
         }
     }
 
@@ -61,8 +97,20 @@ impl Placer {
         self
     }
 
+    async fn load(&self, conn: &mut sqlx::PgConnection) -> Result<View, StoreError> {
+        let rows = self.store.sched_fleet(conn, None).await?;
+        Ok(View {
+            index: FleetIndex::new(snapshot(&rows)),
+            loaded: Instant::now(),
+        })
+    }
+
     /// One pass over up to a batch of pending workloads.
     pub async fn pass(&self) -> Result<PassOutcome, StoreError> {
+        let mut guard = self.view.lock().await;
+        // Taken out for the pass and put back only if the pass commits, so a rolled-back
+        // pass can never leave a view that counts capacity it did not get.
+        let cached = guard.take();
         let mut tx = self.store.begin().await?;
         let claimed = self
             .store
@@ -74,13 +122,16 @@ impl Placer {
         };
         if claimed.is_empty() {
             tx.commit().await?;
+            *guard = cached;
             return Ok(out);
         }
-        let mut types: Vec<String> = claimed.iter().filter_map(|w| w.gpu_type.clone()).collect();
-        types.sort();
-        types.dedup();
-        let rows = self.store.sched_fleet(&mut tx, &types).await?;
-        let mut fleet = snapshot(&rows);
+        let stale = self.stale.swap(false, Ordering::SeqCst);
+        let (mut view, mut fresh) = match cached {
+            Some(v) if !stale && v.loaded.elapsed() < MAX_VIEW_AGE => (v, false),
+            _ => (self.load(&mut tx).await?, true),
+        };
+        let mut batch: Vec<Decided<'_>> = Vec::new();
+        let mut singles: Vec<Decided<'_>> = Vec::new();
         for w in &claimed {
             let id = WorkloadId::from_uuid(w.id);
             let Some(req) = request(w) else {
@@ -94,83 +145,164 @@ impl Placer {
                     .await?;
                 continue;
             };
-            let decision = match kiln_placement::place(&req, &fleet, &self.policy) {
-                Ok(d) => d,
+            let mut decision = kiln_placement::place_indexed(&req, &view.index, &self.policy);
+            if matches!(decision, Ok(Decision::Unschedulable(_))) && !fresh {
+                // Never refuse on an old view: read the fleet again and decide again.
+                view = self.load(&mut tx).await?;
+                fresh = true;
+                decision = kiln_placement::place_indexed(&req, &view.index, &self.policy);
+            }
+            match decision {
                 Err(e) => {
                     self.store
                         .workload_release(&mut tx, id, "failed", &format!("cannot be placed: {e}"))
                         .await?;
-                    continue;
                 }
-            };
-            match decision {
-                Decision::Unschedulable(u) => {
+                Ok(Decision::Unschedulable(u)) => {
                     out.unschedulable += 1;
                     let reason = format!("waiting for capacity: {u}");
                     self.store.workload_set_reason(&mut tx, id, &reason).await?;
                 }
-                Decision::Placed(p) => {
-                    // Preempted spot work goes back to the queue, with notice to its agent
-                    // (its assignment is removed) and a reason it can read.
-                    for victim in &p.preempt {
-                        let Ok(v) = Uuid::parse_str(&victim.0) else {
+                Ok(Decision::Placed(p)) => {
+                    let simple =
+                        p.preempt.is_empty() && !matches!(p.gpus, GpuAssignment::Share { .. });
+                    if simple {
+                        // Held in the view at once, so the rest of the batch sees it taken. A
+                        // view that cannot take it is stale (it still holds this workload's
+                        // old placement, say): decide it alone on a fresh view.
+                        let alloc = AllocationId(w.id.to_string());
+                        if view.index.apply(&self.policy, &req, &p, alloc).is_err() {
+                            singles.push(Decided {
+                                workload: w,
+                                req,
+                                placement: p,
+                            });
                             continue;
-                        };
-                        self.store
-                            .workload_release(
-                                &mut tx,
-                                WorkloadId::from_uuid(v),
-                                "pending",
-                                "preempted: on-demand work needed this spot capacity",
-                            )
-                            .await?;
-                        let _ = kiln_placement::release(&mut fleet, victim);
-                        out.preempted += 1;
-                    }
-                    let node = match Uuid::parse_str(&p.node_id) {
-                        Ok(u) => NodeId::from_uuid(u),
-                        Err(_) => continue,
-                    };
-                    let holds = holds(&p, &self.policy);
-                    let spec = assignment_spec(w, &p);
-                    let commit = PlacementCommit {
-                        workload: id,
-                        node,
-                        holds: &holds,
-                        assignment_spec: &spec,
-                        assignment_kind: if w.kind == "instance" {
-                            AssignmentKind::Instance
-                        } else {
-                            AssignmentKind::Pod
-                        },
-                    };
-                    match self.store.placement_commit(&mut tx, &commit).await {
-                        Ok(_) => {
-                            out.placed += 1;
-                            let _ = kiln_placement::apply(
-                                &mut fleet,
-                                &self.policy,
-                                &req,
-                                &p,
-                                AllocationId(w.id.to_string()),
-                            );
                         }
-                        Err(PlaceError::Conflict(why)) => {
-                            out.conflicts += 1;
-                            tracing::debug!(workload = %id, why, "placement conflict; retrying");
-                            // The fleet view is stale: let the next pass read it again.
-                            fleet = snapshot(&self.store.sched_fleet(&mut tx, &types).await?);
-                        }
-                        Err(PlaceError::Store(e)) => return Err(e),
+                        batch.push(Decided {
+                            workload: w,
+                            req,
+                            placement: p,
+                        });
+                    } else {
+                        singles.push(Decided {
+                            workload: w,
+                            req,
+                            placement: p,
+                        });
                     }
                 }
             }
+        }
+
+        // The batch in a handful of statements; on a lost race, one by one on a fresh view.
+        let holds_of: Vec<Vec<GpuHold>> = batch
+            .iter()
+            .map(|d| holds(&d.placement, &self.policy))
+            .collect();
+        let specs: Vec<Vec<u8>> = batch
+            .iter()
+            .map(|d| assignment_spec(d.workload, &d.placement))
+            .collect();
+        let commits: Vec<PlacementCommit<'_>> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| commit_of(d, &holds_of[i], &specs[i]))
+            .collect();
+        match self.store.placements_commit_batch(&mut tx, &commits).await {
+            Ok(ids) => out.placed += ids.len(),
+            Err(PlaceError::Conflict(why)) => {
+                out.conflicts += 1;
+                tracing::debug!(
+                    why,
+                    size = batch.len(),
+                    "batch conflict; committing one by one"
+                );
+                view = self.load(&mut tx).await?;
+                fresh = true;
+                singles.append(&mut batch);
+            }
+            Err(PlaceError::Store(e)) => return Err(e),
+        }
+        if !singles.is_empty() && !fresh {
+            view = self.load(&mut tx).await?;
+        }
+        for d in singles {
+            self.commit_one(&mut tx, &mut view, d, &mut out).await?;
         }
         tx.commit().await?;
         if out.placed > 0 {
             metrics::counter!("kiln_scheduler_placements_total").increment(out.placed as u64);
         }
+        *guard = Some(view);
         Ok(out)
+    }
+
+    /// Decide again on `view` and commit one placement by itself (shares, preemption, and
+    /// batches that lost a race).
+    async fn commit_one(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        view: &mut View,
+        d: Decided<'_>,
+        out: &mut PassOutcome,
+    ) -> Result<(), StoreError> {
+        let w = d.workload;
+        let id = WorkloadId::from_uuid(w.id);
+        let p = match kiln_placement::place_indexed(&d.req, &view.index, &self.policy) {
+            Ok(Decision::Placed(p)) => p,
+            Ok(Decision::Unschedulable(u)) => {
+                out.unschedulable += 1;
+                let reason = format!("waiting for capacity: {u}");
+                return self.store.workload_set_reason(tx, id, &reason).await;
+            }
+            Err(_) => return Ok(()),
+        };
+        // Preempted spot work goes back to the queue, with notice to its agent (its
+        // assignment is removed) and a reason it can read.
+        for victim in &p.preempt {
+            let Ok(v) = Uuid::parse_str(&victim.0) else {
+                continue;
+            };
+            self.store
+                .workload_release(
+                    tx,
+                    WorkloadId::from_uuid(v),
+                    "pending",
+                    "preempted: on-demand work needed this spot capacity",
+                )
+                .await?;
+            let _ = view.index.release(victim);
+            out.preempted += 1;
+        }
+        let holds = holds(&p, &self.policy);
+        let spec = assignment_spec(w, &p);
+        let decided = Decided {
+            workload: w,
+            req: d.req,
+            placement: p,
+        };
+        let Some(commit) = commit_of(&decided, &holds, &spec) else {
+            return Ok(());
+        };
+        match self.store.placement_commit(tx, &commit).await {
+            Ok(_) => {
+                out.placed += 1;
+                let _ = view.index.apply(
+                    &self.policy,
+                    &decided.req,
+                    &decided.placement,
+                    AllocationId(w.id.to_string()),
+                );
+            }
+            Err(PlaceError::Conflict(why)) => {
+                out.conflicts += 1;
+                tracing::debug!(workload = %id, why, "placement conflict; retrying next pass");
+                *view = self.load(tx).await?;
+            }
+            Err(PlaceError::Store(e)) => return Err(e),
+        }
+        Ok(())
     }
 
     /// Pass until stopped: right away while passes find work, else when woken or every
@@ -178,11 +310,13 @@ impl Placer {
     pub async fn run(self, every: Duration, stop: impl Future<Output = ()> + Send) {
         let (wake_tx, mut wake_rx) = tokio::sync::watch::channel(());
         let pool = self.store.pool().clone();
+        let stale = self.stale.clone();
         let listener = tokio::spawn(async move {
             loop {
-                if let Err(e) = listen(&pool, &wake_tx).await {
+                if let Err(e) = listen(&pool, &wake_tx, &stale).await {
                     tracing::warn!(error = %e, "pending-work listener failed; reconnecting");
                 }
+                stale.store(true, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
@@ -208,15 +342,38 @@ impl Placer {
     }
 }
 
+fn commit_of<'a>(
+    d: &Decided<'_>,
+    holds: &'a [GpuHold],
+    spec: &'a [u8],
+) -> Option<PlacementCommit<'a>> {
+    let node = Uuid::parse_str(&d.placement.node_id).ok()?;
+    Some(PlacementCommit {
+        workload: WorkloadId::from_uuid(d.workload.id),
+        node: NodeId::from_uuid(node),
+        holds,
+        assignment_spec: spec,
+        assignment_kind: if d.workload.kind == "instance" {
+            AssignmentKind::Instance
+        } else {
+            AssignmentKind::Pod
+        },
+    })
+}
+
 async fn listen(
     pool: &sqlx::PgPool,
     wake: &tokio::sync::watch::Sender<()>,
+    stale: &AtomicBool,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(PENDING_CHANNEL).await?;
     let _ = wake.send(());
     loop {
-        listener.recv().await?;
+        let note = listener.recv().await?;
+        if note.payload() == FREED {
+            stale.store(true, Ordering::SeqCst);
+        }
         let _ = wake.send(());
     }
 }

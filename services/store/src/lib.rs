@@ -37,7 +37,7 @@ pub use idempotency::{Claim, IdempotencyScope};
 pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};
 pub use orgs::{MemberRecord, OrgRecord};
 pub use scheduling::{
-    GpuHold, NewWorkload, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedAllocation,
+    FREED, GpuHold, NewWorkload, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedAllocation,
     SchedFleet, SchedGpu, SchedNode, WorkloadRecord,
 };
 pub use scope::{AuthzError, OrgScope, Principal};

@@ -151,8 +151,7 @@ async fn place(app: &TestApp, scope: &OrgScope, gpu_mode: &str, count: i32, prof
 async fn gpu_type(app: &TestApp, token: &str, id: &str) -> Value {
     let (status, body) = app.get("/v1/gpu-types", token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    body["items"]
-        .as_array()
+    body.as_array()
         .unwrap()
         .iter()
         .find(|t| t["id"] == id)
@@ -183,7 +182,7 @@ async fn an_empty_fleet_still_lists_the_mig_capable_types_with_nothing_free(pool
     for token in [&ada.access_token, &key] {
         let (status, body) = app.get("/v1/gpu-types", token).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        let ids: Vec<&str> = body["items"]
+        let ids: Vec<&str> = body
             .as_array()
             .unwrap()
             .iter()
