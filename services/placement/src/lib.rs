@@ -56,6 +56,7 @@
 //! node's GPUs only when its brief cannot tell) and preemption visits only nodes holding spot
 //! work; first-fit and quota refusals go through [`place`] itself. [`simulate`] uses the index.
 
+mod alternatives;
 mod apply;
 mod availability;
 mod error;
@@ -73,6 +74,7 @@ mod sim;
 mod snapshot;
 mod whole;
 
+pub use alternatives::{alternatives, describe};
 pub use apply::{apply, check_invariants, release};
 pub use availability::{TypeAvailability, availability, mig_placeable};
 pub use error::PlacementError;

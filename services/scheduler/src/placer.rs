@@ -160,7 +160,7 @@ impl Placer {
                 }
                 Ok(Decision::Unschedulable(u)) => {
                     out.unschedulable += 1;
-                    let reason = format!("waiting for capacity: {u}");
+                    let reason = refusal(&u, &req, &view.index, &self.policy);
                     self.store.workload_set_reason(&mut tx, id, &reason).await?;
                 }
                 Ok(Decision::Placed(p)) => {
@@ -253,7 +253,7 @@ impl Placer {
             Ok(Decision::Placed(p)) => p,
             Ok(Decision::Unschedulable(u)) => {
                 out.unschedulable += 1;
-                let reason = format!("waiting for capacity: {u}");
+                let reason = refusal(&u, &d.req, &view.index, &self.policy);
                 return self.store.workload_set_reason(tx, id, &reason).await;
             }
             Err(_) => return Ok(()),
@@ -339,6 +339,26 @@ impl Placer {
             }
         }
         listener.abort();
+    }
+}
+
+/// A pending workload's `state_reason`: why nothing fits now, counted per cause, and the
+/// nearest requests that would place at this moment.
+fn refusal(
+    u: &kiln_placement::Unschedulable,
+    req: &PlacementRequest,
+    index: &FleetIndex,
+    policy: &Policy,
+) -> String {
+    let alternatives = kiln_placement::alternatives(req, index, policy, 3);
+    if alternatives.is_empty() {
+        format!("waiting for capacity: {u}")
+    } else {
+        let words: Vec<String> = alternatives.iter().map(kiln_placement::describe).collect();
+        format!(
+            "waiting for capacity: {u}; would place now: {}",
+            words.join(", ")
+        )
     }
 }
 

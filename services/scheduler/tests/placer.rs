@@ -229,8 +229,12 @@ async fn unplaceable_work_says_why_and_is_placed_highest_priority_first_when_cap
     let out = placer.pass().await.unwrap();
     assert_eq!((out.placed, out.unschedulable), (0, 2));
     let reason = get(&store, &low).await.state_reason;
-    assert!(reason.contains("h100-80gb"), "{reason}");
     assert!(reason.starts_with("waiting for capacity"), "{reason}");
+    assert!(reason.contains("h100-80gb"), "{reason}");
+    assert!(
+        !reason.contains("would place now"),
+        "nothing smaller fits either: {reason}"
+    );
 
     // Capacity frees: the high-priority request, though younger, goes first.
     release(&store, &big, "terminated").await;
@@ -238,6 +242,25 @@ async fn unplaceable_work_says_why_and_is_placed_highest_priority_first_when_cap
     placer.pass().await.unwrap();
     assert_eq!(get(&store, &high).await.state, "scheduled");
     assert_eq!(get(&store, &low).await.state, "pending");
+
+    // With 2 of 8 GPUs free, the refusal offers the nearest requests that would place now.
+    release(&store, &high, "terminated").await;
+    let six = create(
+        &store,
+        &scope,
+        NewWorkload {
+            priority: 20,
+            ..pod("whole", 6)
+        },
+    )
+    .await;
+    placer.pass().await.unwrap();
+    assert_eq!(get(&store, &six).await.state, "scheduled");
+    let reason = get(&store, &low).await.state_reason;
+    assert!(
+        reason.contains("; would place now: 2 × h100-80gb, 1 × h100-80gb"),
+        "{reason}"
+    );
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
