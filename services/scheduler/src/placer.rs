@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use kiln_domain::{NodeId, WorkloadId};
 use kiln_placement::{
     Allocation, AllocationId, Decision, FleetIndex, FleetSnapshot, Gpu, GpuAssignment, GpuDemand,
-    GpuUse, MigSlice, Node, Placement, PlacementRequest, Policy, Product, Resources, Tier,
+    GpuUse, MigSlice, Node, Placement, PlacementRequest, Policy, Product, QuotaKey, Resources,
+    Tier,
 };
 use kiln_proto::node::v1 as pb;
 use kiln_store::{
@@ -548,7 +549,38 @@ pub fn snapshot(rows: &SchedFleet) -> FleetSnapshot {
         }
     }
     let mut fleet = FleetSnapshot::new(nodes);
+    // Quota usage: what the ready nodes hold (as the core counts it), plus what is held on
+    // nodes that take no new work (cordoned, draining, unreachable) — it still counts.
     fleet.usage = kiln_placement::usage_from_nodes(&fleet.nodes);
+    for a in rows
+        .allocations
+        .iter()
+        .filter(|a| !pos.contains_key(&a.node_id))
+    {
+        let units = match a.mode.as_str() {
+            "whole" => kiln_placement::UNITS_PER_GPU,
+            "mig" => (a.slot_end - a.slot_start).max(0) as u64,
+            _ => kiln_placement::share_units(
+                (a.slot_end - a.slot_start).max(0) as u64,
+                a.gpu_memory_mib.max(0) as u64,
+            ),
+        };
+        fleet.usage.add(
+            QuotaKey::new(&a.org_id.to_string(), &a.gpu_type, product(&a.kind)),
+            units,
+        );
+    }
+    for q in &rows.quotas {
+        let product = match q.product.as_str() {
+            "instance" => Product::Instance,
+            "endpoint" => Product::Endpoint,
+            _ => Product::Pod,
+        };
+        fleet.quotas.set(
+            QuotaKey::new(&q.org_id.to_string(), &q.gpu_type, product),
+            q.max_gpus.max(0) as u64,
+        );
+    }
     fleet
 }
 

@@ -456,3 +456,55 @@ async fn lost_and_drained_nodes_hand_work_back_by_kind(pool: PgPool) {
     placer.pass().await.unwrap();
     assert_eq!(get(&store, &p).await.state, "pending");
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn org_quotas_hold_even_with_capacity_free_and_count_work_on_cordoned_nodes(pool: PgPool) {
+    let store = Store::new(pool);
+    let a = node(&store, "gpu-a", 8, false).await;
+    node(&store, "gpu-b", 8, false).await;
+    let scope = org(&store, "alice").await;
+    let other = org(&store, "bob").await;
+    let mut tx = store.begin().await.unwrap();
+    store
+        .quota_set(&mut tx, scope.org_id(), "h100-80gb", "pod", 4)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let placer = Placer::new(store.clone());
+    let first = create(&store, &scope, pod("whole", 2)).await;
+    let second = create(&store, &scope, pod("whole", 2)).await;
+    let third = create(&store, &scope, pod("whole", 2)).await;
+    let bobs = create(&store, &other, pod("whole", 8)).await;
+    placer.pass().await.unwrap();
+    assert_eq!(get(&store, &first).await.state, "scheduled");
+    assert_eq!(get(&store, &second).await.state, "scheduled");
+    assert_eq!(
+        get(&store, &bobs).await.state,
+        "scheduled",
+        "quotas are per org"
+    );
+    let w = get(&store, &third).await;
+    assert_eq!(w.state, "pending");
+    assert!(
+        w.state_reason.contains("org quota for h100-80gb pods is 4"),
+        "{}",
+        w.state_reason
+    );
+
+    // Work on a cordoned node still counts against the quota.
+    let mut tx = store.begin().await.unwrap();
+    store
+        .node_set_admin_state(&mut tx, a, AdminState::Cordoned)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    placer.pass().await.unwrap();
+    assert_eq!(get(&store, &third).await.state, "pending");
+
+    // Freeing one of the org's pods makes room under the quota (on a node that takes work).
+    node(&store, "gpu-c", 8, false).await;
+    release(&store, &first, "terminated").await;
+    placer.pass().await.unwrap();
+    let w = get(&store, &third).await;
+    assert_eq!(w.state, "scheduled", "{}", w.state_reason);
+}

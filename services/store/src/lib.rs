@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod idempotency;
 pub mod nodes;
 pub mod orgs;
+pub mod quotas;
 pub mod scheduling;
 pub mod scope;
 pub mod users;
@@ -36,6 +37,7 @@ pub use fleet::{
 pub use idempotency::{Claim, IdempotencyScope};
 pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};
 pub use orgs::{MemberRecord, OrgRecord};
+pub use quotas::QuotaRecord;
 pub use scheduling::{
     FREED, GpuHold, NewWorkload, PENDING_CHANNEL, PlaceError, PlacementCommit, SchedAllocation,
     SchedFleet, SchedGpu, SchedNode, WorkloadRecord,

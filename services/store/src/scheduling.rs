@@ -110,6 +110,9 @@ pub struct SchedAllocation {
     pub cpu_millis: i64,
     pub memory_mib: i64,
     pub disk_gib: i64,
+    /// The held GPU's type and memory (for quota units).
+    pub gpu_type: String,
+    pub gpu_memory_mib: i64,
 }
 
 /// The fleet as one scheduling pass sees it (only what new work could use).
@@ -118,6 +121,7 @@ pub struct SchedFleet {
     pub nodes: Vec<SchedNode>,
     pub gpus: Vec<SchedGpu>,
     pub allocations: Vec<SchedAllocation>,
+    pub quotas: Vec<crate::QuotaRecord>,
 }
 
 /// One GPU's part of a placement.
@@ -278,20 +282,23 @@ impl Store {
         .bind(types)
         .fetch_all(&mut *conn)
         .await?;
+        // Every allocation, ready node or not: quota usage counts them all.
         let allocations: Vec<SchedAllocation> = sqlx::query_as(
             "SELECT a.workload_id, a.node_id, a.gpu_uuid, a.mode, lower(a.slots) AS slot_start,
                     upper(a.slots) AS slot_end, a.mig_profile, w.org_id, w.kind, w.tier,
-                    w.priority, w.cpu_millis, w.memory_mib, w.disk_gib
+                    w.priority, w.cpu_millis, w.memory_mib, w.disk_gib,
+                    COALESCE(g.gpu_type, '') AS gpu_type, g.memory_mib AS gpu_memory_mib
              FROM gpu_allocations a JOIN workloads w ON w.id = a.workload_id
-             JOIN nodes n ON n.id = a.node_id
-             WHERE n.state = 'ready'",
+             JOIN node_gpus g ON g.node_id = a.node_id AND g.uuid = a.gpu_uuid",
         )
         .fetch_all(&mut *conn)
         .await?;
+        let quotas = self.quota_all(conn).await?;
         Ok(SchedFleet {
             nodes,
             gpus,
             allocations,
+            quotas,
         })
     }
 
