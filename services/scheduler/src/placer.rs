@@ -133,7 +133,28 @@ impl Placer {
         };
         let mut batch: Vec<Decided<'_>> = Vec::new();
         let mut singles: Vec<Decided<'_>> = Vec::new();
-        for w in &claimed {
+        // Fair share: when demand exceeds supply, the least-served org goes first (dominant
+        // resource fairness in the core), then priority, then age.
+        let understood: Vec<(usize, PlacementRequest)> = claimed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| request(w).map(|r| (i, r)))
+            .collect();
+        let pending: Vec<kiln_placement::Pending> = understood
+            .iter()
+            .map(|(i, r)| kiln_placement::Pending {
+                request: r.clone(),
+                submitted_at: (claimed[*i].created_at.unix_timestamp_nanos() / 1_000_000).max(0)
+                    as u64,
+            })
+            .collect();
+        let mut order: Vec<usize> = kiln_placement::fair_order(&pending, view.index.fleet())
+            .into_iter()
+            .map(|k| understood[k].0)
+            .collect();
+        // The ones the core cannot express go last (they fail below).
+        order.extend((0..claimed.len()).filter(|i| !understood.iter().any(|(j, _)| j == i)));
+        for w in order.iter().map(|&i| &claimed[i]) {
             let id = WorkloadId::from_uuid(w.id);
             let Some(req) = request(w) else {
                 self.store

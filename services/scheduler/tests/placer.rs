@@ -508,3 +508,21 @@ async fn org_quotas_hold_even_with_capacity_free_and_count_work_on_cordoned_node
     let w = get(&store, &third).await;
     assert_eq!(w.state, "scheduled", "{}", w.state_reason);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn when_demand_exceeds_supply_the_least_served_org_goes_first(pool: PgPool) {
+    let store = Store::new(pool);
+    node(&store, "gpu-a", 8, false).await;
+    let alice = org(&store, "alice").await;
+    let bob = org(&store, "bob").await;
+    let placer = Placer::new(store.clone());
+    let hers = create(&store, &alice, pod("whole", 6)).await;
+    placer.pass().await.unwrap();
+    assert_eq!(get(&store, &hers).await.state, "scheduled");
+    // Two GPUs left; Alice asks first, Bob (who holds nothing) second.
+    let alice_more = create(&store, &alice, pod("whole", 2)).await;
+    let bobs = create(&store, &bob, pod("whole", 2)).await;
+    placer.pass().await.unwrap();
+    assert_eq!(get(&store, &bobs).await.state, "scheduled");
+    assert_eq!(get(&store, &alice_more).await.state, "pending");
+}
