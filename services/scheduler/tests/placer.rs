@@ -526,3 +526,41 @@ async fn when_demand_exceeds_supply_the_least_served_org_goes_first(pool: PgPool
     assert_eq!(get(&store, &bobs).await.state, "scheduled");
     assert_eq!(get(&store, &alice_more).await.state, "pending");
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn on_demand_work_preempts_spot_work_which_is_told_and_queued_again(pool: PgPool) {
+    let store = Store::new(pool);
+    let n = node(&store, "gpu-a", 8, false).await;
+    let scope = org(&store, "alice").await;
+    let placer = Placer::new(store.clone());
+    let spot = create(
+        &store,
+        &scope,
+        NewWorkload {
+            tier: "spot",
+            ..pod("whole", 8)
+        },
+    )
+    .await;
+    placer.pass().await.unwrap();
+    let spot_placed = get(&store, &spot).await;
+    assert_eq!(spot_placed.state, "scheduled");
+    let on_demand = create(&store, &scope, pod("whole", 4)).await;
+    let out = placer.pass().await.unwrap();
+    assert_eq!((out.placed, out.preempted), (1, 1));
+    assert_eq!(get(&store, &on_demand).await.state, "scheduled");
+    let spot_now = get(&store, &spot).await;
+    assert_eq!(spot_now.state, "pending");
+    assert!(
+        spot_now.state_reason.contains("preempted"),
+        "{}",
+        spot_now.state_reason
+    );
+    // The agent was told: the spot pod's assignment left the node's log as a removal.
+    let events = store.assignment_events_after(n, 0, 10).await.unwrap();
+    let removed = events
+        .iter()
+        .find(|e| e.op == "remove")
+        .expect("a removal event");
+    assert_eq!(Some(removed.assignment_id), spot_placed.assignment_id);
+}
