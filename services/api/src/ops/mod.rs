@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod fleet;
 pub mod identity;
 pub mod orgs;
+pub mod quotas;
 
 use kiln_domain::{OrgId, UserId};
 use kiln_store::PageRequest;

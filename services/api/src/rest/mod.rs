@@ -5,6 +5,7 @@ mod catalog;
 pub mod extract;
 mod identity;
 mod orgs;
+mod quotas;
 
 use axum::Json;
 use axum::Router;
@@ -47,6 +48,7 @@ pub fn router() -> Router<AppState> {
             delete(orgs::api_key_revoke),
         )
         .route("/v1/orgs/{org}/audit-log", get(orgs::audit_log))
+        .route("/v1/orgs/{org}/quotas", get(quotas::list))
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
@@ -62,6 +64,14 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/admin/nodes/{node}/drain", post(admin::node_drain))
         .route("/v1/admin/capacity", get(admin::capacity))
+        .route(
+            "/v1/admin/orgs/{org}/quotas",
+            get(quotas::admin_list).put(quotas::set),
+        )
+        .route(
+            "/v1/admin/orgs/{org}/quotas/{gpu_type}/{product}",
+            delete(quotas::remove),
+        )
         .route("/openapi.json", get(openapi_json))
 }
 
@@ -141,9 +151,11 @@ where
         orgs::members, orgs::member_add, orgs::member_update, orgs::member_remove,
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
+        quotas::list,
         catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
+        quotas::admin_list, quotas::set, quotas::remove,
     ),
     components(schemas(Problem, FieldError)),
     modifiers(&BearerAuth),

@@ -40,6 +40,7 @@ fn tenant_routes(org: &str, member: &str, key: &str) -> Vec<(Method, String, Opt
             None,
         ),
         (Method::GET, format!("/v1/orgs/{org}/audit-log"), None),
+        (Method::GET, format!("/v1/orgs/{org}/quotas"), None),
     ]
 }
 
