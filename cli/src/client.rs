@@ -190,6 +190,11 @@ impl Client {
             .await
     }
 
+    /// A `PUT` that sets something to the body (doing it twice is harmless).
+    pub async fn put(&mut self, path: &str, body: &Value) -> Result<Value> {
+        self.authed(Method::PUT, path, &[], Some(body), None).await
+    }
+
     pub async fn delete(&mut self, path: &str) -> Result<Value> {
         self.authed(Method::DELETE, path, &[], None, None).await
     }

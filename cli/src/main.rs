@@ -102,6 +102,39 @@ enum AdminCommand {
     },
     /// GPU capacity per GPU type: present, schedulable, unhealthy.
     Capacity,
+    /// Orgs' GPU quotas: the most GPUs of a type an org may hold at once, per product.
+    Quotas {
+        #[command(subcommand)]
+        command: QuotasCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuotasCommand {
+    /// An org's quotas (a GPU type and product without one is unlimited).
+    List {
+        #[arg(value_name = "ORG")]
+        org_id: String,
+    },
+    /// Set or replace an org's quota for one GPU type and product.
+    Set {
+        #[arg(value_name = "ORG")]
+        org_id: String,
+        /// The GPU type, e.g. h100-80gb (see `kiln gpu-types`).
+        gpu_type: String,
+        /// instance, pod or endpoint.
+        product: String,
+        /// The most GPUs the org may hold at once (0 to 100000; 0 allows none).
+        max_gpus: u32,
+    },
+    /// Remove an org's quota for one GPU type and product: it is unlimited there again.
+    Remove {
+        #[arg(value_name = "ORG")]
+        org_id: String,
+        gpu_type: String,
+        /// instance, pod or endpoint.
+        product: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,6 +324,20 @@ async fn run(cli: Cli) -> Result<()> {
                 NodesCommand::Drain { node } => admin_node_set(&mut ctx, &node, "drain").await,
             },
             AdminCommand::Capacity => admin_capacity(&mut ctx).await,
+            AdminCommand::Quotas { command } => match command {
+                QuotasCommand::List { org_id } => admin_quotas(&mut ctx, &org_id).await,
+                QuotasCommand::Set {
+                    org_id,
+                    gpu_type,
+                    product,
+                    max_gpus,
+                } => admin_quota_set(&mut ctx, &org_id, &gpu_type, &product, max_gpus).await,
+                QuotasCommand::Remove {
+                    org_id,
+                    gpu_type,
+                    product,
+                } => admin_quota_remove(&mut ctx, &org_id, &gpu_type, &product).await,
+            },
         },
     }
 }
@@ -1152,5 +1199,68 @@ async fn admin_capacity(ctx: &mut Ctx) -> Result<()> {
             }),
         );
     });
+    Ok(())
+}
+
+async fn admin_quotas(ctx: &mut Ctx, org: &str) -> Result<()> {
+    let list = ctx
+        .client
+        .get(&format!("/v1/admin/orgs/{}/quotas", seg(org)))
+        .await?;
+    ctx.show(&list, |list| {
+        if items(list).is_empty() {
+            println!("{org} has no quotas: it may use any number of GPUs of every type.");
+            return;
+        }
+        output::table(
+            &["GPU TYPE", "PRODUCT", "MAX GPUS", "UPDATED"],
+            items(list).iter().map(|q| {
+                vec![
+                    cell(q, "gpu_type"),
+                    cell(q, "product"),
+                    cell(q, "max_gpus"),
+                    when(q, "updated_at"),
+                ]
+            }),
+        );
+    });
+    Ok(())
+}
+
+async fn admin_quota_set(
+    ctx: &mut Ctx,
+    org: &str,
+    gpu_type: &str,
+    product: &str,
+    max_gpus: u32,
+) -> Result<()> {
+    let body = json!({ "gpu_type": gpu_type, "product": product, "max_gpus": max_gpus });
+    let q = ctx
+        .client
+        .put(&format!("/v1/admin/orgs/{}/quotas", seg(org)), &body)
+        .await?;
+    ctx.show(&q, |q| {
+        println!(
+            "{org} may now hold at most {} {} GPUs for {}s.",
+            cell(q, "max_gpus"),
+            cell(q, "gpu_type"),
+            cell(q, "product")
+        );
+    });
+    Ok(())
+}
+
+async fn admin_quota_remove(ctx: &mut Ctx, org: &str, gpu_type: &str, product: &str) -> Result<()> {
+    ctx.client
+        .delete(&format!(
+            "/v1/admin/orgs/{}/quotas/{}/{}",
+            seg(org),
+            seg(gpu_type),
+            seg(product)
+        ))
+        .await?;
+    if ctx.format == Format::Table {
+        println!("Removed {org}'s quota for {gpu_type} {product}s: it is unlimited there now.");
+    }
     Ok(())
 }

@@ -679,3 +679,115 @@ async fn anyone_signed_in_lists_gpu_types_with_what_is_free(pool: sqlx::PgPool) 
     );
     assert!(table.stdout.contains("h100-80gb"), "{}", table.stdout);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn operators_set_list_and_remove_org_quotas(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let hash = app.state.hasher.hash("operator password 123").unwrap();
+    let email = kiln_domain::Email::parse("email", "ops@example.com").unwrap();
+    app.store()
+        .user_ensure_operator(&email, &hash)
+        .await
+        .unwrap();
+    let ops = Kiln::new(&app);
+    ops.login("ops@example.com", "operator password 123")
+        .await
+        .ok();
+    let tenant = app.user("tenant").await;
+    let org = tenant.org_id.as_str();
+
+    let empty = ops.run(&["admin", "quotas", "list", org]).await.ok();
+    assert!(empty.stdout.contains("no quotas"), "{}", empty.stdout);
+
+    let set = ops
+        .run(&[
+            "admin",
+            "quotas",
+            "set",
+            org,
+            "h100-80gb",
+            "pod",
+            "8",
+            "--output",
+            "json",
+        ])
+        .await
+        .ok();
+    assert_eq!(set.json()["max_gpus"], 8);
+    let told = ops
+        .run(&["admin", "quotas", "set", org, "a100-40gb", "instance", "2"])
+        .await
+        .ok();
+    assert!(
+        told.stdout
+            .contains("at most 2 a100-40gb GPUs for instances"),
+        "{}",
+        told.stdout
+    );
+
+    let list = ops
+        .run(&["admin", "quotas", "list", org, "--output", "json"])
+        .await
+        .ok();
+    let got: Vec<(String, String, i64)> = items(&list.json())
+        .iter()
+        .map(|q| {
+            (
+                q["gpu_type"].as_str().unwrap().to_owned(),
+                q["product"].as_str().unwrap().to_owned(),
+                q["max_gpus"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a100-40gb".to_owned(), "instance".to_owned(), 2),
+            ("h100-80gb".to_owned(), "pod".to_owned(), 8)
+        ]
+    );
+    let table = ops.run(&["admin", "quotas", "list", org]).await.ok();
+    assert!(
+        table.stdout.contains("GPU TYPE")
+            && table.stdout.contains("h100-80gb")
+            && table.stdout.contains("instance"),
+        "{}",
+        table.stdout
+    );
+
+    // Bad input is explained per field.
+    let bad = ops
+        .run(&["admin", "quotas", "set", org, "h100-80gb", "vm", "8"])
+        .await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("product"), "{}", bad.stderr);
+
+    ops.run(&["admin", "quotas", "remove", org, "h100-80gb", "pod"])
+        .await
+        .ok();
+    let list = ops
+        .run(&["admin", "quotas", "list", org, "--output", "json"])
+        .await
+        .ok();
+    assert_eq!(items(&list.json()).len(), 1);
+    let again = ops
+        .run(&["admin", "quotas", "remove", org, "h100-80gb", "pod"])
+        .await;
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.to_lowercase().contains("not found"),
+        "{}",
+        again.stderr
+    );
+
+    // The org's own owner cannot see the admin surface.
+    let kiln = Kiln::new(&app);
+    kiln.login(&tenant.email, &tenant.password).await.ok();
+    let refused = kiln.run(&["admin", "quotas", "list", org]).await;
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr.to_lowercase().contains("not found"),
+        "{}",
+        refused.stderr
+    );
+}
