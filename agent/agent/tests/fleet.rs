@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_auth::OpaqueSecret;
 use kiln_domain::{AssignmentId, NodeId};
 use kiln_fleet::FleetConfig;
 use kiln_proto::node::v1::{Assignment, PodSpec, assignment};
-use kiln_store::{AssignmentKind, AssignmentPut, NewNodeToken, Store};
+use kiln_store::Store;
+use kiln_testkit::fleet;
 use prost::Message;
 use sqlx::PgPool;
 
@@ -30,49 +30,22 @@ async fn start_fleet(store: Store) -> (String, tokio::sync::oneshot::Sender<()>)
 }
 
 async fn token(store: &Store) -> String {
-    let secret = OpaqueSecret::generate("kiln_nbt");
-    let mut tx = store.begin().await.unwrap();
-    store
-        .node_token_create(
-            &mut tx,
-            NewNodeToken {
-                digest: &secret.digest(),
-                created_by: None,
-                ttl: Duration::from_secs(600),
-                note: "kiln-agent test",
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    secret.expose().to_owned()
+    fleet::bootstrap_token(store, Duration::from_secs(600)).await
 }
 
 async fn put(store: &Store, node: NodeId, id: AssignmentId) -> u64 {
-    let spec = Assignment {
+    fleet::put_assignment(store, node, id, &pod_spec()).await.0
+}
+
+fn pod_spec() -> Vec<u8> {
+    Assignment {
         kind: Some(assignment::Kind::Pod(PodSpec {
             image: "kiln/test:1".into(),
             ..PodSpec::default()
         })),
         ..Assignment::default()
     }
-    .encode_to_vec();
-    let mut tx = store.begin().await.unwrap();
-    let (revision, _) = store
-        .assignment_put(
-            &mut tx,
-            AssignmentPut {
-                id,
-                node,
-                kind: AssignmentKind::Pod,
-                spec: &spec,
-                gpu_uuids: &[],
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    revision
+    .encode_to_vec()
 }
 
 fn agent(control_plane: &str, state_dir: &Path, token: Option<&str>, log: &Path) -> Child {

@@ -14,11 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_auth::OpaqueSecret;
 use kiln_domain::{AssignmentId, NodeId};
 use kiln_proto::node::v1::{Assignment, PodSpec, assignment};
 use kiln_scheduler::{Scheduler, SchedulerConfig};
-use kiln_store::{AssignmentKind, AssignmentPut, NewNodeToken, Store};
+use kiln_store::Store;
+use kiln_testkit::fleet;
 use prost::Message;
 use sqlx::PgPool;
 
@@ -172,22 +172,7 @@ fn spawn(s: Spawn<'_>) -> Agent {
 }
 
 async fn token(store: &Store) -> String {
-    let secret = OpaqueSecret::generate("kiln_nbt");
-    let mut tx = store.begin().await.unwrap();
-    store
-        .node_token_create(
-            &mut tx,
-            NewNodeToken {
-                digest: &secret.digest(),
-                created_by: None,
-                ttl: Duration::from_secs(600),
-                note: "lifecycle test",
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    secret.expose().to_owned()
+    fleet::bootstrap_token(store, Duration::from_secs(600)).await
 }
 
 async fn put(store: &Store, node: NodeId) -> u64 {
@@ -199,22 +184,9 @@ async fn put(store: &Store, node: NodeId) -> u64 {
         ..Assignment::default()
     }
     .encode_to_vec();
-    let mut tx = store.begin().await.unwrap();
-    let (revision, _) = store
-        .assignment_put(
-            &mut tx,
-            AssignmentPut {
-                id: AssignmentId::new(),
-                node,
-                kind: AssignmentKind::Pod,
-                spec: &spec,
-                gpu_uuids: &[],
-            },
-        )
+    fleet::put_assignment(store, node, AssignmentId::new(), &spec)
         .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    revision
+        .0
 }
 
 /// Poll `check` until it gives a value or `within` passes; say what was awaited on failure.

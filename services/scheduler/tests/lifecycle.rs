@@ -4,42 +4,13 @@
 
 use std::time::Duration;
 
-use kiln_auth::{OpaqueSecret, SecretDigest};
 use kiln_domain::{AdminState, AssignmentId, LivenessPolicy, NodeId};
 use kiln_scheduler::LifecycleController;
-use kiln_store::{AssignmentKind, AssignmentPut, NewNode, NewNodeToken, Store};
+use kiln_store::{AssignmentKind, AssignmentPut, Store};
 use sqlx::PgPool;
 
 async fn node(store: &Store, hostname: &str) -> NodeId {
-    let token = OpaqueSecret::generate("kiln_nbt");
-    let mut tx = store.begin().await.unwrap();
-    store
-        .node_token_create(
-            &mut tx,
-            NewNodeToken {
-                digest: &token.digest(),
-                created_by: None,
-                ttl: Duration::from_secs(60),
-                note: "",
-            },
-        )
-        .await
-        .unwrap();
-    let id = store
-        .node_join(
-            &mut tx,
-            NewNode {
-                token: &token.digest(),
-                hostname,
-                agent_version: "0.1.0",
-                credential: &SecretDigest::of(&format!("cred-{hostname}")),
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    store.node_heartbeat(id, 0, &[]).await.unwrap();
-    id
+    kiln_testkit::fleet::registered_node(store, hostname, 0, false).await
 }
 
 /// Pretend the node last spoke `secs` seconds ago.

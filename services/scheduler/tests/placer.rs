@@ -4,109 +4,20 @@
 
 use std::time::Duration;
 
-use kiln_auth::{OpaqueSecret, SecretDigest};
-use kiln_domain::{
-    AdminState, Email, LivenessPolicy, NodeId, Permission, PersonName, SessionId, WorkloadId,
-};
+use kiln_domain::{AdminState, LivenessPolicy, NodeId, Permission, WorkloadId};
 use kiln_proto::node::v1 as pb;
 use kiln_scheduler::{LifecycleController, Placer};
-use kiln_store::{
-    GpuRegistration, NewNode, NewNodeToken, NewWorkload, NodeRegistration, OrgScope, Principal,
-    Store, WorkloadRecord,
-};
+use kiln_store::{NewWorkload, OrgScope, Store, WorkloadRecord};
+use kiln_testkit::fleet;
 use prost::Message;
 use sqlx::PgPool;
 
 async fn node(store: &Store, hostname: &str, gpus: u32, mig: bool) -> NodeId {
-    let token = OpaqueSecret::generate("kiln_nbt");
-    let mut tx = store.begin().await.unwrap();
-    store
-        .node_token_create(
-            &mut tx,
-            NewNodeToken {
-                digest: &token.digest(),
-                created_by: None,
-                ttl: Duration::from_secs(60),
-                note: "",
-            },
-        )
-        .await
-        .unwrap();
-    let id = store
-        .node_join(
-            &mut tx,
-            NewNode {
-                token: &token.digest(),
-                hostname,
-                agent_version: "test",
-                credential: &SecretDigest::of(&format!("cred-{hostname}")),
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let uuids: Vec<String> = (0..gpus).map(|i| format!("GPU-{hostname}-{i}")).collect();
-    store
-        .node_register(
-            id,
-            &NodeRegistration {
-                hostname: hostname.into(),
-                agent_version: "test".into(),
-                protocol_minor: 1,
-                driver_version: "550".into(),
-                cuda_version: "12.4".into(),
-                cpu_cores: 64,
-                memory_mib: 512 * 1024,
-                disk_gib: 2000,
-                gpus: (0..gpus)
-                    .map(|i| GpuRegistration {
-                        uuid: uuids[i as usize].clone(),
-                        index: i,
-                        model: "NVIDIA H100 80GB HBM3".into(),
-                        gpu_type: Some("h100-80gb".into()),
-                        memory_mib: 81920,
-                        pci_bus_id: format!("00000000:{:02X}:00.0", i + 0x18),
-                        numa_node: Some(i / 4),
-                        iommu_group: None,
-                        mig_capable: true,
-                        mig_enabled: mig,
-                        mig_instances: vec![],
-                        nvlink_peers: uuids
-                            .iter()
-                            .filter(|u| **u != uuids[i as usize])
-                            .cloned()
-                            .collect(),
-                    })
-                    .collect(),
-            },
-        )
-        .await
-        .unwrap();
-    store.node_heartbeat(id, 0, &[]).await.unwrap();
-    id
+    fleet::registered_node(store, hostname, gpus, mig).await
 }
 
 async fn org(store: &Store, who: &str) -> OrgScope {
-    let mut tx = store.begin().await.unwrap();
-    let (user, org) = store
-        .user_create_with_personal_org(
-            &mut tx,
-            &Email::parse("email", &format!("{who}@example.com")).unwrap(),
-            &PersonName::parse("name", who).unwrap(),
-            "not-a-real-hash",
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let principal = Principal::User {
-        user_id: user.id,
-        session_id: SessionId::new(),
-        is_operator: false,
-    };
-    store
-        .authorize(&principal, org.id, Permission::WorkloadWrite)
-        .await
-        .unwrap()
+    fleet::org_scope(store, who, Permission::WorkloadWrite).await
 }
 
 fn pod<'a>(gpu_mode: &'a str, count: i32) -> NewWorkload<'a> {

@@ -5,6 +5,8 @@
 //! application on an ephemeral loopback port with its own Redis key namespace, so tests run in
 //! parallel without sharing state. Talk to it over real HTTP with [`TestApp::client`].
 
+pub mod fleet;
+
 use std::time::Duration;
 
 use kiln_api::{ApiConfig, AppState};

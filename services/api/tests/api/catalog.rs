@@ -2,15 +2,9 @@
 //! placed through the store and the real placer, so the figures are checked against what the
 //! scheduler actually does.
 
-use std::time::Duration;
-
-use kiln_auth::{OpaqueSecret, SecretDigest};
 use kiln_domain::{NodeId, Permission, SessionId};
 use kiln_scheduler::Placer;
-use kiln_store::{
-    GpuHealthReport, GpuRegistration, NewNode, NewNodeToken, NewWorkload, NodeRegistration,
-    OrgScope, Principal, Store,
-};
+use kiln_store::{GpuHealthReport, NewWorkload, OrgScope, Principal, Store};
 use kiln_testkit::serde_json::{Value, json};
 use kiln_testkit::{TestApp, TestUser};
 use reqwest::{Method, StatusCode};
@@ -18,78 +12,12 @@ use sqlx::PgPool;
 
 use crate::assert_problem;
 
-/// A ready node `hostname` with `gpus` H100 80GB GPUs (`GPU-<hostname>-<i>`), MIG mode `mig`.
 async fn node(store: &Store, hostname: &str, gpus: u32, mig: bool) -> NodeId {
-    let token = OpaqueSecret::generate("kiln_nbt");
-    let mut tx = store.begin().await.unwrap();
-    store
-        .node_token_create(
-            &mut tx,
-            NewNodeToken {
-                digest: &token.digest(),
-                created_by: None,
-                ttl: Duration::from_secs(60),
-                note: "",
-            },
-        )
-        .await
-        .unwrap();
-    let id = store
-        .node_join(
-            &mut tx,
-            NewNode {
-                token: &token.digest(),
-                hostname,
-                agent_version: "test",
-                credential: &SecretDigest::of(&format!("cred-{hostname}")),
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    let uuids: Vec<String> = (0..gpus).map(|i| gpu(hostname, i)).collect();
-    store
-        .node_register(
-            id,
-            &NodeRegistration {
-                hostname: hostname.into(),
-                agent_version: "test".into(),
-                protocol_minor: 1,
-                driver_version: "550".into(),
-                cuda_version: "12.4".into(),
-                cpu_cores: 64,
-                memory_mib: 512 * 1024,
-                disk_gib: 2000,
-                gpus: (0..gpus)
-                    .map(|i| GpuRegistration {
-                        uuid: uuids[i as usize].clone(),
-                        index: i,
-                        model: "NVIDIA H100 80GB HBM3".into(),
-                        gpu_type: Some("h100-80gb".into()),
-                        memory_mib: 81559,
-                        pci_bus_id: format!("00000000:{:02X}:00.0", i + 0x18),
-                        numa_node: Some(i / 4),
-                        iommu_group: None,
-                        mig_capable: true,
-                        mig_enabled: mig,
-                        mig_instances: vec![],
-                        nvlink_peers: uuids
-                            .iter()
-                            .filter(|u| **u != uuids[i as usize])
-                            .cloned()
-                            .collect(),
-                    })
-                    .collect(),
-            },
-        )
-        .await
-        .unwrap();
-    store.node_heartbeat(id, 0, &[]).await.unwrap();
-    id
+    kiln_testkit::fleet::registered_node(store, hostname, gpus, mig).await
 }
 
 fn gpu(hostname: &str, i: u32) -> String {
-    format!("GPU-{hostname}-{i}")
+    kiln_testkit::fleet::gpu_uuid(hostname, i)
 }
 
 /// A scope of `user`'s personal org to create workloads in.

@@ -8,13 +8,12 @@ mod watch;
 
 use std::time::Duration;
 
-use kiln_auth::OpaqueSecret;
 use kiln_fleet::FleetConfig;
 use kiln_proto::node::v1::node_control_client::NodeControlClient;
 use kiln_proto::node::v1::{
     Gpu, HostCapacity, HostInventory, JoinRequest, PROTOCOL_VERSION, RegisterRequest,
 };
-use kiln_store::{NewNodeToken, Store};
+use kiln_store::Store;
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tonic::Request;
@@ -61,22 +60,7 @@ impl Fleet {
 
     /// Mint a bootstrap token as the operator API does; returns the secret.
     pub async fn token(&self, ttl: Duration) -> String {
-        let secret = OpaqueSecret::generate("kiln_nbt");
-        let mut tx = self.store.begin().await.unwrap();
-        self.store
-            .node_token_create(
-                &mut tx,
-                NewNodeToken {
-                    digest: &secret.digest(),
-                    created_by: None,
-                    ttl,
-                    note: "test",
-                },
-            )
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        secret.expose().to_owned()
+        kiln_testkit::fleet::bootstrap_token(&self.store, ttl).await
     }
 
     pub async fn join(

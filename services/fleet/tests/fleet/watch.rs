@@ -8,7 +8,7 @@ use kiln_domain::{AssignmentId, NodeId};
 use kiln_proto::node::v1::{
     Assignment, AssignmentEvent, PodSpec, WatchRequest, assignment, assignment_event,
 };
-use kiln_store::{AssignmentKind, AssignmentPut, Store};
+use kiln_store::Store;
 use prost::Message;
 use sqlx::PgPool;
 use tonic::Streaming;
@@ -24,22 +24,7 @@ async fn put(store: &Store, node: &str, id: AssignmentId, image: &str) -> (u64, 
         ..Assignment::default()
     }
     .encode_to_vec();
-    let mut tx = store.begin().await.unwrap();
-    let r = store
-        .assignment_put(
-            &mut tx,
-            AssignmentPut {
-                id,
-                node: node.parse().unwrap(),
-                kind: AssignmentKind::Pod,
-                spec: &spec,
-                gpu_uuids: &[],
-            },
-        )
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-    r
+    kiln_testkit::fleet::put_assignment(store, node.parse().unwrap(), id, &spec).await
 }
 
 async fn remove(store: &Store, id: AssignmentId) -> u64 {
