@@ -61,8 +61,16 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// One org's quotas.
+    /// One org's quotas; `NotFound` when the org does not exist (an empty list means no
+    /// limits).
     pub async fn quota_list(&self, org: OrgId) -> StoreResult<Vec<QuotaRecord>> {
+        let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM orgs WHERE id = $1")
+            .bind(org.as_uuid())
+            .fetch_optional(&self.pool)
+            .await?;
+        if exists.is_none() {
+            return Err(crate::StoreError::NotFound { what: "org" });
+        }
         Ok(sqlx::query_as(
             "SELECT org_id, gpu_type, product, max_gpus, updated_at FROM org_gpu_quotas
              WHERE org_id = $1 ORDER BY gpu_type, product",

@@ -174,8 +174,10 @@ async fn an_operator_sets_lists_replaces_and_removes_an_orgs_quotas(pool: PgPool
         let (status, resp) = remove(&app, &op, org, "a100-40gb", "instance").await;
         assert_problem(status, &resp, StatusCode::NOT_FOUND);
     }
-    let (status, resp) = app.get("/v1/admin/orgs/not-an-org/quotas", &op).await;
-    assert_problem(status, &resp, StatusCode::NOT_FOUND);
+    for org in [ghost.as_str(), "not-an-org"] {
+        let (status, resp) = app.get(&format!("/v1/admin/orgs/{org}/quotas"), &op).await;
+        assert_problem(status, &resp, StatusCode::NOT_FOUND);
+    }
     assert_eq!(stored_quotas(&app).await, 1);
 
     // Every change is audited against the org, by the operator.
