@@ -177,3 +177,48 @@ async fn agent_joins_applies_resumes_and_stops_when_revoked(pool: PgPool) {
     let log = std::fs::read_to_string(&log2).unwrap();
     assert!(log.contains("revoked"), "{log}");
 }
+
+/// Run `kiln-agent` with `args` and no config or token from the environment; (exit code,
+/// stderr).
+fn refused(args: &[&str], state_dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("--control-plane")
+        .arg("http://127.0.0.1:9")
+        .env_remove("KILN_AGENT_CONFIG")
+        .env_remove("KILN_AGENT_BOOTSTRAP_TOKEN")
+        .env_remove("KILN_AGENT_SIMULATED_INVENTORY")
+        .output()
+        .expect("run kiln-agent");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_agent_refuses_to_start_without_a_gpu_source_or_a_way_to_join() {
+    let dir = tempfile::tempdir().unwrap();
+    // No NVML (disabled) and no simulated inventory: one clear line, exit 2.
+    let (code, err) = refused(&["--nvml", "disabled"], &dir.path().join("a"));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("refusing to start"), "{err}");
+    assert!(err.to_lowercase().contains("gpu"), "{err}");
+
+    // A GPU source but neither a stored credential nor a bootstrap token.
+    let inventory =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../inventory/inventories/l40s-2x.toml");
+    let (code, err) = refused(
+        &[
+            "--nvml",
+            "disabled",
+            "--simulated-inventory",
+            inventory.to_str().unwrap(),
+        ],
+        &dir.path().join("b"),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no bootstrap token"), "{err}");
+}
