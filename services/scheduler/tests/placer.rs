@@ -475,3 +475,88 @@ async fn on_demand_work_preempts_spot_work_which_is_told_and_queued_again(pool: 
         .expect("a removal event");
     assert_eq!(Some(removed.assignment_id), spot_placed.assignment_id);
 }
+
+async fn observe(
+    store: &Store,
+    node: NodeId,
+    w: &WorkloadRecord,
+    state: &'static str,
+    reason: &str,
+) {
+    let a = get(store, w).await.assignment_id.expect("placed");
+    store
+        .observed_report(
+            node,
+            0,
+            &[kiln_store::ObservedRecord {
+                assignment_id: a,
+                generation: 1,
+                state,
+                reason: reason.into(),
+                exit_code: None,
+                ports: serde_json::json!([]),
+                observed_at: time::OffsetDateTime::now_utc(),
+            }],
+            false,
+        )
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_workload_follows_what_its_node_observes_and_its_history_is_kept(pool: PgPool) {
+    let store = Store::new(pool);
+    let n = node(&store, "gpu-a", 8, false).await;
+    let scope = org(&store, "alice").await;
+    let w = create(&store, &scope, pod("whole", 2)).await;
+    Placer::new(store.clone()).pass().await.unwrap();
+
+    observe(
+        &store,
+        n,
+        &w,
+        "pending",
+        "this agent has no runtime for pods yet",
+    )
+    .await;
+    let now = get(&store, &w).await;
+    assert_eq!(
+        (now.state.as_str(), now.state_reason.as_str()),
+        ("scheduled", "this agent has no runtime for pods yet")
+    );
+    observe(&store, n, &w, "starting", "pulling image 43%").await;
+    assert_eq!(get(&store, &w).await.state, "starting");
+    observe(&store, n, &w, "running", "").await;
+    assert_eq!(get(&store, &w).await.state, "running");
+    observe(
+        &store,
+        n,
+        &w,
+        "failed",
+        "container exited 137: out of memory",
+    )
+    .await;
+    let now = get(&store, &w).await;
+    assert_eq!(
+        (now.state.as_str(), now.state_reason.as_str()),
+        ("failed", "container exited 137: out of memory")
+    );
+    assert_eq!(
+        allocations(&store).await,
+        0,
+        "a failed pod gives its GPUs back"
+    );
+
+    let history: Vec<(String,)> = sqlx::query_as(
+        "SELECT state FROM workload_state_history WHERE workload_id = $1 ORDER BY id",
+    )
+    .bind(w.id)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let states: Vec<&str> = history.iter().map(|h| h.0.as_str()).collect();
+    assert_eq!(
+        states,
+        ["pending", "scheduled", "starting", "running", "failed"]
+    );
+}

@@ -724,6 +724,42 @@ impl Store {
         .bind(rows.iter().map(|r| r.observed_at).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
+        // The workloads these assignments realise follow what their node sees. A pod that
+        // stopped or failed for good gives its capacity back (its assignment is removed, so
+        // the agent cleans up).
+        let moved: Vec<(Uuid, String, String)> = sqlx::query_as(
+            "UPDATE workloads w SET
+                 state = CASE o.state WHEN 'pending' THEN 'scheduled' WHEN 'unknown' THEN w.state
+                                      ELSE o.state END,
+                 state_reason = o.reason,
+                 state_changed_at = CASE WHEN w.state = (CASE o.state WHEN 'pending'
+                     THEN 'scheduled' WHEN 'unknown' THEN w.state ELSE o.state END)
+                     THEN w.state_changed_at ELSE now() END,
+                 updated_at = now()
+             FROM node_observed o
+             WHERE o.assignment_id = w.assignment_id AND o.node_id = $1 AND w.node_id = $1
+               AND o.assignment_id = ANY($2)
+               AND w.state IN ('scheduled', 'starting', 'running', 'stopping')
+               AND (w.state <> (CASE o.state WHEN 'pending' THEN 'scheduled'
+                                 WHEN 'unknown' THEN w.state ELSE o.state END)
+                    OR w.state_reason <> o.reason)
+             RETURNING w.id, w.state, w.state_reason",
+        )
+        .bind(node.as_uuid())
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, state, reason) in moved {
+            if state == "stopped" || state == "failed" {
+                self.workload_release(
+                    &mut tx,
+                    kiln_domain::WorkloadId::from_uuid(id),
+                    &state,
+                    &reason,
+                )
+                .await?;
+            }
+        }
         if complete {
             sqlx::query(
                 "UPDATE node_observed SET state = 'stopped', reason = 'not present on the node',
