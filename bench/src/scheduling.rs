@@ -116,8 +116,8 @@ pub async fn run(
     sqlx::query("UPDATE workloads SET state = 'terminated', node_id = NULL, assignment_id = NULL")
         .execute(&pool)
         .await?;
-    // As the store's own release does: schedulers drop their cached view of the fleet.
-    sqlx::query("SELECT pg_notify('kiln_workloads_pending', 'freed')")
+    // Freed behind the store's back: tell the schedulers to read the fleet again.
+    sqlx::query("SELECT pg_notify('kiln_workloads_pending', 'freed:*')")
         .execute(&pool)
         .await?;
 

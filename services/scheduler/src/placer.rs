@@ -3,8 +3,8 @@
 //! Each pass, in one transaction: lock a batch of pending workloads (`FOR UPDATE SKIP LOCKED`,
 //! highest priority first, so replicas split the queue), decide each with
 //! [`kiln_placement::place_indexed`] on a cached, indexed view of the fleet (kept in step with
-//! what this placer commits; dropped when capacity is freed anywhere, after a lost race, or
-//! when older than a couple of seconds; and never used to refuse), and commit the batch in a
+//! what this placer commits and with capacity freed anywhere, per `freed:<id>` notices; read
+//! again after a lost race, a listener reconnect, or 30 s; and never used to refuse), and commit the batch in a
 //! few set-based statements ([`kiln_store::Store::placements_commit_batch`]). The schema
 //! refuses double allocation, so a race lost to another replica is a `Conflict`: the batch is
 //! rolled back to its savepoint and committed one by one on a fresh view.
@@ -46,11 +46,14 @@ pub struct PassOutcome {
 }
 
 /// The longest a cached view of the fleet is used before it is read again (so new nodes are
-/// seen). Capacity freed anywhere drops it at once (`kiln_workloads_pending` with payload
-/// `freed`), a lost race drops it, a refusal is only ever made on a view read in the same pass,
+/// seen). Capacity freed anywhere is released in it (`kiln_workloads_pending` notices
+/// `freed:<workload>`), a lost race or a listener reconnect drops it, a refusal is only ever made on a view read in the same pass,
 /// and a decision the view got wrong (a node cordoned or a GPU sick since) fails its commit's
 /// checks and is retried on a fresh view — so age costs efficiency, never correctness.
 const MAX_VIEW_AGE: Duration = Duration::from_secs(30);
+
+/// More freed workloads than this between two passes: read the fleet again instead.
+const MAX_FREED: usize = 10_000;
 
 struct View {
     index: FleetIndex,
@@ -63,7 +66,10 @@ pub struct Placer {
     policy: Policy,
     batch: i64,
     view: Arc<tokio::sync::Mutex<Option<View>>>,
+    /// The view must be read again (the listener reconnected, so notices may be lost).
     stale: Arc<AtomicBool>,
+    /// Workloads that gave capacity back since the last pass, per their notices.
+    freed: Arc<std::sync::Mutex<Vec<Uuid>>>,
 }
 
 impl std::fmt::Debug for Placer {
@@ -89,6 +95,7 @@ impl Placer {
             batch: BATCH,
             view: Arc::default(),
             stale: Arc::default(),
+            freed: Arc::default(),
         }
     }
 
@@ -127,8 +134,20 @@ impl Placer {
             return Ok(out);
         }
         let stale = self.stale.swap(false, Ordering::SeqCst);
+        let freed = std::mem::take(&mut *self.freed.lock().unwrap_or_else(|p| p.into_inner()));
         let (mut view, mut fresh) = match cached {
-            Some(v) if !stale && v.loaded.elapsed() < MAX_VIEW_AGE => (v, false),
+            Some(mut v)
+                if !stale
+                    && freed.len() <= MAX_FREED
+                    && !freed.contains(&Uuid::nil())
+                    && v.loaded.elapsed() < MAX_VIEW_AGE =>
+            {
+                // Capacity freed elsewhere is given back in the view, not by re-reading it.
+                for id in &freed {
+                    let _ = v.index.release(&AllocationId(id.to_string()));
+                }
+                (v, false)
+            }
             _ => (self.load(&mut tx).await?, true),
         };
         let mut batch: Vec<Decided<'_>> = Vec::new();
@@ -333,9 +352,10 @@ impl Placer {
         let (wake_tx, mut wake_rx) = tokio::sync::watch::channel(());
         let pool = self.store.pool().clone();
         let stale = self.stale.clone();
+        let freed = self.freed.clone();
         let listener = tokio::spawn(async move {
             loop {
-                if let Err(e) = listen(&pool, &wake_tx, &stale).await {
+                if let Err(e) = listen(&pool, &wake_tx, &freed).await {
                     tracing::warn!(error = %e, "pending-work listener failed; reconnecting");
                 }
                 stale.store(true, Ordering::SeqCst);
@@ -406,15 +426,21 @@ fn commit_of<'a>(
 async fn listen(
     pool: &sqlx::PgPool,
     wake: &tokio::sync::watch::Sender<()>,
-    stale: &AtomicBool,
+    freed: &std::sync::Mutex<Vec<Uuid>>,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(PENDING_CHANNEL).await?;
     let _ = wake.send(());
     loop {
         let note = listener.recv().await?;
-        if note.payload() == FREED {
-            stale.store(true, Ordering::SeqCst);
+        if let Some(id) = note.payload().strip_prefix(FREED)
+            // `freed:*` means "capacity was freed behind the store's back: read it all again".
+            && let Ok(id) = if id == "*" { Ok(Uuid::nil()) } else { Uuid::parse_str(id) }
+        {
+            let mut freed = freed.lock().unwrap_or_else(|p| p.into_inner());
+            if freed.len() <= MAX_FREED {
+                freed.push(id);
+            }
         }
         let _ = wake.send(());
     }

@@ -560,3 +560,50 @@ async fn a_workload_follows_what_its_node_observes_and_its_history_is_kept(pool:
         ["pending", "scheduled", "starting", "running", "failed"]
     );
 }
+
+/// Poll until `check` holds, for up to 10 s (the running placer's own timer is 10 minutes, so
+/// only its notices can make it act in time).
+async fn within_10s(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_running_placer_acts_on_notices_for_new_work_and_freed_capacity(pool: PgPool) {
+    let store = Store::new(pool);
+    node(&store, "gpu-a", 8, false).await;
+    let scope = org(&store, "alice").await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(
+        Placer::new(store.clone()).run(Duration::from_secs(600), async {
+            let _ = stop_rx.await;
+        }),
+    );
+    let first = create(&store, &scope, pod("whole", 8)).await;
+    within_10s("the first pod to be placed", async || {
+        get(&store, &first).await.state == "scheduled"
+    })
+    .await;
+    let second = create(&store, &scope, pod("whole", 8)).await;
+    within_10s("the second pod to say why it waits", async || {
+        get(&store, &second)
+            .await
+            .state_reason
+            .starts_with("waiting for capacity")
+    })
+    .await;
+    // Freed capacity is given back in the placer's cached view by the notice alone.
+    release(&store, &first, "terminated").await;
+    within_10s("the second pod to be placed", async || {
+        get(&store, &second).await.state == "scheduled"
+    })
+    .await;
+    let _ = stop_tx.send(());
+    running.await.unwrap();
+}

@@ -15,10 +15,11 @@ use uuid::Uuid;
 use crate::fleet::{AssignmentKind, AssignmentPut};
 use crate::{OrgScope, Store, StoreError, StoreResult};
 
-/// Postgres channel: "there may be pending work" (payload `created`, or [`FREED`] when capacity
-/// was given back, which also makes schedulers drop their cached view of the fleet).
+/// Postgres channel: "there may be pending work" (payload `created`, or `freed:<workload uuid>`
+/// when a workload gave capacity back, which schedulers apply to their cached view of the fleet).
 pub const PENDING_CHANNEL: &str = "kiln_workloads_pending";
-pub const FREED: &str = "freed";
+/// The prefix of a "capacity freed" notice; the workload's UUID follows.
+pub const FREED: &str = "freed:";
 
 /// A workload as the scheduler and the API see it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -559,7 +560,7 @@ impl Store {
         .execute(&mut *conn)
         .await?;
         if held {
-            wake_schedulers_freed(conn).await?;
+            wake_schedulers_freed(conn, w.id).await?;
         } else if state == "pending" {
             wake_schedulers(conn).await?;
         }
@@ -647,11 +648,11 @@ async fn wake_schedulers(conn: &mut PgConnection) -> StoreResult<()> {
     Ok(())
 }
 
-/// Capacity was freed: schedulers drop their cached view of the fleet.
-async fn wake_schedulers_freed(conn: &mut PgConnection) -> StoreResult<()> {
+/// Capacity was freed: schedulers release the workload from their cached view of the fleet.
+async fn wake_schedulers_freed(conn: &mut PgConnection, workload: Uuid) -> StoreResult<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(PENDING_CHANNEL)
-        .bind(FREED)
+        .bind(format!("{FREED}{workload}"))
         .execute(&mut *conn)
         .await?;
     Ok(())
