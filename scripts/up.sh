@@ -44,6 +44,14 @@ case "$PROFILE" in
 esac
 BIN="$CARGO_TARGET_DIR/$PROFILE"
 
+# 2b. Local container images (no registry here): the reference model server.
+DEMO_IMAGE=""
+if docker info >/dev/null 2>&1; then
+  DEMO_IMAGE="$("$ROOT/scripts/build-images.sh")"
+else
+  log "Docker is not running: skipping the demo model image (pods need Docker)"
+fi
+
 # 3. The operator password: generated once, then read back from .kiln/env.
 ADMIN_PASSWORD=""
 if [ -f "$STATE/env" ]; then
@@ -223,7 +231,8 @@ KILN_ADMIN_EMAIL=$ADMIN_EMAIL
 KILN_ADMIN_PASSWORD=$ADMIN_PASSWORD
 DATABASE_URL=$DATABASE_URL
 REDIS_URL=$REDIS_URL
-# KILN_DEMO_IMAGE and KILN_DEMO_VM_IMAGE arrive with the pods/endpoints and instances issues.
+KILN_DEMO_IMAGE=$DEMO_IMAGE
+# KILN_DEMO_VM_IMAGE arrives with the instances issue.
 EOF
 mv "$STATE/env.tmp" "$STATE/env"
 
