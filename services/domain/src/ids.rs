@@ -101,6 +101,14 @@ typed_id!(/// One piece of work (a pod or an instance) placed on a node, as its 
 typed_id!(/// A unit of work the scheduler places (a pod, an instance or an endpoint replica); the
     /// public API names it by kind (`pod_…`, `ins_…`) with the same UUID.
     WorkloadId, "wl", "workload");
+typed_id!(/// A tenant's pod: a workload of kind `pod`, with the same UUID as its workload row.
+    PodId, "pod", "pod");
+
+impl From<PodId> for WorkloadId {
+    fn from(p: PodId) -> Self {
+        WorkloadId::from_uuid(p.as_uuid())
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -9,10 +9,13 @@ pub mod ids;
 pub mod inputs;
 pub mod node;
 pub mod roles;
+pub mod workload;
 
 pub use ids::{
-    ApiKeyId, AssignmentId, IdParseError, NodeId, NodeTokenId, OrgId, SessionId, UserId, WorkloadId,
+    ApiKeyId, AssignmentId, IdParseError, NodeId, NodeTokenId, OrgId, PodId, SessionId, UserId,
+    WorkloadId,
 };
 pub use inputs::{ApiKeyName, Email, InputError, OrgName, Password, PersonName};
 pub use node::{AdminState, Liveness, LivenessPolicy, NodeState, NodeStateParseError};
 pub use roles::{Permission, Role, RoleParseError};
+pub use workload::{ImageRef, WorkloadName, env_key_problem};
