@@ -34,7 +34,9 @@ pub mod rate;
 pub mod time;
 
 pub use invoice::{Invoice, InvoiceLine, invoice, ledger_charged_in_month};
-pub use ledger::{Account, Ledger, LedgerError, OrgFunds, Posted, Posting, PostingError};
+pub use ledger::{
+    Account, Ledger, LedgerError, OrgFunds, Posted, Posting, PostingError, fold_balances, post,
+};
 pub use limits::{AlertLevel, CreditPolicy, Decision, Operation, budget_decision, credit_decision};
 pub use meter::{BillableInterval, IntervalKind, State, Transition, meter};
 pub use money::{Currency, Money, MoneyError, Usd};
