@@ -70,6 +70,11 @@ pub struct ApiConfig {
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// The key that encrypts secret environment values of pods at rest: 32 random bytes,
+    /// base64-encoded (`openssl rand -base64 32`). Without it, pods with secret env values are
+    /// refused; a malformed value stops start-up.
+    #[arg(long, env = "KILN_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<String>,
 }
 
 impl ApiConfig {
@@ -95,6 +100,8 @@ impl ApiConfig {
             admin_password: None,
             secure_cookies: false,
             max_body_bytes: 1024 * 1024,
+            // A fixed key for tests only (32 bytes of 0x6b, base64).
+            secrets_key: Some("a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=".into()),
         }
     }
 }

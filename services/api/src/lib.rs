@@ -12,6 +12,7 @@ pub mod fanout;
 pub mod graphql;
 pub mod ops;
 pub mod rest;
+pub mod secrets;
 pub mod state;
 pub mod views;
 

@@ -26,6 +26,8 @@ pub struct Inner {
     pub hasher: PasswordHasher,
     pub config: ApiConfig,
     pub fanout: Fanout,
+    /// Seals tenant secrets at rest; `None` without `KILN_SECRETS_KEY`.
+    pub secrets: Option<crate::secrets::SecretBox>,
     keyring: RwLock<Arc<KeyRing>>,
     sessions: Mutex<HashMap<SessionId, (Instant, bool)>>,
     me_cache: Mutex<HashMap<UserId, (Instant, Arc<crate::views::MeView>)>>,
@@ -65,6 +67,19 @@ impl AppState {
         config: ApiConfig,
     ) -> anyhow::Result<Self> {
         let hasher = PasswordHasher::new()?;
+        let secrets = match config
+            .secrets_key
+            .as_deref()
+            .filter(|k| !k.trim().is_empty())
+        {
+            Some(raw) => Some(crate::secrets::SecretBox::from_base64(raw)?),
+            None => {
+                tracing::warn!(
+                    "KILN_SECRETS_KEY is not set: pods with secret env values will be refused"
+                );
+                None
+            }
+        };
         let fanout = Fanout::connect(&config.redis_url, &config.redis_namespace).await?;
         let issuer = config.public_url.trim_end_matches('/').to_owned();
         let ring = KeyRing::new(issuer, "kiln-api", config.access_token_ttl_secs, &[]);
@@ -74,6 +89,7 @@ impl AppState {
             hasher,
             config,
             fanout,
+            secrets,
             keyring: RwLock::new(Arc::new(ring)),
             sessions: Mutex::new(HashMap::new()),
             me_cache: Mutex::new(HashMap::new()),

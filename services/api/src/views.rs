@@ -526,3 +526,135 @@ pub struct CreateNodeTokenInput {
     /// Free text for operators, e.g. the host it is meant for. At most 200 characters.
     pub note: Option<String>,
 }
+
+// ---- pods ----
+
+/// The GPU a pod asks for: a `type` and exactly one of `count` (whole GPUs), `mig_profile` (a
+/// MIG slice) or `share` (a time-sliced share of one GPU's memory). Types and their profiles:
+/// `GET /v1/gpu-types`.
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, SimpleObject, InputObject,
+)]
+#[graphql(input_name = "GpuRequestInput")]
+#[serde(default)]
+pub struct GpuRequest {
+    #[serde(rename = "type")]
+    #[graphql(name = "type")]
+    #[schema(example = "h100-80gb")]
+    pub gpu_type: String,
+    /// Whole GPUs, 1–8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<i64>,
+    /// A MIG profile of the type, e.g. `3g.40gb`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mig_profile: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share: Option<GpuShareRequest>,
+}
+
+/// A time-sliced share of one GPU.
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, SimpleObject, InputObject,
+)]
+#[graphql(input_name = "GpuShareRequestInput")]
+#[serde(default)]
+pub struct GpuShareRequest {
+    /// GPU memory reserved for the pod, 1 up to the GPU's memory.
+    pub memory_gib: Option<i64>,
+}
+
+/// An env value as given: a plain string, or `{value, secret: true}` for a value stored
+/// encrypted and never shown again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EnvValueInput {
+    Plain(String),
+    Detailed {
+        value: String,
+        #[serde(default)]
+        secret: bool,
+    },
+}
+
+/// An env value as shown: the value of a plain variable, or `{secret: true}` for a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EnvValueView {
+    Plain(String),
+    Secret { secret: bool },
+}
+
+/// A new pod. Omitted `gpu` makes a CPU-only pod.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, InputObject)]
+#[serde(default)]
+pub struct CreatePodInput {
+    /// A lowercase DNS label, 1–63 characters.
+    #[schema(example = "llama-server")]
+    pub name: String,
+    /// A container image reference: `name[:tag][@sha256:…]`.
+    #[schema(example = "vllm/vllm-openai:v0.6.3")]
+    pub image: String,
+    pub gpu: Option<GpuRequest>,
+    /// CPU cores, 0.1–256 (fractions allowed). Default 1.
+    #[schema(example = 2.5)]
+    pub cpu: Option<f64>,
+    /// Memory in GiB, 1–2048. Default 4.
+    pub memory_gib: Option<i64>,
+    /// Scratch disk in GiB, 1–10240. Default 10.
+    pub disk_gib: Option<i64>,
+    /// Environment: `{"KEY": "value"}` or `{"KEY": {"value": "…", "secret": true}}`. At most 64
+    /// variables and 32 KiB in all; names match `[A-Za-z_][A-Za-z0-9_]*`.
+    #[schema(value_type = Option<Object>, example = json!({"MODEL": "llama-3-8b", "HF_TOKEN": {"value": "hf_…", "secret": true}}))]
+    pub env: Option<std::collections::BTreeMap<String, EnvValueInput>>,
+    /// Container ports to expose, 1–65535, distinct, at most 32.
+    #[schema(example = json!([8000]))]
+    pub ports: Option<Vec<i64>>,
+    /// The command and its arguments (at most 64); the image's default when omitted.
+    pub command: Option<Vec<String>>,
+    /// Run as spot capacity: cheaper, may be preempted. Default false.
+    pub spot: Option<bool>,
+}
+
+/// An exposed port and, once the node's agent reports it, where to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct PodPortView {
+    pub container_port: i64,
+    /// The node's address; null until the agent reports the port bound.
+    pub host: Option<String>,
+    pub host_port: Option<i64>,
+}
+
+/// A pod: a GPU container the scheduler places on a node.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct PodView {
+    #[schema(example = "pod_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    /// pending, scheduled, starting, running, stopping, stopped, terminated or failed.
+    pub state: String,
+    /// Why it is in that state (for pending: what it waits for).
+    pub state_reason: String,
+    /// The GPU as asked; null for a CPU-only pod.
+    pub gpu: Option<GpuRequest>,
+    /// The node it is placed on, or null.
+    pub node: Option<String>,
+    /// UUIDs of the GPUs it holds (for a MIG slice or share, the GPU it is on).
+    pub gpus: Vec<String>,
+    pub cpu: f64,
+    pub memory_gib: i64,
+    pub disk_gib: i64,
+    /// Plain values as given; secrets as `{"secret": true}`, never their value.
+    #[schema(value_type = Object, example = json!({"MODEL": "llama-3-8b", "HF_TOKEN": {"secret": true}}))]
+    pub env: std::collections::BTreeMap<String, EnvValueView>,
+    pub ports: Vec<PodPortView>,
+    pub command: Vec<String>,
+    pub spot: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Always null for now: billing has not landed.
+    #[schema(value_type = Option<Object>)]
+    pub cost_so_far: Option<async_graphql::Json<serde_json::Value>>,
+}
+
+list_view!(PodList, PodView);

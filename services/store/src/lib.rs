@@ -20,6 +20,7 @@ pub mod quotas;
 pub mod scheduling;
 pub mod scope;
 pub mod users;
+pub mod workloads;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -44,6 +45,7 @@ pub use scheduling::{
 };
 pub use scope::{AuthzError, OrgScope, Principal};
 pub use users::{Me, MembershipView, RefreshOutcome, UserRecord};
+pub use workloads::TenantWorkloadRecord;
 
 /// The schema, embedded; applied at start-up and by `kiln-api migrate`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

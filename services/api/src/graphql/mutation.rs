@@ -181,6 +181,36 @@ impl MutationRoot {
         Ok(Some(view))
     }
 
+    /// Create a pod (`pending` until the scheduler places it). Secret env values are stored
+    /// encrypted and never shown again.
+    async fn create_pod(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        input: CreatePodInput,
+    ) -> Result<Option<PodView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::pods::create(st, &mut tx, caller, org, &input)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
+    /// Delete a pod: it becomes `terminated` and its capacity is free at once. Answers the pod.
+    async fn delete_pod(&self, ctx: &Context<'_>, org_id: ID, id: ID) -> Result<Option<PodView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::pods::delete(st, &mut tx, caller, org, &id)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
     /// Operators only: cordon a node (it keeps its work, takes no new work).
     async fn cordon_node(&self, ctx: &Context<'_>, id: ID) -> Result<Option<NodeView>> {
         Ok(Some(

@@ -115,6 +115,44 @@ impl QueryRoot {
         Ok(Some(list))
     }
 
+    /// The org's pods, newest first (secret env values are never shown).
+    async fn pods(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<PodList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let list = ops::pods::list(
+            state(ctx),
+            caller,
+            org,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// One pod of the org (`not-found` otherwise).
+    async fn pod(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The pod's id (`pod_…`).")] id: ID,
+    ) -> Result<Option<PodView>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        Ok(Some(
+            ops::pods::get(state(ctx), caller, org, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// Operators only (`not-found` for anyone else): nodes, oldest first, with their GPUs and
     /// what runs on each.
     async fn nodes(

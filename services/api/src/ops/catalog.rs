@@ -160,7 +160,7 @@ fn to_i64(v: u64) -> i64 {
 
 /// The marketing name and memory of a type id of the form `<family>-<n>gb` (what agents derive
 /// from the driver's model name): `h100-80gb` → ("NVIDIA H100 80GB", 80).
-fn marketed(id: &str) -> Option<(String, i64)> {
+pub(crate) fn marketed(id: &str) -> Option<(String, i64)> {
     let (family, size) = id.rsplit_once('-')?;
     let gib: i64 = size.strip_suffix("gb")?.parse().ok()?;
     if family.is_empty() || !family.chars().all(|c| c.is_ascii_alphanumeric()) {

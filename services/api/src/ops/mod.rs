@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod fleet;
 pub mod identity;
 pub mod orgs;
+pub mod pods;
 pub mod quotas;
 
 use kiln_domain::{OrgId, UserId};

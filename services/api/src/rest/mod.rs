@@ -5,6 +5,7 @@ mod catalog;
 pub mod extract;
 mod identity;
 mod orgs;
+mod pods;
 mod quotas;
 
 use axum::Json;
@@ -49,6 +50,11 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/orgs/{org}/audit-log", get(orgs::audit_log))
         .route("/v1/orgs/{org}/quotas", get(quotas::list))
+        .route("/v1/orgs/{org}/pods", get(pods::list).post(pods::create))
+        .route(
+            "/v1/orgs/{org}/pods/{pod}",
+            get(pods::get).delete(pods::delete),
+        )
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
@@ -152,6 +158,7 @@ where
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
         quotas::list,
+        pods::list, pods::create, pods::get, pods::delete,
         catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
@@ -162,6 +169,7 @@ where
     tags(
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
+        (name = "pods", description = "GPU containers: create, watch, delete"),
         (name = "catalog", description = "GPU types, their MIG profiles and live availability"),
         (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),
     )

@@ -9,7 +9,12 @@ use sqlx::PgPool;
 use crate::assert_problem;
 
 /// Every route under `/v1/orgs/{org}` with a request that would succeed for a rightful caller.
-fn tenant_routes(org: &str, member: &str, key: &str) -> Vec<(Method, String, Option<Value>)> {
+fn tenant_routes(
+    org: &str,
+    member: &str,
+    key: &str,
+    pod: &str,
+) -> Vec<(Method, String, Option<Value>)> {
     vec![
         (Method::GET, format!("/v1/orgs/{org}"), None),
         (Method::GET, format!("/v1/orgs/{org}/members"), None),
@@ -41,6 +46,14 @@ fn tenant_routes(org: &str, member: &str, key: &str) -> Vec<(Method, String, Opt
         ),
         (Method::GET, format!("/v1/orgs/{org}/audit-log"), None),
         (Method::GET, format!("/v1/orgs/{org}/quotas"), None),
+        (Method::GET, format!("/v1/orgs/{org}/pods"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/pods"),
+            Some(json!({"name": "stolen", "image": "busybox"})),
+        ),
+        (Method::GET, format!("/v1/orgs/{org}/pods/{pod}"), None),
+        (Method::DELETE, format!("/v1/orgs/{org}/pods/{pod}"), None),
     ]
 }
 
@@ -49,7 +62,7 @@ fn tenant_routes(org: &str, member: &str, key: &str) -> Vec<(Method, String, Opt
 #[test]
 fn the_walk_covers_every_tenant_scoped_route() {
     let doc = serde_json::to_value(kiln_api::rest::openapi()).unwrap();
-    let walked: Vec<(String, String)> = tenant_routes("{org}", "{user}", "{key}")
+    let walked: Vec<(String, String)> = tenant_routes("{org}", "{user}", "{key}", "{pod}")
         .into_iter()
         .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
         .collect();
@@ -66,14 +79,29 @@ fn the_walk_covers_every_tenant_scoped_route() {
     }
 }
 
-async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String) {
+async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
     app.add_member(&victim, &victim.org_id, &member, "member")
         .await;
     let (key_id, _) = app.api_key(&victim, &victim.org_id, "member").await;
+    let (status, pod) = app
+        .post(
+            &format!("/v1/orgs/{}/pods", victim.org_id),
+            &victim.access_token,
+            json!({"name": "victims-pod", "image": "busybox"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
+    let pod_id = pod["id"].as_str().unwrap().to_owned();
     let attacker = app.user("mallory").await;
-    (victim, member, key_id, attacker.access_token.clone())
+    (
+        victim,
+        member,
+        key_id,
+        pod_id,
+        attacker.access_token.clone(),
+    )
 }
 
 async fn fingerprint(app: &TestApp) -> Value {
@@ -81,7 +109,8 @@ async fn fingerprint(app: &TestApp) -> Value {
         "SELECT json_build_object(
             'members', (SELECT json_agg(json_build_array(org_id, user_id, role) ORDER BY org_id, user_id) FROM memberships),
             'keys', (SELECT json_agg(json_build_array(id, revoked_at) ORDER BY id) FROM api_keys),
-            'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs))",
+            'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs),
+            'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads))",
     )
     .fetch_one(app.store().pool())
     .await
@@ -92,7 +121,7 @@ async fn fingerprint(app: &TestApp) -> Value {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let (victim, member, key_id, attacker_token) = setup(&app).await;
+    let (victim, member, key_id, pod_id, attacker_token) = setup(&app).await;
     let attacker = app.user("eve").await;
     let (_, attacker_key) = app.api_key(&attacker, &attacker.org_id, "owner").await;
     let before = fingerprint(&app).await;
@@ -101,7 +130,8 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
         attacker.access_token.as_str(),
         attacker_key.as_str(),
     ] {
-        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id) {
+        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id, &pod_id)
+        {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             assert_problem(status, &resp, StatusCode::NOT_FOUND);
             assert!(
@@ -112,7 +142,7 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     }
     // Ids that do not exist at all look the same as other orgs' ids.
     let ghost = format!("org_{}", uuid::Uuid::now_v7().simple());
-    for (method, path, body) in tenant_routes(&ghost, &member.user_id, &key_id) {
+    for (method, path, body) in tenant_routes(&ghost, &member.user_id, &key_id, &pod_id) {
         let (status, resp) = app
             .call(method, &path, Some(&attacker.access_token), body)
             .await;
@@ -128,14 +158,15 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn viewers_cannot_write_and_removed_members_lose_access_at_once(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let (victim, member, key_id, _) = setup(&app).await;
+    let (victim, member, key_id, pod_id, _) = setup(&app).await;
     let viewer = app.user("viewer").await;
     app.add_member(&victim, &victim.org_id, &viewer, "viewer")
         .await;
     let (_, viewer_key) = app.api_key(&victim, &victim.org_id, "viewer").await;
     let before = fingerprint(&app).await;
     for token in [viewer.access_token.as_str(), viewer_key.as_str()] {
-        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id) {
+        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id, &pod_id)
+        {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             if method == Method::GET {
                 let readable = !path.ends_with("/api-keys") && !path.ends_with("/audit-log");

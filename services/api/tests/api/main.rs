@@ -12,6 +12,7 @@ mod members;
 mod nodes;
 mod openapi;
 mod orgs;
+mod pods;
 mod quotas;
 
 use kiln_testkit::serde_json::Value;
