@@ -3,6 +3,7 @@
 mod client;
 mod config;
 mod output;
+mod pods;
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -74,6 +75,11 @@ enum Command {
     ApiKeys {
         #[command(subcommand)]
         command: Option<ApiKeysCommand>,
+    },
+    /// Pods: GPU containers of the org [default: list].
+    Pods {
+        #[command(subcommand)]
+        command: Option<pods::PodsCommand>,
     },
     /// GPU types with their MIG profiles and what is free of each right now.
     GpuTypes,
@@ -309,6 +315,9 @@ async fn run(cli: Cli) -> Result<()> {
             } => keys_create(&mut ctx, &name, role, expires_at).await,
             ApiKeysCommand::Revoke { key } => keys_revoke(&mut ctx, &key).await,
         },
+        Command::Pods { command } => {
+            pods::run(&mut ctx, command.unwrap_or(pods::PodsCommand::List)).await
+        }
         Command::GpuTypes => gpu_types(&mut ctx).await,
         Command::Admin { command } => match command {
             AdminCommand::NodeToken { ttl_secs, note } => {

@@ -791,3 +791,135 @@ async fn operators_set_list_and_remove_org_quotas(pool: sqlx::PgPool) {
         refused.stderr
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn pods_are_created_listed_shown_and_deleted(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+
+    let created = kiln
+        .run_with(
+            &[
+                "pods",
+                "create",
+                "llm",
+                "--image",
+                "vllm/vllm-openai:v0.6.3",
+                "--gpu",
+                "h100-80gb:2",
+                "--cpu",
+                "2.5",
+                "--memory-gib",
+                "16",
+                "--env",
+                "MODEL=llama",
+                "--secret-env",
+                "HF_TOKEN",
+                "--port",
+                "8000",
+                "--spot",
+                "--output",
+                "json",
+                "--",
+                "--model",
+                "meta-llama/Llama-3.1-8B",
+            ],
+            None,
+            &[("HF_TOKEN", "hf_from_the_environment")],
+        )
+        .await
+        .ok();
+    let pod = created.json();
+    let id = pod["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("pod_"), "{pod}");
+    assert_eq!(pod["state"], "pending");
+    assert_eq!(pod["gpu"], json!({"type": "h100-80gb", "count": 2}));
+    assert_eq!(pod["cpu"], json!(2.5));
+    assert_eq!(pod["spot"], true);
+    assert_eq!(
+        pod["command"],
+        json!(["--model", "meta-llama/Llama-3.1-8B"])
+    );
+    assert_eq!(
+        pod["env"],
+        json!({"MODEL": "llama", "HF_TOKEN": {"secret": true}})
+    );
+    assert!(!created.stdout.contains("hf_from_the_environment"));
+
+    let mig = kiln
+        .run(&[
+            "pods",
+            "create",
+            "nb",
+            "--image",
+            "jupyter/base-notebook",
+            "--gpu",
+            "h100-80gb:mig=3g.40gb",
+        ])
+        .await
+        .ok();
+    assert!(mig.stdout.contains("Created pod nb"), "{}", mig.stdout);
+    assert!(mig.stdout.contains("pending"), "{}", mig.stdout);
+
+    let table = kiln.run(&["pods"]).await.ok();
+    assert!(table.stdout.contains("2 × h100-80gb"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("h100-80gb mig 3g.40gb"),
+        "{}",
+        table.stdout
+    );
+    let list = kiln.run(&["pods", "list", "-o", "json"]).await.ok();
+    assert_eq!(items(&list.json()).len(), 2);
+
+    let shown = kiln.run(&["pods", "get", &id]).await.ok();
+    assert!(
+        shown.stdout.contains("HF_TOKEN=<secret>"),
+        "{}",
+        shown.stdout
+    );
+    assert!(
+        shown.stdout.contains("8000 (not bound yet)"),
+        "{}",
+        shown.stdout
+    );
+    assert!(!shown.stdout.contains("hf_from_the_environment"));
+
+    // The server's validation reaches the person intact.
+    let bad = kiln
+        .run(&[
+            "pods",
+            "create",
+            "x",
+            "--image",
+            "app",
+            "--gpu",
+            "b300-9000gb:1",
+        ])
+        .await;
+    assert_ne!(bad.code, 0);
+    assert!(
+        bad.stderr.contains("unknown GPU type `b300-9000gb`"),
+        "{}",
+        bad.stderr
+    );
+    let bad = kiln
+        .run(&[
+            "pods",
+            "create",
+            "x",
+            "--image",
+            "app",
+            "--gpu",
+            "h100-80gb:two",
+        ])
+        .await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("TYPE[:COUNT]"), "{}", bad.stderr);
+
+    let deleted = kiln.run(&["pods", "delete", &id]).await.ok();
+    assert!(deleted.stdout.contains("terminated"), "{}", deleted.stdout);
+    let got = kiln.run(&["pods", "get", &id, "-o", "json"]).await.ok();
+    assert_eq!(got.json()["state"], "terminated");
+}
