@@ -14,8 +14,8 @@
 //! * [`backoff`] — reconnect backoff with full jitter and the stuck-stream check.
 //! * [`convert`] — inventory and samples to wire messages.
 //! * [`load`] — what is placed on each GPU, for the GPU source.
-//! * [`runtime`] — the `Runtime` trait; only a placeholder for now (pods and instances arrive
-//!   with their issues).
+//! * [`runtime`] — the `Runtime` trait, the placeholder, and the per-kind dispatch.
+//! * [`docker`] — pods as Docker containers.
 //! * [`agent`] — start-up, joining and the session loop.
 
 pub mod agent;
@@ -24,6 +24,7 @@ pub mod capacity;
 pub mod config;
 pub mod convert;
 pub mod credential;
+pub mod docker;
 mod fsutil;
 pub mod load;
 pub mod runtime;
