@@ -281,7 +281,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
         "applied state loaded"
     );
 
-    let runtime = crate::runtime::PlaceholderRuntime::restore(&state);
+    let docker = docker_runtime(&config, &opened.kind, &credential.node_id).await;
+    if let Some(d) = &docker {
+        let lost = d.restore(&state);
+        if !lost.is_empty() {
+            // Applied before this agent kept pod specs (or the file was lost): forget them and
+            // start from a snapshot, which sends them again.
+            tracing::warn!(pods = ?lost, "no kept spec for some applied pods; asking the control plane for a snapshot");
+            for id in &lost {
+                state.assignments.remove(id);
+            }
+            state.applied_revision = 0;
+            state.save(&state_path)?;
+        }
+        d.spawn_reconciler();
+    }
+    let runtime = crate::runtime::NodeRuntime::restore(docker, &state);
     let agent = Agent {
         endpoint: endpoint(&config.control_plane)?,
         bearer: Bearer(bearer),
@@ -305,6 +320,38 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
     };
     agent.set_loads(&*agent.state.lock().await);
     Ok(agent.run_sessions(&shutdown).await)
+}
+
+/// The Docker runtime for pods, per `[runtime] docker`: `None` when disabled or when the
+/// engine does not answer (pods then stay pending, and a warning says why).
+async fn docker_runtime(
+    config: &Config,
+    gpu: &SourceKind,
+    node_id: &str,
+) -> Option<crate::docker::DockerRuntime> {
+    if config.runtime.docker == crate::config::DockerPolicy::Disabled {
+        tracing::info!("pods: Docker disabled by configuration; pods stay pending");
+        return None;
+    }
+    let settings = crate::docker::DockerSettings {
+        socket: config.runtime.docker_socket.clone(),
+        gpu_device_requests: matches!(gpu, SourceKind::Nvml),
+        publish_address: config.runtime.publish_address.clone(),
+        reconcile_interval: Duration::from_millis(config.runtime.reconcile_interval_ms),
+        read_only_rootfs: config.runtime.read_only_rootfs,
+        specs_path: Some(config.state_dir.join(crate::docker::SPECS_FILE)),
+        ..crate::docker::DockerSettings::new(node_id)
+    };
+    match crate::docker::DockerRuntime::connect(settings).await {
+        Ok(d) => {
+            tracing::info!(socket = %config.runtime.docker_socket.display(), gpu_device_requests = d.settings().gpu_device_requests, "pods: running in Docker");
+            Some(d)
+        }
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "pods: Docker is not usable; pods stay pending (set `[runtime] docker = \"disabled\"` to silence this)");
+            None
+        }
+    }
 }
 
 /// Trades the bootstrap token for a credential, retrying while the control plane is

@@ -13,6 +13,13 @@
 //! memory_mib = 262144
 //! disk_gib = 1800
 //!
+//! [runtime]           # how pods run; every key optional
+//! docker = "auto"                     # "auto": Docker if its socket answers, else none; "disabled"
+//! docker_socket = "/var/run/docker.sock"
+//! publish_address = "0.0.0.0"         # where pods' ports are published (ephemeral host ports)
+//! reconcile_interval_ms = 10000
+//! read_only_rootfs = false
+//!
 //! [gpu]               # kiln_inventory::SourceConfig, verbatim
 //! nvml = "auto"
 //! [gpu.simulated]
@@ -53,7 +60,45 @@ pub struct Config {
     /// How often a complete observed-state report is sent besides after each applied event.
     pub observed_interval_ms: u64,
     pub capacity: CapacityOverrides,
+    pub runtime: RuntimeConfig,
     pub gpu: SourceConfig,
+}
+
+/// Whether pods run in Docker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DockerPolicy {
+    /// Use the Docker engine if its socket answers; otherwise pods stay pending (with a warning).
+    #[default]
+    Auto,
+    Disabled,
+}
+
+/// `[runtime]`: how workloads run on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub docker: DockerPolicy,
+    pub docker_socket: PathBuf,
+    /// The host address pods' ports are published on (Docker picks the host port).
+    pub publish_address: String,
+    /// How often the node is made to match the applied pods (missing containers recreated,
+    /// stray ones removed).
+    pub reconcile_interval_ms: u64,
+    /// Pods' root filesystems read-only (the spec has no such field yet: one switch for all).
+    pub read_only_rootfs: bool,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            docker: DockerPolicy::Auto,
+            docker_socket: PathBuf::from(crate::docker::DEFAULT_SOCKET),
+            publish_address: "0.0.0.0".into(),
+            reconcile_interval_ms: 10_000,
+            read_only_rootfs: false,
+        }
+    }
 }
 
 impl Default for Config {
@@ -66,6 +111,7 @@ impl Default for Config {
             metrics_interval_ms: DEFAULT_METRICS_INTERVAL_MS,
             observed_interval_ms: DEFAULT_OBSERVED_INTERVAL_MS,
             capacity: CapacityOverrides::default(),
+            runtime: RuntimeConfig::default(),
             gpu: SourceConfig::default(),
         }
     }
@@ -113,6 +159,7 @@ pub struct Overrides {
     pub nvml: Option<kiln_inventory::NvmlPolicy>,
     pub simulated_inventory: Option<PathBuf>,
     pub fault_file: Option<PathBuf>,
+    pub docker: Option<DockerPolicy>,
 }
 
 impl Config {
@@ -165,6 +212,9 @@ impl Config {
         if let Some(v) = o.hostname {
             self.gpu.hostname = Some(v);
         }
+        if let Some(v) = o.docker {
+            self.runtime.docker = v;
+        }
         if let Some(v) = o.nvml {
             self.gpu.nvml = v;
         }
@@ -212,6 +262,12 @@ impl Config {
         if self.observed_interval_ms < MIN_METRICS_INTERVAL_MS {
             return Err(ConfigError::Invalid {
                 field: "observed_interval_ms",
+                reason: format!("must be at least {MIN_METRICS_INTERVAL_MS}"),
+            });
+        }
+        if self.runtime.reconcile_interval_ms < MIN_METRICS_INTERVAL_MS {
+            return Err(ConfigError::Invalid {
+                field: "runtime.reconcile_interval_ms",
                 reason: format!("must be at least {MIN_METRICS_INTERVAL_MS}"),
             });
         }
@@ -308,6 +364,27 @@ fault_file = "/tmp/kiln/a.faults.toml"
             c.state_path(),
             PathBuf::from("/tmp/kiln/agent-a/state.json")
         );
+    }
+
+    #[test]
+    fn runtime_section_and_docker_flag() {
+        let c = Config::parse(
+            "[runtime]\ndocker = \"disabled\"\npublish_address = \"127.0.0.1\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.runtime.docker, DockerPolicy::Disabled);
+        assert_eq!(c.runtime.publish_address, "127.0.0.1");
+        assert_eq!(c.runtime.reconcile_interval_ms, 10_000);
+        let c = c
+            .with_overrides(Overrides {
+                docker: Some(DockerPolicy::Auto),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.runtime.docker, DockerPolicy::Auto);
+        assert_eq!(Config::default().runtime.docker, DockerPolicy::Auto);
+        assert!(Config::parse("[runtime]\ndocker = \"maybe\"\n", "x").is_err());
     }
 
     #[test]

@@ -37,6 +37,9 @@ struct Cli {
     /// Whether to try NVML.
     #[arg(long, env = "KILN_AGENT_NVML", value_parser = ["auto", "disabled"])]
     nvml: Option<String>,
+    /// Whether pods run in Docker: "auto" (if /var/run/docker.sock answers) or "disabled".
+    #[arg(long, env = "KILN_AGENT_DOCKER", value_parser = ["auto", "disabled"])]
+    docker: Option<String>,
     /// A declared GPU inventory to simulate, on hosts without NVIDIA GPUs.
     #[arg(long, env = "KILN_AGENT_SIMULATED_INVENTORY")]
     simulated_inventory: Option<PathBuf>,
@@ -79,6 +82,10 @@ fn load_config(cli: Cli) -> Result<Config, kiln_agent::config::ConfigError> {
         }),
         simulated_inventory: cli.simulated_inventory,
         fault_file: cli.fault_file,
+        docker: cli.docker.map(|v| match v.as_str() {
+            "disabled" => kiln_agent::config::DockerPolicy::Disabled,
+            _ => kiln_agent::config::DockerPolicy::Auto,
+        }),
     })
 }
 

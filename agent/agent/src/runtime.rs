@@ -1,6 +1,7 @@
-//! Where assignments become workloads: Docker for pods, QEMU for instances. Those runtimes arrive
-//! with their own issues; until then [`PlaceholderRuntime`] keeps each assignment and says
-//! honestly that nothing runs it (`OBSERVED_STATE_PENDING`), never a made-up "running".
+//! Where assignments become workloads: Docker for pods ([`crate::docker`]), QEMU for instances
+//! (not yet). [`PlaceholderRuntime`] keeps what no runtime runs and says honestly that nothing
+//! runs it (`OBSERVED_STATE_PENDING`), never a made-up "running"; [`NodeRuntime`] sends each
+//! assignment to the runtime for its kind.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -107,6 +108,54 @@ impl Runtime for PlaceholderRuntime {
             .iter()
             .map(|(id, (generation, kind))| Self::observed(id, *generation, *kind))
             .collect()
+    }
+}
+
+/// The agent's runtime: pods to Docker when the engine is in use, everything else (and pods
+/// without Docker) to the placeholder.
+#[derive(Debug)]
+pub struct NodeRuntime {
+    pub docker: Option<crate::docker::DockerRuntime>,
+    pub placeholder: PlaceholderRuntime,
+}
+
+impl NodeRuntime {
+    /// Restores both halves from the applied state: pods go to Docker (when in use), the rest to
+    /// the placeholder.
+    pub fn restore(docker: Option<crate::docker::DockerRuntime>, state: &AppliedState) -> Self {
+        let mut rest = state.clone();
+        if docker.is_some() {
+            rest.assignments.retain(|_, a| a.kind != SpecKind::Pod);
+        }
+        Self {
+            docker,
+            placeholder: PlaceholderRuntime::restore(&rest),
+        }
+    }
+}
+
+impl Runtime for NodeRuntime {
+    async fn apply(&self, assignment: &Assignment) -> ObservedAssignment {
+        match &self.docker {
+            Some(d) if SpecKind::of(assignment) == SpecKind::Pod => d.apply(assignment).await,
+            _ => self.placeholder.apply(assignment).await,
+        }
+    }
+
+    async fn remove(&self, assignment_id: &str, generation: u64) -> Result<(), RuntimeError> {
+        self.placeholder.remove(assignment_id, generation).await?;
+        match &self.docker {
+            Some(d) => d.remove(assignment_id, generation).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn observe_all(&self) -> Vec<ObservedAssignment> {
+        let mut all = self.placeholder.observe_all().await;
+        if let Some(d) = &self.docker {
+            all.extend(d.observe_all().await);
+        }
+        all
     }
 }
 

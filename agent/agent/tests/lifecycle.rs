@@ -143,6 +143,9 @@ fn spawn(s: Spawn<'_>) -> Agent {
         .arg(&state_dir)
         .arg("--nvml")
         .arg("disabled")
+        // These tests are about the fleet, not containers: pods stay on the placeholder.
+        .arg("--docker")
+        .arg("disabled")
         .arg("--simulated-inventory")
         .arg(
             Path::new(env!("CARGO_MANIFEST_DIR"))
