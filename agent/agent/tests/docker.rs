@@ -1,0 +1,465 @@
+//! The Docker runtime against this machine's real Docker engine, with an image the tests build
+//! locally (`kiln-test/busybox:1`: a static busybox in a scratch image; no registry).
+//!
+//! Each test has its own node label, assignment ids and default network, so tests running in
+//! parallel never see each other's containers; a guard removes them (also on panic).
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bollard::query_parameters::{InspectContainerOptions, RemoveContainerOptions};
+use kiln_agent::docker::{DockerRuntime, DockerSettings};
+use kiln_agent::state::{AppliedAssignment, AppliedState, GpuUse, SpecKind};
+use kiln_proto::node::v1::assignment::Kind;
+use kiln_proto::node::v1::gpu_allocation::Kind as GpuKind;
+use kiln_proto::node::v1::{
+    Assignment, GpuAllocation, ObservedAssignment, ObservedState, PodSpec, PortSpec, Protocol,
+    WholeGpus,
+};
+
+const IMAGE: &str = "kiln-test/busybox:1";
+const BUSYBOX: &str = "/bin/busybox";
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run the docker CLI")
+}
+
+/// Builds `kiln-test/busybox:1` unless present: Debian's static busybox (package
+/// `busybox-static`) in a scratch image.
+fn ensure_image() {
+    if docker(&["image", "inspect", IMAGE]).status.success() {
+        return;
+    }
+    if !Path::new(BUSYBOX).exists() {
+        // The project's package list installs it; this is the fallback on a bare machine.
+        let _ = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "busybox-static"])
+            .output();
+    }
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} is missing: install the Debian package busybox-static"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(BUSYBOX, dir.path().join("busybox")).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\n",
+    )
+    .unwrap();
+    let out = docker(&["build", "-q", "-t", IMAGE, &dir.path().to_string_lossy()]);
+    assert!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One test's world: its node label, its network, and the cleanup of both.
+struct Fixture {
+    tag: String,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        ensure_image();
+        Self {
+            tag: format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn node(&self) -> String {
+        format!("node_test{}", self.tag)
+    }
+
+    fn network(&self) -> String {
+        format!("kiln-test-{}", self.tag)
+    }
+
+    fn id(&self, n: u32) -> String {
+        format!("asg_{}{n}", self.tag)
+    }
+
+    fn settings(&self) -> DockerSettings {
+        DockerSettings {
+            default_network: self.network(),
+            reconcile_interval: Duration::from_millis(300),
+            specs_path: Some(self.dir.path().join("pods.pb")),
+            ..DockerSettings::new(self.node())
+        }
+    }
+
+    async fn runtime(&self) -> DockerRuntime {
+        DockerRuntime::connect(self.settings())
+            .await
+            .expect("the Docker engine answers")
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let out = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=kiln.node={}", self.node()),
+        ]);
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = docker(&["rm", "-f", id]);
+        }
+        let _ = docker(&["network", "rm", &self.network()]);
+    }
+}
+
+fn pod(command: &str) -> PodSpec {
+    PodSpec {
+        image: IMAGE.into(),
+        command: vec![BUSYBOX.into(), "sh".into(), "-c".into(), command.into()],
+        env: [("GREETING".to_owned(), "hello-kiln".to_owned())].into(),
+        ports: Vec::new(),
+        cpu_millis: 500,
+        memory_mib: 64,
+        gpus: None,
+    }
+}
+
+fn assignment(id: &str, generation: u64, pod: PodSpec) -> Assignment {
+    Assignment {
+        assignment_id: id.into(),
+        generation,
+        kind: Some(Kind::Pod(pod)),
+    }
+}
+
+fn applied(assignments: &[&Assignment]) -> AppliedState {
+    AppliedState {
+        node_id: String::new(),
+        applied_revision: 1,
+        assignments: assignments
+            .iter()
+            .map(|a| {
+                (
+                    a.assignment_id.clone(),
+                    AppliedAssignment {
+                        generation: a.generation,
+                        kind: SpecKind::Pod,
+                        gpu_uuids: Vec::new(),
+                        gpu_use: GpuUse::None,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Polls the runtime until the assignment's observation satisfies `ok`.
+async fn wait_for(
+    rt: &DockerRuntime,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&ObservedAssignment) -> bool,
+) -> ObservedAssignment {
+    let start = Instant::now();
+    let mut last = None;
+    while start.elapsed() < Duration::from_secs(40) {
+        if let Some(o) = rt
+            .observe_all()
+            .await
+            .into_iter()
+            .find(|o| o.assignment_id == id)
+        {
+            if ok(&o) {
+                return o;
+            }
+            last = Some(o);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {id} to be {what}; last seen {last:?}");
+}
+
+fn is(state: ObservedState) -> impl Fn(&ObservedAssignment) -> bool {
+    move |o| o.state == state as i32
+}
+
+async fn container_id(rt: &DockerRuntime, id: &str) -> Option<String> {
+    rt.docker()
+        .inspect_container(
+            &rt.settings().container_name(id),
+            None::<InspectContainerOptions>,
+        )
+        .await
+        .ok()
+        .and_then(|c| c.id)
+}
+
+/// GET `path` from 127.0.0.1:`port`, retrying while the server comes up.
+fn http_get(port: u32, path: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })();
+        match attempt {
+            Ok(body) if body.starts_with("HTTP/1.") => return body,
+            other if start.elapsed() > Duration::from_secs(15) => {
+                panic!("GET {path} on port {port}: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_runs_hardened_with_gpu_env_and_a_reachable_port_then_is_removed() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let id = f.id(1);
+    let mut spec = pod(&format!(
+        "{BUSYBOX} mkdir -p /www && {BUSYBOX} env > /www/env.txt && \
+         exec {BUSYBOX} httpd -f -p 8000 -h /www"
+    ));
+    spec.ports = vec![PortSpec {
+        port: 8000,
+        protocol: Protocol::Tcp as i32,
+        name: "http".into(),
+    }];
+    spec.gpus = Some(GpuAllocation {
+        kind: Some(GpuKind::Whole(WholeGpus {
+            gpu_uuids: vec!["GPU-test-0".into(), "GPU-test-1".into()],
+        })),
+    });
+    let a = assignment(&id, 2, spec);
+    rt.apply(&a).await;
+    let o = wait_for(&rt, &id, "running", is(ObservedState::Running)).await;
+    assert_eq!(o.generation, 2);
+    assert_eq!(o.ports.len(), 1, "{o:?}");
+    assert_eq!(o.ports[0].port, 8000);
+    let host_port = o.ports[0].host_port;
+    assert!(host_port > 0);
+
+    // The port is reachable from the host, and the env is visible inside.
+    let env = http_get(host_port, "/env.txt");
+    assert!(env.contains("200 OK"), "{env}");
+    assert!(env.contains("GREETING=hello-kiln"), "{env}");
+    assert!(
+        env.contains("NVIDIA_VISIBLE_DEVICES=GPU-test-0,GPU-test-1"),
+        "{env}"
+    );
+    assert!(
+        env.contains("NVIDIA_DRIVER_CAPABILITIES=compute,utility"),
+        "{env}"
+    );
+
+    // Labels, limits and hardening as Docker has them.
+    let c = rt
+        .docker()
+        .inspect_container(
+            &rt.settings().container_name(&id),
+            None::<InspectContainerOptions>,
+        )
+        .await
+        .unwrap();
+    let labels = c.config.as_ref().unwrap().labels.clone().unwrap();
+    assert_eq!(labels["kiln.managed"], "true");
+    assert_eq!(labels["kiln.assignment"], id);
+    assert_eq!(labels["kiln.generation"], "2");
+    assert_eq!(labels["kiln.node"], f.node());
+    let h = c.host_config.unwrap();
+    assert_eq!(h.nano_cpus, Some(500_000_000));
+    assert_eq!(h.memory, Some(64 << 20));
+    assert_eq!(h.privileged, Some(false));
+    assert_eq!(h.cap_drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert!(h.cap_add.unwrap_or_default().is_empty());
+    assert_eq!(
+        h.security_opt.as_deref(),
+        Some(&["no-new-privileges:true".to_owned()][..])
+    );
+    assert_eq!(h.network_mode.as_deref(), Some(f.network().as_str()));
+    assert_ne!(h.pid_mode.as_deref(), Some("host"));
+    assert_ne!(h.ipc_mode.as_deref(), Some("host"));
+    assert!(h.device_requests.unwrap_or_default().is_empty());
+
+    // Removal: gone from Docker, reported STOPPED.
+    rt.remove(&id, 2).await.unwrap();
+    assert_eq!(container_id(&rt, &id).await, None);
+    let o = wait_for(&rt, &id, "stopped", is(ObservedState::Stopped)).await;
+    assert_eq!(o.reason, "stopped and removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_removed_behind_the_agents_back_is_recreated() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let _loop = rt.spawn_reconciler();
+    let id = f.id(1);
+    rt.apply(&assignment(
+        &id,
+        1,
+        pod(&format!("exec {BUSYBOX} sleep 600")),
+    ))
+    .await;
+    wait_for(&rt, &id, "running", is(ObservedState::Running)).await;
+    let first = container_id(&rt, &id).await.unwrap();
+    rt.docker()
+        .remove_container(
+            &first,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(second) = container_id(&rt, &id).await
+            && second != first
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not recreated within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for(&rt, &id, "running again", is(ObservedState::Running)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restart_adopts_running_containers_and_removes_unwanted_ones() {
+    let f = Fixture::new();
+    let keep = assignment(&f.id(1), 3, pod(&format!("exec {BUSYBOX} sleep 600")));
+    let drop_ = assignment(&f.id(2), 1, pod(&format!("exec {BUSYBOX} sleep 600")));
+    let (kept_container, dropped_container) = {
+        let rt = f.runtime().await;
+        rt.apply(&keep).await;
+        rt.apply(&drop_).await;
+        wait_for(
+            &rt,
+            &keep.assignment_id,
+            "running",
+            is(ObservedState::Running),
+        )
+        .await;
+        wait_for(
+            &rt,
+            &drop_.assignment_id,
+            "running",
+            is(ObservedState::Running),
+        )
+        .await;
+        (
+            container_id(&rt, &keep.assignment_id).await.unwrap(),
+            container_id(&rt, &drop_.assignment_id).await.unwrap(),
+        )
+    };
+    // A new agent process: the applied state lists only `keep` (the other was removed while the
+    // agent was down).
+    let rt = f.runtime().await;
+    let lost = rt.restore(&applied(&[&keep]));
+    assert!(lost.is_empty(), "{lost:?}");
+    rt.reconcile().await;
+    assert_eq!(
+        container_id(&rt, &keep.assignment_id).await.as_deref(),
+        Some(kept_container.as_str()),
+        "adopted, not recreated"
+    );
+    assert_eq!(container_id(&rt, &drop_.assignment_id).await, None);
+    let _ = dropped_container;
+    let o = wait_for(
+        &rt,
+        &keep.assignment_id,
+        "running",
+        is(ObservedState::Running),
+    )
+    .await;
+    assert_eq!(o.generation, 3);
+
+    // A newer generation replaces the container.
+    let newer = assignment(&f.id(1), 4, pod(&format!("exec {BUSYBOX} sleep 601")));
+    rt.apply(&newer).await;
+    let o = wait_for(&rt, &newer.assignment_id, "running", |o| {
+        o.state == ObservedState::Running as i32 && o.generation == 4
+    })
+    .await;
+    assert_eq!(o.generation, 4);
+    let replaced = container_id(&rt, &newer.assignment_id).await.unwrap();
+    assert_ne!(replaced, kept_container);
+
+    // A restart whose applied state has a pod without a kept spec says so.
+    let rt = f.runtime().await;
+    let unknown = assignment("asg_never_kept", 1, pod("true"));
+    let lost = rt.restore(&applied(&[&newer, &unknown]));
+    assert_eq!(lost, vec!["asg_never_kept".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exits_fail_with_the_exit_code_after_restarts_and_exit_0_stops() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let failing = f.id(1);
+    let clean = f.id(2);
+    rt.apply(&assignment(&failing, 1, pod("exit 3"))).await;
+    rt.apply(&assignment(&clean, 1, pod("exit 0"))).await;
+    let o = wait_for(&rt, &failing, "failed", is(ObservedState::Failed)).await;
+    assert_eq!(o.exit_code, Some(3));
+    assert!(o.reason.starts_with("container exited 3"), "{o:?}");
+    assert!(o.reason.contains("restarted 3 times"), "{o:?}");
+    let o = wait_for(&rt, &clean, "stopped", is(ObservedState::Stopped)).await;
+    assert_eq!(o.exit_code, Some(0));
+    assert_eq!(o.reason, "container exited 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_is_reported_as_such() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let id = f.id(1);
+    let mut spec = pod(&format!(
+        "x=$({BUSYBOX} head -c 300000000 /dev/zero | {BUSYBOX} tr '\\0' a); echo survived"
+    ));
+    spec.memory_mib = 16;
+    rt.apply(&assignment(&id, 1, spec)).await;
+    let o = wait_for(&rt, &id, "failed", is(ObservedState::Failed)).await;
+    assert!(
+        o.reason.starts_with("container exited 137: out of memory"),
+        "{o:?}"
+    );
+    assert_eq!(o.exit_code, Some(137));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_is_not_here_and_cannot_be_pulled_fails_clearly() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let id = f.id(1);
+    let image = format!("kiln-test/absent-{}:1", f.tag);
+    let mut spec = pod("true");
+    spec.image = image.clone();
+    rt.apply(&assignment(&id, 1, spec)).await;
+    let o = wait_for(&rt, &id, "failed", is(ObservedState::Failed)).await;
+    let prefix = format!("image {image} not found locally and cannot be pulled: ");
+    assert!(
+        o.reason.starts_with(&prefix) && o.reason.len() > prefix.len(),
+        "{o:?}"
+    );
+    assert_eq!(container_id(&rt, &id).await, None);
+    // Reconcile does not retry a failed pull of the same generation in a loop.
+    rt.reconcile().await;
+    let o = wait_for(&rt, &id, "still failed", is(ObservedState::Failed)).await;
+    assert!(o.reason.starts_with(&prefix));
+}
