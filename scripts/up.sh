@@ -61,6 +61,15 @@ if [ "${#ADMIN_PASSWORD}" -lt 20 ]; then
   ADMIN_PASSWORD="$(head -c 24 /dev/urandom | base64 | tr '+/' 'xy' | tr -d '=\n')"
 fi
 
+# 3b. The key that encrypts tenants' secret env values at rest: generated once, then kept.
+SECRETS_KEY=""
+if [ -f "$STATE/env" ]; then
+  SECRETS_KEY="$(sed -n 's/^KILN_SECRETS_KEY=//p' "$STATE/env" | tail -n1)"
+fi
+if [ "${#SECRETS_KEY}" -lt 40 ]; then
+  SECRETS_KEY="$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
+fi
+
 # 4. Schema.
 DATABASE_URL="$DATABASE_URL" "$BIN/kiln-api" migrate
 
@@ -143,7 +152,8 @@ start_service kiln-api "$API_URL" serve \
   REDIS_URL="$REDIS_URL" \
   KILN_PUBLIC_URL="$API_URL" \
   KILN_ADMIN_EMAIL="$ADMIN_EMAIL" \
-  KILN_ADMIN_PASSWORD="$ADMIN_PASSWORD"
+  KILN_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
+  KILN_SECRETS_KEY="$SECRETS_KEY"
 start_service kiln-gateway "$GATEWAY_URL" "" \
   RUST_LOG="$RUST_LOG" \
   KILN_GATEWAY_LISTEN="$GATEWAY_ADDR" \
@@ -232,6 +242,7 @@ KILN_ADMIN_PASSWORD=$ADMIN_PASSWORD
 DATABASE_URL=$DATABASE_URL
 REDIS_URL=$REDIS_URL
 KILN_DEMO_IMAGE=$DEMO_IMAGE
+KILN_SECRETS_KEY=$SECRETS_KEY
 # KILN_DEMO_VM_IMAGE arrives with the instances issue.
 EOF
 mv "$STATE/env.tmp" "$STATE/env"
