@@ -463,3 +463,64 @@ async fn an_image_that_is_not_here_and_cannot_be_pulled_fails_clearly() {
     let o = wait_for(&rt, &id, "still failed", is(ObservedState::Failed)).await;
     assert!(o.reason.starts_with(&prefix));
 }
+
+async fn container_ip(rt: &DockerRuntime, id: &str) -> String {
+    let c = rt
+        .docker()
+        .inspect_container(
+            &rt.settings().container_name(id),
+            None::<InspectContainerOptions>,
+        )
+        .await
+        .unwrap();
+    let networks = c.network_settings.unwrap().networks.unwrap();
+    networks[&rt.settings().default_network]
+        .ip_address
+        .clone()
+        .unwrap()
+}
+
+/// Different bridges (one per org; the spec names no org yet, so two runtimes with different
+/// networks stand in for two orgs): a pod reaches a pod on its own network, not another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_on_different_org_networks_cannot_reach_each_other() {
+    let org_a = Fixture::new();
+    let org_b = Fixture::new();
+    let rt_a = org_a.runtime().await;
+    let rt_b = org_b.runtime().await;
+    let server = format!(
+        "{BUSYBOX} mkdir -p /www && echo ok > /www/ok && exec {BUSYBOX} httpd -f -p 8000 -h /www"
+    );
+    let (a1, b1) = (org_a.id(1), org_b.id(1));
+    rt_a.apply(&assignment(&a1, 1, pod(&server))).await;
+    rt_b.apply(&assignment(&b1, 1, pod(&server))).await;
+    wait_for(&rt_a, &a1, "running", is(ObservedState::Running)).await;
+    wait_for(&rt_b, &b1, "running", is(ObservedState::Running)).await;
+    let (ip_a, ip_b) = (
+        container_ip(&rt_a, &a1).await,
+        container_ip(&rt_b, &b1).await,
+    );
+    let client = org_a.id(2);
+    // busybox's nc, not its wget: the static wget crashes without NSS files in a scratch image.
+    let get = |ip: &str| {
+        format!(
+            "printf 'GET /ok HTTP/1.0\\r\\n\\r\\n' | {BUSYBOX} nc -w 2 {ip} 8000 | \
+             {BUSYBOX} grep -q '200 OK'"
+        )
+    };
+    let probe = format!(
+        "{} || exit 10; {} && exit 11; exit 0",
+        get(&ip_a),
+        get(&ip_b)
+    );
+    rt_a.apply(&assignment(&client, 1, pod(&probe))).await;
+    let o = wait_for(&rt_a, &client, "done", |o| {
+        o.state == ObservedState::Stopped as i32 || o.state == ObservedState::Failed as i32
+    })
+    .await;
+    assert_eq!(
+        o.exit_code,
+        Some(0),
+        "10: own network unreachable, 11: the other org's pod was reachable; {o:?}"
+    );
+}
