@@ -145,8 +145,10 @@ impl Runtime for NodeRuntime {
     async fn remove(&self, assignment_id: &str, generation: u64) -> Result<(), RuntimeError> {
         self.placeholder.remove(assignment_id, generation).await?;
         match &self.docker {
-            Some(d) => d.remove(assignment_id, generation).await,
-            None => Ok(()),
+            // Only pods Docker holds: an instance's removal is not a container's (and a stray
+            // container without a spec is removed by Docker's reconcile).
+            Some(d) if d.holds(assignment_id) => d.remove(assignment_id, generation).await,
+            _ => Ok(()),
         }
     }
 
