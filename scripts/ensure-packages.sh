@@ -11,6 +11,7 @@ case "$want" in
     need redis-server redis-server
     need curl curl
     need ip iproute2   # network namespaces for the fleet's network-cut test
+    [ -x /bin/busybox ] || pkgs+=(busybox-static)   # the agent's Docker tests' tiny image
     ;;&
   browser|all)
     need chromium chromium
