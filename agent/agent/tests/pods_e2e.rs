@@ -1,0 +1,198 @@
+//! A pod end to end, every part real: the API (in process), the scheduler (in process), a
+//! `kiln-agent` process with the Docker runtime, and the machine's Docker engine running the
+//! demo model image the local stack builds. A tenant creates a pod over HTTP, it is placed,
+//! started, reachable on the port the API reports, and deleting it frees the GPU and removes
+//! the container.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_scheduler::{Scheduler, SchedulerConfig};
+use kiln_testkit::TestApp;
+use kiln_testkit::fleet;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn until<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn containers_of(node: &str) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=kiln.node={node}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
+    // The image the local stack builds (cached after the first build).
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let built = Command::new(format!("{root}/scripts/build-images.sh"))
+        .output()
+        .expect("scripts/build-images.sh");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let image = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+
+    let app = TestApp::spawn(pool).await;
+    let store = app.store().clone();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let config = SchedulerConfig {
+        fleet_listen: fleet_listener.local_addr().unwrap(),
+        ops_listen: ops_listener.local_addr().unwrap(),
+        database_url: String::new(),
+        db_max_connections: 8,
+        liveness_database_url: None,
+        heartbeat_interval_ms: 500,
+        node_unreachable_after_ms: 10_000,
+        node_lost_after_ms: 60_000,
+        lifecycle_tick_ms: 200,
+        placement_tick_ms: 200,
+        node_credential_cache_ms: 60_000,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = tokio::spawn(
+        Scheduler {
+            store: store.clone(),
+            config,
+            fleet_listener,
+            ops_listener,
+        }
+        .run(async {
+            let _ = stop_rx.await;
+        }),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = fleet::bootstrap_token(&store, Duration::from_secs(600)).await;
+    let hostname = format!("e2e-{}", std::process::id());
+    let inventory =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../inventory/inventories/l40s-2x.toml");
+    let log = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+            .args([
+                "--control-plane",
+                &url,
+                "--nvml",
+                "disabled",
+                "--docker",
+                "auto",
+            ])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--simulated-inventory")
+            .arg(&inventory)
+            .args(["--hostname", &hostname])
+            .env_remove("KILN_AGENT_CONFIG")
+            .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start kiln-agent"),
+    );
+    let node = until(
+        "the node to register its GPUs",
+        Duration::from_secs(30),
+        async || {
+            let nodes = store
+                .node_list(kiln_store::PageRequest {
+                    limit: 10,
+                    after: None,
+                })
+                .await
+                .ok()?;
+            let n = nodes.items.into_iter().find(|n| n.hostname == hostname)?;
+            (n.registered_at.is_some()).then_some(n.id)
+        },
+    )
+    .await;
+
+    let ada = app.user("ada").await;
+    let pods = format!("/v1/orgs/{}/pods", ada.org_id);
+    let (status, pod) = app
+        .post(
+            &pods,
+            &ada.access_token,
+            json!({"name": "demo", "image": image, "gpu": {"type": "l40s-48gb", "count": 1}, "ports": [8000]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
+    let id = pod["id"].as_str().unwrap().to_owned();
+
+    let running: Value = until(
+        "the pod to run with its port published",
+        Duration::from_secs(60),
+        async || {
+            let (_, p) = app.get(&format!("{pods}/{id}"), &ada.access_token).await;
+            (p["state"] == "running" && p["ports"][0]["host_port"].is_u64()).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(running["node"], node.to_string());
+    assert_eq!(running["gpus"].as_array().unwrap().len(), 1);
+    let port = running["ports"][0]["host_port"].as_u64().unwrap();
+    let answer: Value = until("the model to answer", Duration::from_secs(20), async || {
+        let r = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/v1/completions"))
+            .json(&json!({"prompt": "kiln runs pods"}))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    })
+    .await;
+    assert_eq!(answer["choices"][0]["text"], "pods runs kiln");
+    assert_eq!(containers_of(&node.to_string()), 1);
+
+    let (status, body) = app
+        .call(
+            Method::DELETE,
+            &format!("{pods}/{id}"),
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    until(
+        "the container to be removed",
+        Duration::from_secs(30),
+        async || (containers_of(&node.to_string()) == 0).then_some(()),
+    )
+    .await;
+    let (_, p) = app.get(&format!("{pods}/{id}"), &ada.access_token).await;
+    assert_eq!(p["state"], "terminated");
+    assert_eq!(p["gpus"], json!([]));
+
+    let _ = stop_tx.send(());
+    scheduler.await.unwrap().unwrap();
+}
