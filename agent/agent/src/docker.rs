@@ -143,10 +143,13 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// The org a pod belongs to. The contract's `PodSpec` carries none yet; when it does, this is
-/// the one place to read it.
-pub fn pod_org(_assignment: &Assignment) -> Option<String> {
-    None
+/// The org a pod belongs to (`PodSpec.org_id`, minor 2; none from older control planes, whose
+/// pods share the `kiln-pods` network).
+pub fn pod_org(assignment: &Assignment) -> Option<String> {
+    match &assignment.kind {
+        Some(Kind::Pod(pod)) if !pod.org_id.is_empty() => Some(pod.org_id.clone()),
+        _ => None,
+    }
 }
 
 /// Why the Docker engine cannot be used.
@@ -1113,6 +1116,7 @@ mod tests {
 
     fn pod() -> PodSpec {
         PodSpec {
+            org_id: String::new(),
             image: "kiln/x:1".into(),
             command: vec!["/bin/app".into(), "--serve".into()],
             env: [("A".to_owned(), "1".to_owned())].into(),

@@ -90,6 +90,7 @@ impl Fixture {
     fn settings(&self) -> DockerSettings {
         DockerSettings {
             default_network: self.network(),
+            org_network_prefix: format!("{}-org-", self.network()),
             reconcile_interval: Duration::from_millis(300),
             specs_path: Some(self.dir.path().join("pods.pb")),
             ..DockerSettings::new(self.node())
@@ -115,11 +116,22 @@ impl Drop for Fixture {
             let _ = docker(&["rm", "-f", id]);
         }
         let _ = docker(&["network", "rm", &self.network()]);
+        let orgs = docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name={}-org-", self.network()),
+        ]);
+        for id in String::from_utf8_lossy(&orgs.stdout).split_whitespace() {
+            let _ = docker(&["network", "rm", id]);
+        }
     }
 }
 
 fn pod(command: &str) -> PodSpec {
     PodSpec {
+        org_id: String::new(),
         image: IMAGE.into(),
         command: vec![BUSYBOX.into(), "sh".into(), "-c".into(), command.into()],
         env: [("GREETING".to_owned(), "hello-kiln".to_owned())].into(),
@@ -464,6 +476,7 @@ async fn an_image_that_is_not_here_and_cannot_be_pulled_fails_clearly() {
     assert!(o.reason.starts_with(&prefix));
 }
 
+/// The container's address on its (only) network.
 async fn container_ip(rt: &DockerRuntime, id: &str) -> String {
     let c = rt
         .docker()
@@ -474,33 +487,35 @@ async fn container_ip(rt: &DockerRuntime, id: &str) -> String {
         .await
         .unwrap();
     let networks = c.network_settings.unwrap().networks.unwrap();
-    networks[&rt.settings().default_network]
+    assert_eq!(networks.len(), 1, "{networks:?}");
+    networks
+        .values()
+        .next()
+        .unwrap()
         .ip_address
         .clone()
         .unwrap()
 }
 
-/// Different bridges (one per org; the spec names no org yet, so two runtimes with different
-/// networks stand in for two orgs): a pod reaches a pod on its own network, not another's.
+/// Pods carry their org (`PodSpec.org_id`); each org gets its own bridge network, and a pod
+/// reaches a pod of its own org but not another org's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_on_different_org_networks_cannot_reach_each_other() {
-    let org_a = Fixture::new();
-    let org_b = Fixture::new();
-    let rt_a = org_a.runtime().await;
-    let rt_b = org_b.runtime().await;
+async fn pods_of_different_orgs_cannot_reach_each_other() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
     let server = format!(
         "{BUSYBOX} mkdir -p /www && echo ok > /www/ok && exec {BUSYBOX} httpd -f -p 8000 -h /www"
     );
-    let (a1, b1) = (org_a.id(1), org_b.id(1));
-    rt_a.apply(&assignment(&a1, 1, pod(&server))).await;
-    rt_b.apply(&assignment(&b1, 1, pod(&server))).await;
-    wait_for(&rt_a, &a1, "running", is(ObservedState::Running)).await;
-    wait_for(&rt_b, &b1, "running", is(ObservedState::Running)).await;
-    let (ip_a, ip_b) = (
-        container_ip(&rt_a, &a1).await,
-        container_ip(&rt_b, &b1).await,
-    );
-    let client = org_a.id(2);
+    let of = |org: &str, command: &str| PodSpec {
+        org_id: org.into(),
+        ..pod(command)
+    };
+    let (a1, b1) = (f.id(1), f.id(2));
+    rt.apply(&assignment(&a1, 1, of("org_a", &server))).await;
+    rt.apply(&assignment(&b1, 1, of("org_b", &server))).await;
+    wait_for(&rt, &a1, "running", is(ObservedState::Running)).await;
+    wait_for(&rt, &b1, "running", is(ObservedState::Running)).await;
+    let (ip_a, ip_b) = (container_ip(&rt, &a1).await, container_ip(&rt, &b1).await);
     // busybox's nc, not its wget: the static wget crashes without NSS files in a scratch image.
     let get = |ip: &str| {
         format!(
@@ -513,14 +528,15 @@ async fn pods_on_different_org_networks_cannot_reach_each_other() {
         get(&ip_a),
         get(&ip_b)
     );
-    rt_a.apply(&assignment(&client, 1, pod(&probe))).await;
-    let o = wait_for(&rt_a, &client, "done", |o| {
+    let client = f.id(3);
+    rt.apply(&assignment(&client, 1, of("org_a", &probe))).await;
+    let o = wait_for(&rt, &client, "done", |o| {
         o.state == ObservedState::Stopped as i32 || o.state == ObservedState::Failed as i32
     })
     .await;
     assert_eq!(
         o.exit_code,
         Some(0),
-        "10: own network unreachable, 11: the other org's pod was reachable; {o:?}"
+        "10: own org's pod unreachable, 11: the other org's pod was reachable; {o:?}"
     );
 }

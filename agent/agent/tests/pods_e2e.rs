@@ -173,6 +173,19 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     .await;
     assert_eq!(answer["choices"][0]["text"], "pods runs kiln");
     assert_eq!(containers_of(&node.to_string()), 1);
+    // On its org's own network.
+    let nets = Command::new("docker")
+        .args([
+            "ps",
+            "--filter",
+            &format!("label=kiln.node={node}"),
+            "--format",
+            "{{.Networks}}",
+        ])
+        .output()
+        .unwrap();
+    let org_net = format!("kiln-org-{}", ada.org_id);
+    assert_eq!(String::from_utf8_lossy(&nets.stdout).trim(), org_net);
 
     let (status, body) = app
         .call(
@@ -193,6 +206,9 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     assert_eq!(p["state"], "terminated");
     assert_eq!(p["gpus"], json!([]));
 
+    let _ = Command::new("docker")
+        .args(["network", "rm", &org_net])
+        .output();
     let _ = stop_tx.send(());
     scheduler.await.unwrap().unwrap();
 }

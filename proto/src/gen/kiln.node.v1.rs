@@ -356,6 +356,10 @@ pub struct PodSpec {
     /// The GPU capacity placed for this pod; unset for a CPU-only pod.
     #[prost(message, optional, tag = "7")]
     pub gpus: ::core::option::Option<GpuAllocation>,
+    /// The tenant org the pod belongs to (`org_…`): the agent puts pods of different orgs on
+    /// different networks. Empty from control planes before minor 2. Added in minor 2.
+    #[prost(string, tag = "8")]
+    pub org_id: ::prost::alloc::string::String,
 }
 /// A virtual machine with whole GPUs passed through (IaaS). A placeholder kept small on purpose:
 /// the instances issue extends it with new field numbers (cloud-init, volumes, ...).

@@ -752,6 +752,7 @@ pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
             })
             .unwrap_or_default();
         pb::assignment::Kind::Pod(pb::PodSpec {
+            org_id: kiln_domain::OrgId::from_uuid(w.org_id).to_string(),
             image: text("image"),
             command: strings("command"),
             env,
