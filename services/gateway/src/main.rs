@@ -23,13 +23,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-gateway listening");
     axum::serve(listener, kiln_gateway::app(GatewayState { store }))
-        .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; }, None => std::future::pending::<()>().await } } => {},
-            }
-        })
+        .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
         .await?;
     Ok(())
 }

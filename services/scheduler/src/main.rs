@@ -41,22 +41,6 @@ async fn main() -> anyhow::Result<()> {
         fleet_listener,
         ops_listener,
     }
-    .run(shutdown_signal())
+    .run(kiln_telemetry::shutdown_signal())
     .await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
-    tracing::info!("shutting down");
 }
