@@ -126,6 +126,24 @@ pub async fn http_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Resolves on Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send), logging which:
+/// the graceful-shutdown trigger every Kiln binary uses.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    tracing::info!("shutting down");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,22 +186,4 @@ mod tests {
             .unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
-}
-
-/// Resolves on Ctrl-C or SIGTERM (what systemd, Docker and Kubernetes send), logging which:
-/// the graceful-shutdown trigger every Kiln binary uses.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
-    tracing::info!("shutting down");
 }
