@@ -10,6 +10,7 @@ pub mod console;
 pub mod error;
 pub mod fanout;
 pub mod graphql;
+pub mod live;
 pub mod ops;
 pub mod rest;
 pub mod secrets;

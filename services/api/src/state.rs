@@ -26,6 +26,8 @@ pub struct Inner {
     pub hasher: PasswordHasher,
     pub config: ApiConfig,
     pub fanout: Fanout,
+    /// Wakes live views (server-sent events) when a workload changes.
+    pub live: crate::live::LiveHub,
     /// Seals tenant secrets at rest; `None` without `KILN_SECRETS_KEY`.
     pub secrets: Option<crate::secrets::SecretBox>,
     keyring: RwLock<Arc<KeyRing>>,
@@ -83,7 +85,10 @@ impl AppState {
         let fanout = Fanout::connect(&config.redis_url, &config.redis_namespace).await?;
         let issuer = config.public_url.trim_end_matches('/').to_owned();
         let ring = KeyRing::new(issuer, "kiln-api", config.access_token_ttl_secs, &[]);
+        let live = crate::live::LiveHub::default();
+        live.spawn(store.pool().clone());
         let state = Self(Arc::new(Inner {
+            live,
             store,
             limiter,
             hasher,

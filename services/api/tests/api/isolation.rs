@@ -53,6 +53,11 @@ fn tenant_routes(
             Some(json!({"name": "stolen", "image": "busybox"})),
         ),
         (Method::GET, format!("/v1/orgs/{org}/pods/{pod}"), None),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/pods/{pod}/events"),
+            None,
+        ),
         (Method::DELETE, format!("/v1/orgs/{org}/pods/{pod}"), None),
     ]
 }

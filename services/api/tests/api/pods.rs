@@ -650,3 +650,112 @@ async fn graphql_creates_lists_and_deletes_pods(pool: PgPool) {
         "{deleted}"
     );
 }
+
+/// Reads server-sent events off a response body, one `event: pod` at a time.
+struct Events {
+    body: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    /// The next pod view, within 10 s; `None` when the stream ended.
+    async fn next(&mut self) -> Option<Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let data: String = block
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data:"))
+                    .map(str::trim)
+                    .collect();
+                if block.lines().any(|l| l.trim() == "event: pod") {
+                    return Some(serde_json::from_str(&data).unwrap());
+                }
+                continue; // a keep-alive comment
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let chunk = tokio::time::timeout(left, self.body.chunk())
+                .await
+                .expect("an event within 10 s")
+                .unwrap();
+            match chunk {
+                Some(bytes) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                None => return None,
+            }
+        }
+    }
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_pods_state_streams_live_as_server_sent_events(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    fleet::registered_node(app.store(), "gpu-a", 8, false).await;
+    let (status, pod) = create(
+        &app,
+        &ada.access_token,
+        &ada.org_id,
+        json!({"name": "live", "image": "kiln/demo-model:1", "gpu": {"type": "h100-80gb", "count": 1}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
+    let id = pod["id"].as_str().unwrap().to_owned();
+    let path = format!("{}/{id}/events", pods(&ada.org_id));
+
+    let body = reqwest::Client::new()
+        .get(format!("{}{path}", app.url))
+        .bearer_auth(&ada.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.status(), StatusCode::OK);
+    assert!(
+        body.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut events = Events {
+        body,
+        buf: String::new(),
+    };
+    let first = events.next().await.unwrap();
+    assert_eq!(
+        (first["id"].as_str(), first["state"].as_str()),
+        (Some(id.as_str()), Some("pending"))
+    );
+
+    // Placed: the stream says so at once (woken by the database's notice).
+    schedule(&app).await;
+    let placed = events.next().await.unwrap();
+    assert_eq!(placed["state"], "scheduled");
+    assert!(placed["node"].is_string());
+
+    // Deleted: a last event, then the stream ends.
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("{}/{id}", pods(&ada.org_id)),
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let last = events.next().await.unwrap();
+    assert_eq!(last["state"], "terminated");
+    assert!(
+        events.next().await.is_none(),
+        "the stream ends after a final state"
+    );
+
+    // Another org's pod is a 404, not an empty stream.
+    let bob = app.user("bob").await;
+    let (status, body) = app
+        .get(
+            &format!("/v1/orgs/{}/pods/{id}/events", ada.org_id),
+            &bob.access_token,
+        )
+        .await;
+    assert_problem(status, &body, StatusCode::NOT_FOUND);
+}
