@@ -12,7 +12,6 @@
 //! * `fleet.loss_detect_s` — from one agent's last heartbeat to its node being `unreachable`,
 //!   with the scheduler's configured grace (`KILN_NODE_UNREACHABLE_AFTER_MS`) included.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,33 +55,21 @@ pub async fn run(
     child: &mut Option<Child>,
     figure: impl Fn(&str, String, &str),
 ) -> Result<()> {
-    let fleet_addr = crate::server::free_port()?;
-    let ops_addr = crate::server::free_port()?;
-    let mut cmd = Command::new(scheduler_bin);
-    cmd.env("DATABASE_URL", db_url)
-        .env("RUST_LOG", "warn")
-        .env("KILN_FLEET_LISTEN", fleet_addr.to_string())
-        .env("KILN_SCHEDULER_OPS_LISTEN", ops_addr.to_string())
-        .env("KILN_HEARTBEAT_INTERVAL_MS", plan.heartbeat_ms.to_string())
-        .env(
-            "KILN_NODE_UNREACHABLE_AFTER_MS",
-            plan.unreachable_after_ms.to_string(),
-        )
-        .env(
-            "KILN_NODE_LOST_AFTER_MS",
-            (plan.unreachable_after_ms * 10).to_string(),
-        )
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(std::io::stderr()))
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true);
-    let spawned = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", scheduler_bin.display()))?;
-    let pid = spawned.id().context("the scheduler has no pid")?;
-    let spawned = child.insert(spawned);
-    wait_healthy(ops_addr, plan.startup, spawned).await?;
-    eprintln!("kiln-bench: kiln-scheduler on {fleet_addr} (pid {pid})");
+    let lost_after_ms = (plan.unreachable_after_ms * 10).to_string();
+    let unreachable_after_ms = plan.unreachable_after_ms.to_string();
+    let heartbeat_ms = plan.heartbeat_ms.to_string();
+    let (fleet_addr, pid) = crate::server::start_scheduler(
+        scheduler_bin,
+        db_url,
+        &[
+            ("KILN_HEARTBEAT_INTERVAL_MS", &heartbeat_ms),
+            ("KILN_NODE_UNREACHABLE_AFTER_MS", &unreachable_after_ms),
+            ("KILN_NODE_LOST_AFTER_MS", &lost_after_ms),
+        ],
+        plan.startup,
+        child,
+    )
+    .await?;
 
     // Tokens straight into the database, as `POST /v1/admin/node-tokens` would make them.
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -285,27 +272,6 @@ pub async fn run(
     }
     pool.close().await;
     Ok(())
-}
-
-pub(crate) async fn wait_healthy(
-    ops: SocketAddr,
-    limit: Duration,
-    child: &mut Child,
-) -> Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!("kiln-scheduler exited before answering /healthz: {status}");
-        }
-        match http.get(format!("http://{ops}/healthz")).send().await {
-            Ok(r) if r.status().is_success() => return Ok(()),
-            _ if Instant::now() >= deadline => bail!("kiln-scheduler did not become healthy"),
-            _ => sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 fn gpu_uuid(i: usize, g: u32) -> String {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use sqlx::PgPool;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::{Instant, sleep, sleep_until};
 use uuid::Uuid;
 
@@ -36,25 +36,18 @@ pub async fn run(
     child: &mut Option<Child>,
     figure: impl Fn(&str, String, &str),
 ) -> Result<()> {
-    let fleet_addr = crate::server::free_port()?;
-    let ops_addr = crate::server::free_port()?;
-    let mut cmd = Command::new(scheduler_bin);
-    cmd.env("DATABASE_URL", db_url)
-        .env("RUST_LOG", "warn")
-        .env("KILN_FLEET_LISTEN", fleet_addr.to_string())
-        .env("KILN_SCHEDULER_OPS_LISTEN", ops_addr.to_string())
-        // The seeded nodes never heartbeat: keep them ready for the run.
-        .env("KILN_NODE_UNREACHABLE_AFTER_MS", "3600000")
-        .env("KILN_NODE_LOST_AFTER_MS", "7200000")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::from(std::io::stderr()))
-        .stderr(std::process::Stdio::inherit())
-        .kill_on_drop(true);
-    let spawned = child.insert(
-        cmd.spawn()
-            .with_context(|| format!("starting {}", scheduler_bin.display()))?,
-    );
-    crate::fleet::wait_healthy(ops_addr, plan.startup, spawned).await?;
+    // The seeded nodes never heartbeat: keep them ready for the run.
+    crate::server::start_scheduler(
+        scheduler_bin,
+        db_url,
+        &[
+            ("KILN_NODE_UNREACHABLE_AFTER_MS", "3600000"),
+            ("KILN_NODE_LOST_AFTER_MS", "7200000"),
+        ],
+        plan.startup,
+        child,
+    )
+    .await?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(4)
         .connect(db_url)

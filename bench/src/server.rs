@@ -174,3 +174,53 @@ pub async fn shutdown_signal() -> Result<&'static str> {
         _ = term.recv() => Ok("SIGTERM"),
     }
 }
+
+/// Start `kiln-scheduler` (which migrates its database) on free loopback ports with `env`
+/// added, and wait for its `/healthz`. The child is put in `slot` as soon as it exists. Answers
+/// the node-control address and the child's pid.
+pub async fn start_scheduler(
+    bin: &Path,
+    db_url: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+    slot: &mut Option<Child>,
+) -> Result<(SocketAddr, u32)> {
+    let fleet_addr = free_port()?;
+    let ops_addr = free_port()?;
+    let mut cmd = Command::new(bin);
+    cmd.env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "warn")
+        .env("KILN_FLEET_LISTEN", fleet_addr.to_string())
+        .env("KILN_SCHEDULER_OPS_LISTEN", ops_addr.to_string())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        // Stdout is reserved for BENCH lines: the child's output goes to stderr.
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let spawned = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = spawned.id().context("the scheduler has no pid")?;
+    let spawned = slot.insert(spawned);
+    wait_healthy(ops_addr, limit, spawned).await?;
+    eprintln!("kiln-bench: kiln-scheduler on {fleet_addr} (pid {pid})");
+    Ok((fleet_addr, pid))
+}
+
+async fn wait_healthy(ops: SocketAddr, limit: Duration, child: &mut Child) -> Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("kiln-scheduler exited before answering /healthz: {status}");
+        }
+        match http.get(format!("http://{ops}/healthz")).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            _ if Instant::now() >= deadline => bail!("kiln-scheduler did not become healthy"),
+            _ => sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

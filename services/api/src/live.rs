@@ -6,10 +6,9 @@
 //! re-reads the workload from Postgres, so a lost notice costs latency (streams also re-read on
 //! a timer), never correctness.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kiln_store::Wakers;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
@@ -19,30 +18,19 @@ pub const CHANNEL: &str = "kiln_workload_changed";
 
 #[derive(Debug, Clone, Default)]
 pub struct LiveHub {
-    watched: Arc<Mutex<HashMap<Uuid, watch::Sender<()>>>>,
+    watched: Wakers<Uuid>,
 }
 
 impl LiveHub {
     /// A receiver that changes whenever `workload` may have changed.
-    pub fn subscribe(&self, workload: Uuid) -> watch::Receiver<()> {
-        let mut w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
-        w.retain(|_, tx| tx.receiver_count() > 0);
-        w.entry(workload)
-            .or_insert_with(|| watch::channel(()).0)
-            .subscribe()
+    pub fn subscribe(&self, workload: Uuid) -> watch::Receiver<u64> {
+        self.watched.subscribe(workload)
     }
 
     fn wake(&self, workload: Option<Uuid>) {
-        let w = self.watched.lock().unwrap_or_else(|p| p.into_inner());
         match workload {
-            Some(id) => {
-                if let Some(tx) = w.get(&id) {
-                    tx.send_replace(());
-                }
-            }
-            None => w.values().for_each(|tx| {
-                tx.send_replace(());
-            }),
+            Some(id) => self.watched.wake(id, 0),
+            None => self.watched.wake_all(),
         }
     }
 

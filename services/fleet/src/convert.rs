@@ -263,15 +263,16 @@ fn parse_assignment(raw: &str) -> Result<Uuid, Status> {
         .map_err(|_| Status::invalid_argument(format!("{raw:?} is not an assignment id")))
 }
 
-/// The store's derived node state, on the wire.
+/// The store's derived node state, on the wire (an unknown one as unspecified).
 pub fn node_state(state: &str) -> NodeState {
-    match state {
-        "ready" => NodeState::Ready,
-        "cordoned" => NodeState::Cordoned,
-        "draining" => NodeState::Draining,
-        "unreachable" => NodeState::Unreachable,
-        "lost" => NodeState::Lost,
-        "retired" => NodeState::Retired,
-        _ => NodeState::Unspecified,
+    use kiln_domain::NodeState as S;
+    match state.parse::<S>() {
+        Ok(S::Ready) => NodeState::Ready,
+        Ok(S::Cordoned) => NodeState::Cordoned,
+        Ok(S::Draining) => NodeState::Draining,
+        Ok(S::Unreachable) => NodeState::Unreachable,
+        Ok(S::Lost) => NodeState::Lost,
+        Ok(S::Retired) => NodeState::Retired,
+        Err(_) => NodeState::Unspecified,
     }
 }

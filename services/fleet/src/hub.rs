@@ -12,12 +12,10 @@
 //! The same connection listens for credential revocations (`kiln_node_credentials`), so a
 //! revoked node is refused by every replica at once rather than when its cache entry expires.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_domain::NodeId;
-use kiln_store::{ASSIGNMENT_CHANNEL, CREDENTIAL_CHANNEL};
+use kiln_store::{ASSIGNMENT_CHANNEL, CREDENTIAL_CHANNEL, Wakers};
 
 use crate::credentials::CredentialCache;
 use sqlx::PgPool;
@@ -28,7 +26,7 @@ use uuid::Uuid;
 /// The per-replica registry of waiting streams, fed by Postgres notifications.
 #[derive(Debug, Clone)]
 pub struct WatchHub {
-    nodes: Arc<Mutex<HashMap<NodeId, watch::Sender<u64>>>>,
+    nodes: Wakers<NodeId>,
     credentials: CredentialCache,
 }
 
@@ -36,43 +34,30 @@ impl WatchHub {
     /// A hub that also evicts revoked credentials from `credentials`.
     pub fn new(credentials: CredentialCache) -> Self {
         Self {
-            nodes: Arc::default(),
+            nodes: Wakers::default(),
             credentials,
         }
     }
 
     /// A receiver that changes whenever `node`'s log may have grown (the value is the newest
-    /// revision heard of, or 0 after a listener reconnect).
+    /// revision heard of).
     pub fn subscribe(&self, node: NodeId) -> watch::Receiver<u64> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget nodes nobody here waits on any more.
-        nodes.retain(|_, tx| tx.receiver_count() > 0);
-        nodes
-            .entry(node)
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
+        self.nodes.subscribe(node)
     }
 
     /// Wake the streams of `node`, if any are held here.
     pub fn wake(&self, node: NodeId, revision: u64) {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = nodes.get(&node) {
-            tx.send_replace(revision);
-        }
+        self.nodes.wake(node, revision);
     }
 
     /// Wake every stream held here (after notifications may have been missed).
     pub fn wake_all(&self) {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        for tx in nodes.values() {
-            tx.send_modify(|_| {});
-        }
+        self.nodes.wake_all();
     }
 
     /// Streams currently held by this replica.
     pub fn held(&self) -> usize {
-        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        nodes.values().map(|tx| tx.receiver_count()).sum()
+        self.nodes.held()
     }
 
     /// Listen for assignment notifications until the process ends, reconnecting with a pause

@@ -154,38 +154,29 @@ impl Placer {
         let mut singles: Vec<Decided<'_>> = Vec::new();
         // Fair share: when demand exceeds supply, the least-served org goes first (dominant
         // resource fairness in the core), then priority, then age.
-        let understood: Vec<(usize, PlacementRequest)> = claimed
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| request(w).map(|r| (i, r)))
-            .collect();
+        let mut understood: Vec<(&WorkloadRecord, PlacementRequest)> = Vec::new();
+        for w in &claimed {
+            match request(w) {
+                Some(req) => understood.push((w, req)),
+                None => {
+                    let id = WorkloadId::from_uuid(w.id);
+                    let why = "the request cannot be understood by this scheduler";
+                    self.store
+                        .workload_release(&mut tx, id, "failed", why)
+                        .await?;
+                }
+            }
+        }
         let pending: Vec<kiln_placement::Pending> = understood
             .iter()
-            .map(|(i, r)| kiln_placement::Pending {
+            .map(|(w, r)| kiln_placement::Pending {
                 request: r.clone(),
-                submitted_at: (claimed[*i].created_at.unix_timestamp_nanos() / 1_000_000).max(0)
-                    as u64,
+                submitted_at: (w.created_at.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
             })
             .collect();
-        let mut order: Vec<usize> = kiln_placement::fair_order(&pending, view.index.fleet())
-            .into_iter()
-            .map(|k| understood[k].0)
-            .collect();
-        // The ones the core cannot express go last (they fail below).
-        order.extend((0..claimed.len()).filter(|i| !understood.iter().any(|(j, _)| j == i)));
-        for w in order.iter().map(|&i| &claimed[i]) {
+        let order = kiln_placement::fair_order(&pending, view.index.fleet());
+        for (w, req) in order.into_iter().map(|k| understood[k].clone()) {
             let id = WorkloadId::from_uuid(w.id);
-            let Some(req) = request(w) else {
-                self.store
-                    .workload_release(
-                        &mut tx,
-                        id,
-                        "failed",
-                        "the request cannot be understood by this scheduler",
-                    )
-                    .await?;
-                continue;
-            };
             let mut decision = kiln_placement::place_indexed(&req, &view.index, &self.policy);
             if matches!(decision, Ok(Decision::Unschedulable(_))) && !fresh {
                 // Never refuse on an old view: read the fleet again and decide again.

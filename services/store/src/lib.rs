@@ -20,6 +20,7 @@ pub mod quotas;
 pub mod scheduling;
 pub mod scope;
 pub mod users;
+pub mod wakers;
 pub mod workloads;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -45,6 +46,7 @@ pub use scheduling::{
 };
 pub use scope::{AuthzError, OrgScope, Principal};
 pub use users::{Me, MembershipView, RefreshOutcome, UserRecord};
+pub use wakers::Wakers;
 pub use workloads::TenantWorkloadRecord;
 
 /// The schema, embedded; applied at start-up and by `kiln-api migrate`.

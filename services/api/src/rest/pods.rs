@@ -141,7 +141,7 @@ struct Live {
     org: kiln_domain::OrgId,
     pod: String,
     id: uuid::Uuid,
-    rx: tokio::sync::watch::Receiver<()>,
+    rx: tokio::sync::watch::Receiver<u64>,
     pending: Option<PodView>,
     last: Option<String>,
     done: bool,
