@@ -18,6 +18,7 @@ use kiln_proto::node::v1::{
     Assignment, GpuAllocation, ObservedAssignment, ObservedState, PodSpec, PortSpec, Protocol,
     WholeGpus,
 };
+use kiln_proto::node::v1::{LogSource, RestartPolicy};
 
 const IMAGE: &str = "kiln-test/busybox:1";
 const BUSYBOX: &str = "/bin/busybox";
@@ -139,6 +140,8 @@ fn pod(command: &str) -> PodSpec {
         cpu_millis: 500,
         memory_mib: 64,
         gpus: None,
+        restart_policy: 0,
+        env_sealed: Default::default(),
     }
 }
 
@@ -434,6 +437,130 @@ async fn exits_fail_with_the_exit_code_after_restarts_and_exit_0_stops() {
     let o = wait_for(&rt, &clean, "stopped", is(ObservedState::Stopped)).await;
     assert_eq!(o.exit_code, Some(0));
     assert_eq!(o.reason, "container exited 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policy_never_fails_at_once_and_always_restarts_even_after_exit_0() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let never = f.id(1);
+    let always = f.id(2);
+    let mut spec = pod("exit 4");
+    spec.restart_policy = RestartPolicy::Never as i32;
+    rt.apply(&assignment(&never, 1, spec)).await;
+    let mut spec = pod("sleep 0.2; exit 0");
+    spec.restart_policy = RestartPolicy::Always as i32;
+    rt.apply(&assignment(&always, 1, spec)).await;
+
+    let o = wait_for(&rt, &never, "failed", is(ObservedState::Failed)).await;
+    assert_eq!(o.exit_code, Some(4));
+    assert_eq!(o.reason, "container exited 4", "no restarts: {o:?}");
+    // Exit 0 under `always` is restarted, and keeps being restarted.
+    let o = wait_for(&rt, &always, "restarted twice", |o| {
+        restarts(&o.reason) >= 2
+    })
+    .await;
+    assert_ne!(o.state, ObservedState::Stopped as i32, "{o:?}");
+    assert_ne!(o.state, ObservedState::Failed as i32, "{o:?}");
+}
+
+/// The restart count a reason mentions ("… (restarted 2 times)", "… restarting (restart 2)").
+fn restarts(reason: &str) -> u32 {
+    ["restarted ", "(restart "]
+        .iter()
+        .filter_map(|k| reason.split_once(k))
+        .filter_map(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_values_the_control_plane_could_not_open_fail_the_pod_instead_of_running_it() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let id = f.id(1);
+    let mut spec = pod("sleep 30");
+    spec.env_sealed = [("HF_TOKEN".to_owned(), "c2VhbGVk".to_owned())].into();
+    let o = rt.apply(&assignment(&id, 1, spec)).await;
+    let o = if o.state == ObservedState::Failed as i32 {
+        o
+    } else {
+        wait_for(&rt, &id, "failed", is(ObservedState::Failed)).await
+    };
+    assert!(
+        o.reason.contains("HF_TOKEN could not be delivered"),
+        "{o:?}"
+    );
+    assert_eq!(
+        container_id(&rt, &id).await,
+        None,
+        "never started without its secrets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_shipped_in_order_with_its_stream_and_a_death_wakes_the_report() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    rt.spawn_event_watch();
+    let changes = rt.changes();
+    let mut lines = rt.log_lines().expect("one consumer");
+    assert!(rt.log_lines().is_none(), "only one consumer");
+    let id = f.id(1);
+    let o = rt
+        .apply(&assignment(
+            &id,
+            1,
+            pod("echo out-1; echo err-1 >&2; echo \"$GREETING\"; sleep 1; exit 7"),
+        ))
+        .await;
+    assert!(o.runtime_ms > 0, "Docker time is measured: {o:?}");
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < 3 {
+        let line = tokio::time::timeout_at(deadline, lines.recv())
+            .await
+            .expect("three lines within 30 s")
+            .expect("channel open");
+        assert_eq!(line.assignment_id, id);
+        got.push((line.source, line.text));
+    }
+    let stdout: Vec<&str> = got
+        .iter()
+        .filter(|(s, _)| *s == LogSource::Stdout as i32)
+        .map(|(_, t)| t.as_str())
+        .collect();
+    assert_eq!(
+        stdout,
+        ["out-1", "hello-kiln"],
+        "stdout in order, env visible inside"
+    );
+    assert!(
+        got.contains(&(LogSource::Stderr as i32, "err-1".to_owned())),
+        "{got:?}"
+    );
+    // The container's exit (Docker's `die` event) wakes the agent's report without a timer:
+    // every wake-up is followed by an observation, until one sees it failed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::timeout_at(deadline, changes.notified())
+            .await
+            .expect("woken by container events within 30 s");
+        let o = rt
+            .observe_all()
+            .await
+            .into_iter()
+            .find(|o| o.assignment_id == id)
+            .expect("observed");
+        if o.state == ObservedState::Failed as i32 {
+            assert_eq!(o.exit_code, Some(7));
+            break;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ pub struct ApiConfig {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Prefix for every Redis key this deployment uses.
-    #[arg(long, env = "KILN_RATE_LIMIT_NAMESPACE", default_value = "kiln")]
+    #[arg(long, env = "KILN_REDIS_NAMESPACE", default_value = "kiln")]
     pub redis_namespace: String,
     /// The URL users reach this API at (links in the console, `iss` of tokens).
     #[arg(long, env = "KILN_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]

@@ -61,6 +61,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A dependency is down for a moment (e.g. the log store); retrying later may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -90,6 +93,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,6 +112,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::MethodNotAllowed => "method-not-allowed",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -149,6 +154,7 @@ impl ApiError {
                 "this resource does not support that method".to_owned(),
                 vec![],
             ),
+            ApiError::Unavailable(d) => ("Service unavailable", d.clone(), vec![]),
             ApiError::PayloadTooLarge => (
                 "Payload too large",
                 "the request body is too large".to_owned(),
@@ -232,7 +238,7 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        if let ApiError::IdempotencyInProgress = &self {
+        if let ApiError::IdempotencyInProgress | ApiError::Unavailable(_) = &self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -13,7 +13,6 @@ pub mod graphql;
 pub mod live;
 pub mod ops;
 pub mod rest;
-pub mod secrets;
 pub mod state;
 pub mod views;
 

@@ -613,6 +613,10 @@ pub struct CreatePodInput {
     pub command: Option<Vec<String>>,
     /// Run as spot capacity: cheaper, may be preempted. Default false.
     pub spot: Option<bool>,
+    /// When the main process exits: `on_failure` (default: restart after a non-zero exit, at
+    /// most 3 times, then `failed`), `always` (restart after any exit), `never`.
+    #[schema(example = "on_failure")]
+    pub restart_policy: Option<String>,
 }
 
 /// An exposed port and, once the node's agent reports it, where to reach it.
@@ -650,6 +654,8 @@ pub struct PodView {
     pub ports: Vec<PodPortView>,
     pub command: Vec<String>,
     pub spot: bool,
+    /// `on_failure`, `always` or `never`.
+    pub restart_policy: String,
     pub created_at: String,
     pub updated_at: String,
     /// Always null for now: billing has not landed.
@@ -658,3 +664,15 @@ pub struct PodView {
 }
 
 list_view!(PodList, PodView);
+
+/// One line of a pod's output.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct LogLineView {
+    /// When the container wrote it (RFC 3339).
+    pub at: String,
+    /// `stdout`, `stderr`, or `agent` (a line the node agent wrote about the pod).
+    pub source: String,
+    pub text: String,
+    /// Resume after this line: the SSE event id when following.
+    pub cursor: String,
+}

@@ -252,6 +252,7 @@ pub fn observed(report: &ObservedReport) -> Result<Vec<ObservedRecord>, Status> 
                 exit_code: a.exit_code,
                 ports: serde_json::Value::Array(ports),
                 observed_at: at(a.observed_at_unix_ms),
+                runtime_ms: i64::try_from(a.runtime_ms).unwrap_or(i64::MAX),
             })
         })
         .collect()

@@ -82,8 +82,17 @@ impl Scheduler {
             Some(url) => Store::connect_relaxed(url, config.db_max_connections).await?,
             None => store.clone(),
         };
-        let service =
+        let mut service =
             NodeControlService::new(store.clone(), fleet_config).with_liveness_store(liveness);
+        if let Some(raw) = &config.secrets_key {
+            service = service.with_secrets(kiln_auth::SecretBox::from_base64(raw)?);
+        }
+        if let Some(url) = &config.redis_url {
+            let logs = kiln_logs::LogStore::connect(url, &config.redis_namespace)
+                .await
+                .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
+            service = service.with_logs(logs);
+        }
         let placer = Placer::new(store.clone());
         let placer_stop = stopped(stop_rx.clone());
         let placer_task = tokio::spawn(placer.run(config.placement_tick(), placer_stop));

@@ -153,6 +153,25 @@ impl QueryRoot {
         ))
     }
 
+    /// The pod's last `tail` lines of output, oldest first (follow them with the `podLogs`
+    /// subscription).
+    async fn pod_logs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The pod's id (`pod_…`).")] id: ID,
+        #[graphql(desc = "How many recent lines, 0–5000 (default 100).")] tail: Option<i32>,
+    ) -> Result<Option<Vec<LogLineView>>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let tail = ops::pods::parse_tail(tail.map(i64::from)).map_err(gql)?;
+        Ok(Some(
+            ops::pods::logs(state(ctx), caller, org, &id, tail)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// Operators only (`not-found` for anyone else): nodes, oldest first, with their GPUs and
     /// what runs on each.
     async fn nodes(

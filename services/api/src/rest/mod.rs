@@ -56,6 +56,7 @@ pub fn router() -> Router<AppState> {
             get(pods::get).delete(pods::delete),
         )
         .route("/v1/orgs/{org}/pods/{pod}/events", get(pods::events))
+        .route("/v1/orgs/{org}/pods/{pod}/logs", get(pods::logs))
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
@@ -159,13 +160,13 @@ where
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
         quotas::list,
-        pods::list, pods::create, pods::get, pods::delete, pods::events,
+        pods::list, pods::create, pods::get, pods::delete, pods::events, pods::logs,
         catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
         quotas::admin_list, quotas::set, quotas::remove,
     ),
-    components(schemas(Problem, FieldError)),
+    components(schemas(Problem, FieldError, crate::views::LogLineView)),
     modifiers(&BearerAuth),
     tags(
         (name = "identity", description = "Accounts, sign-in and sessions"),

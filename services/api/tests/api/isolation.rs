@@ -58,6 +58,7 @@ fn tenant_routes(
             format!("/v1/orgs/{org}/pods/{pod}/events"),
             None,
         ),
+        (Method::GET, format!("/v1/orgs/{org}/pods/{pod}/logs"), None),
         (Method::DELETE, format!("/v1/orgs/{org}/pods/{pod}"), None),
     ]
 }

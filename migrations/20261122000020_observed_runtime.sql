@@ -1,0 +1,3 @@
+-- How long the agent spent inside the container runtime (Docker API calls) bringing up the
+-- observed generation (protocol minor 3): the rest of create-to-running is the control plane's.
+ALTER TABLE node_observed ADD COLUMN runtime_ms bigint NOT NULL DEFAULT 0 CHECK (runtime_ms >= 0);
