@@ -923,3 +923,99 @@ async fn pods_are_created_listed_shown_and_deleted(pool: sqlx::PgPool) {
     let got = kiln.run(&["pods", "get", &id, "-o", "json"]).await.ok();
     assert_eq!(got.json()["state"], "terminated");
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn pod_logs_show_recent_lines_and_follow_until_the_pod_ends(pool: sqlx::PgPool) {
+    use tokio::io::AsyncBufReadExt;
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let created = kiln
+        .run(&[
+            "pods",
+            "create",
+            "talker",
+            "--image",
+            "kiln/demo-model:1",
+            "--restart",
+            "never",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok();
+    let pod = created.json();
+    assert_eq!(pod["restart_policy"], "never");
+    let id = pod["id"].as_str().unwrap().to_owned();
+
+    // What an agent pushes through the fleet service lands in this store.
+    let logs =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .unwrap();
+    let uuid = id.parse::<kiln_domain::PodId>().unwrap().as_uuid();
+    let push = |text: &'static str, source: kiln_logs::Source| {
+        let logs = logs.clone();
+        async move {
+            logs.append(
+                uuid,
+                &[kiln_logs::NewLine {
+                    source,
+                    text,
+                    at_unix_ms: 1,
+                }],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    push("one", kiln_logs::Source::Stdout).await;
+    push("two", kiln_logs::Source::Stdout).await;
+    push("oops", kiln_logs::Source::Stderr).await;
+
+    let recent = kiln.run(&["pods", "logs", &id, "--tail", "2"]).await.ok();
+    assert_eq!(recent.stdout, "two\noops\n");
+
+    // Following: the backlog, then a line pushed while it waits; it ends with the pod.
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["pods", "logs", "-f", &id])
+        .env("HOME", kiln.home.path())
+        .env("XDG_CONFIG_HOME", kiln.home.path().join("config"))
+        .env("KILN_API_URL", &kiln.url)
+        .env_remove("KILN_API_KEY")
+        .env_remove("KILN_ORG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(20), out.next_line())
+            .await
+            .expect("a line within 20 s")
+            .unwrap()
+    };
+    assert_eq!(next().await.as_deref(), Some("one"));
+    assert_eq!(next().await.as_deref(), Some("two"));
+    push("live line", kiln_logs::Source::Stdout).await;
+    assert_eq!(next().await.as_deref(), Some("live line"));
+    kiln.run(&["pods", "delete", &id]).await.ok();
+    assert_eq!(next().await, None, "the stream ends with the pod");
+    let status = tokio::time::timeout(Duration::from_secs(20), follow.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut follow.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("oops"), "stderr lines go to stderr: {err}");
+
+    let bad = kiln.run(&["pods", "logs", &id, "--tail", "9999"]).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("tail"), "{}", bad.stderr);
+}
