@@ -163,7 +163,9 @@ start_service kiln-scheduler "$SCHEDULER_URL" "" \
   RUST_LOG="$RUST_LOG" \
   KILN_FLEET_LISTEN="$FLEET_ADDR" \
   KILN_SCHEDULER_OPS_LISTEN="$SCHEDULER_OPS_ADDR" \
-  DATABASE_URL="$DATABASE_URL"
+  DATABASE_URL="$DATABASE_URL" \
+  REDIS_URL="$REDIS_URL" \
+  KILN_SECRETS_KEY="$SECRETS_KEY"
 wait_healthy kiln-api "$API_URL"
 wait_healthy kiln-gateway "$GATEWAY_URL"
 wait_healthy kiln-scheduler "$SCHEDULER_URL"
