@@ -72,15 +72,18 @@ pub async fn run(
     }
     crate::server::migrate(bins.api, db_url, plan.startup).await?;
     let mut slot = None;
-    let api = crate::server::start(bins.api, db_url, redis_url, run_id, plan.startup, &mut slot)
-        .await;
+    let api =
+        crate::server::start(bins.api, db_url, redis_url, run_id, plan.startup, &mut slot).await;
     children.extend(slot.take());
     let base = format!("http://{}", api?.addr);
     let namespace = format!("bench-{run_id}");
     let started = crate::server::start_scheduler(
         bins.scheduler,
         db_url,
-        &[("REDIS_URL", redis_url), ("KILN_REDIS_NAMESPACE", &namespace)],
+        &[
+            ("REDIS_URL", redis_url),
+            ("KILN_REDIS_NAMESPACE", &namespace),
+        ],
         plan.startup,
         &mut slot,
     )
@@ -153,10 +156,7 @@ async fn remove_containers(node: &str) {
         .await;
     if let Ok(out) = ids {
         for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f", id])
-                .output()
-                .await;
+            let _ = Command::new("docker").args(["rm", "-f", id]).output().await;
         }
     }
 }
@@ -323,15 +323,18 @@ async fn measure(
             .error_for_status()?;
         // The container is gone (the agent reports it stopped) before the next pod starts.
         if let Some(a) = assignment.0 {
-            until("the pod's container to go", Duration::from_secs(60), async || {
-                let r: Option<(String,)> = sqlx::query_as(
-                    "SELECT state FROM node_observed WHERE assignment_id = $1",
-                )
-                .bind(a)
-                .fetch_optional(pool)
-                .await?;
-                Ok(r.filter(|(s,)| s == "stopped").map(|_| ()))
-            })
+            until(
+                "the pod's container to go",
+                Duration::from_secs(60),
+                async || {
+                    let r: Option<(String,)> =
+                        sqlx::query_as("SELECT state FROM node_observed WHERE assignment_id = $1")
+                            .bind(a)
+                            .fetch_optional(pool)
+                            .await?;
+                    Ok(r.filter(|(s,)| s == "stopped").map(|_| ()))
+                },
+            )
             .await?;
         }
     }
@@ -340,8 +343,16 @@ async fn measure(
         "kiln-bench: {} pods created one at a time on a simulated 8× H100 host with the local image",
         plan.pods
     );
-    figure("pods.create_to_running_ms.p50", ms(total.value_at_quantile(0.5)), "ms");
-    figure("pods.create_to_running_ms.p99", ms(total.value_at_quantile(0.99)), "ms");
+    figure(
+        "pods.create_to_running_ms.p50",
+        ms(total.value_at_quantile(0.5)),
+        "ms",
+    );
+    figure(
+        "pods.create_to_running_ms.p99",
+        ms(total.value_at_quantile(0.99)),
+        "ms",
+    );
     figure(
         "pods.control_plane_overhead_ms.p50",
         ms(overhead.value_at_quantile(0.5)),
@@ -352,6 +363,10 @@ async fn measure(
         ms(overhead.value_at_quantile(0.99)),
         "ms",
     );
-    figure("pods.docker_ms.p50", ms(docker.value_at_quantile(0.5)), "ms");
+    figure(
+        "pods.docker_ms.p50",
+        ms(docker.value_at_quantile(0.5)),
+        "ms",
+    );
     Ok(())
 }
