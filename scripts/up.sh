@@ -215,7 +215,7 @@ for spec in $AGENTS; do
   echo "=== $(date -u +%FT%TZ) starting kiln-agent $name" >>"$logfile"
   marker="$(wc -l <"$logfile")"
   KILN_AGENT_BOOTSTRAP_TOKEN="$token" RUST_LOG="$RUST_LOG" nohup "$BIN/kiln-agent" \
-    --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" \
+    --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" --public-address 127.0.0.1 \
     --nvml disabled --simulated-inventory "$ROOT/agent/inventory/inventories/$inventory.toml" \
     --fault-file "$dir/faults.toml" </dev/null >>"$logfile" 2>&1 &
   echo $! >"$pidfile"

@@ -323,6 +323,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
         capacity: capacity::host_capacity(&config.capacity, &config.state_dir),
         metrics_interval: config.metrics_interval(),
         observed_interval: config.observed_interval(),
+        public_address: config.runtime.advertised_address(),
         state_path,
         sampler: Sampler {
             node_id: credential.node_id.clone(),
@@ -516,6 +517,8 @@ struct Agent<R: Runtime> {
     capacity: pb::HostCapacity,
     metrics_interval: Duration,
     observed_interval: Duration,
+    /// Registered as where tenants reach this host's published ports.
+    public_address: String,
     state_path: std::path::PathBuf,
     source: Arc<dyn GpuSource>,
     /// The inventory as last registered (for GPU UUID → index).
@@ -611,6 +614,7 @@ impl<R: Runtime> Agent<R> {
                 protocol_version: Some(pb::PROTOCOL_VERSION),
                 inventory: Some(inventory),
                 capacity: Some(self.capacity),
+                public_address: self.public_address.clone(),
                 ..Default::default()
             }),
         )

@@ -126,7 +126,7 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
             .arg(dir.path().join("state"))
             .arg("--simulated-inventory")
             .arg(&inventory)
-            .args(["--hostname", &hostname])
+            .args(["--hostname", &hostname, "--public-address", "127.0.0.1"])
             .env_remove("KILN_AGENT_CONFIG")
             .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
             .stdin(Stdio::null())
@@ -197,10 +197,13 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     .await;
     assert_eq!(running["node"], node.to_string());
     assert_eq!(running["gpus"].as_array().unwrap().len(), 1);
+    // Reached through the address the API reports (the agent's public address).
+    let host = running["ports"][0]["host"].as_str().unwrap().to_owned();
+    assert_eq!(host, "127.0.0.1", "{running}");
     let port = running["ports"][0]["host_port"].as_u64().unwrap();
     let answer: Value = until("the model to answer", Duration::from_secs(20), async || {
         let r = reqwest::Client::new()
-            .post(format!("http://127.0.0.1:{port}/v1/completions"))
+            .post(format!("http://{host}:{port}/v1/completions"))
             .json(&json!({"prompt": "kiln runs pods"}))
             .send()
             .await

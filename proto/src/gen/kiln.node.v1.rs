@@ -49,6 +49,10 @@ pub struct RegisterRequest {
     /// The host's CPU, memory and disk that the agent may hand out to workloads.
     #[prost(message, optional, tag = "4")]
     pub capacity: ::core::option::Option<HostCapacity>,
+    /// Where tenants reach the ports this host publishes for workloads: an IP address or DNS name
+    /// (the API shows it as each port's `host`). Empty: the hostname. Added in minor 3.
+    #[prost(string, tag = "5")]
+    pub public_address: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterResponse {

@@ -258,6 +258,7 @@ async fn calls_need_the_node_credential_in_the_metadata() {
             ..Default::default()
         }),
         capacity: None,
+        public_address: String::new(),
     };
 
     let refused = client.register(register.clone()).await.unwrap_err();

@@ -133,6 +133,22 @@ pub fn registration(req: &RegisterRequest) -> Result<NodeRegistration, Status> {
     })
 }
 
+/// A node's public address: empty, or an IP address / DNS name (at most 253 characters of
+/// letters, digits, `.`, `-`, `:` and `[]`), so what tenants are shown is a plain address.
+pub fn public_address(raw: &str) -> Result<&str, Status> {
+    let raw = raw.trim();
+    let ok = raw.len() <= 253
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !ok {
+        return Err(Status::invalid_argument(
+            "public_address must be an IP address or DNS name (at most 253 characters)",
+        ));
+    }
+    Ok(raw)
+}
+
 /// A GPU health value as the store spells it; `None` for a value this version does not know
 /// (treated as "no news", per the contract's rule for unknown enum values).
 pub fn health(raw: i32) -> Option<&'static str> {

@@ -360,11 +360,16 @@ impl NodeControl for NodeControlService {
             )));
         }
         let registration = convert::registration(&register)?;
+        let public_address = convert::public_address(&register.public_address)?;
         // A (re)registration starts over: the next heartbeat writes its GPU health.
         self.forget_health(node);
         let status = self
             .store
             .node_register(node, &registration)
+            .await
+            .map_err(|e| store_status("register", e))?;
+        self.store
+            .node_set_public_address(node, public_address)
             .await
             .map_err(|e| store_status("register", e))?;
         tracing::info!(

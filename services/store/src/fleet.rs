@@ -784,6 +784,16 @@ impl Store {
         })
     }
 
+    /// Where tenants reach the ports `node` publishes ('' for its hostname).
+    pub async fn node_set_public_address(&self, node: NodeId, address: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE nodes SET public_address = $2 WHERE id = $1 AND public_address <> $2")
+            .bind(node.as_uuid())
+            .bind(address)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The workload an assignment of `node` realises, if it is still that node's: how pushed
     /// log lines find their workload, and why a node cannot write into another node's logs.
     pub async fn workload_of_assignment(
