@@ -5,8 +5,8 @@
 //! the container.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use kiln_scheduler::{Scheduler, SchedulerConfig};
 use kiln_testkit::TestApp;
@@ -15,28 +15,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-struct Agent(Child);
+mod common;
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn until<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use common::{Agent, containers_of, until};
 
 /// The assignment a pod is placed as (its container is `kiln-<assignment>`).
 async fn running_assignment(store: &kiln_store::Store, pod: &str) -> String {
@@ -47,14 +28,6 @@ async fn running_assignment(store: &kiln_store::Store, pod: &str) -> String {
         .await
         .unwrap();
     kiln_domain::AssignmentId::from_uuid(a).to_string()
-}
-
-fn containers_of(node: &str) -> usize {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=kiln.node={node}")])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]

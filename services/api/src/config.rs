@@ -75,6 +75,13 @@ pub struct ApiConfig {
     /// refused; a malformed value stops start-up.
     #[arg(long, env = "KILN_SECRETS_KEY", hide_env_values = true)]
     pub secrets_key: Option<String>,
+    /// The gateway's public base URL: endpoints' URLs are `<this>/v1/endpoints/<id>`.
+    #[arg(
+        long,
+        env = "KILN_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
+    pub gateway_url: String,
 }
 
 impl ApiConfig {
@@ -102,6 +109,7 @@ impl ApiConfig {
             max_body_bytes: 1024 * 1024,
             // A fixed key for tests only (32 bytes of 0x6b, base64).
             secrets_key: Some("a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=".into()),
+            gateway_url: "http://127.0.0.1:8090".into(),
         }
     }
 }

@@ -12,6 +12,7 @@
 //!   any double allocation a race would cause.
 
 pub mod config;
+pub mod endpoints;
 pub mod lifecycle;
 pub mod placer;
 
@@ -23,6 +24,7 @@ use kiln_store::Store;
 use tokio::net::TcpListener;
 
 pub use config::SchedulerConfig;
+pub use endpoints::EndpointController;
 pub use lifecycle::LifecycleController;
 pub use placer::Placer;
 
@@ -96,6 +98,9 @@ impl Scheduler {
         let placer = Placer::new(store.clone());
         let placer_stop = stopped(stop_rx.clone());
         let placer_task = tokio::spawn(placer.run(config.placement_tick(), placer_stop));
+        let endpoints = EndpointController::new(store.clone());
+        let endpoints_task =
+            tokio::spawn(endpoints.run(config.placement_tick(), stopped(stop_rx.clone())));
         tracing::info!(
             fleet = %fleet_listener.local_addr()?,
             "kiln-scheduler serving node control"
@@ -109,6 +114,7 @@ impl Scheduler {
         .await?;
         controller_task.await?;
         placer_task.await?;
+        endpoints_task.await?;
         ops_task.await??;
         Ok(())
     }

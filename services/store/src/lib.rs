@@ -12,6 +12,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod catalog;
+pub mod endpoints;
 pub mod fleet;
 pub mod idempotency;
 pub mod nodes;
@@ -30,6 +31,9 @@ use uuid::Uuid;
 pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
 pub use catalog::{CatalogGpu, CatalogSlot};
+pub use endpoints::{
+    EndpointRecord, EndpointRoute, NewEndpoint, ReadyReplica, ReplicaShortfall, ReplicaTemplate,
+};
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,
     AssignmentSnapshot, CREDENTIAL_CHANNEL, CapacityRow, GpuEventRecord, GpuHealthReport,

@@ -7,6 +7,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod catalog;
+pub mod endpoints;
 pub mod fleet;
 pub mod identity;
 pub mod orgs;

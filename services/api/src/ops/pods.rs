@@ -402,7 +402,7 @@ fn who(caller: &Caller) -> String {
 }
 
 /// What a pod asks for, validated.
-enum GpuAsk {
+pub(crate) enum GpuAsk {
     None,
     Whole { gpu_type: String, count: i64 },
     Mig { gpu_type: String, profile: String },
@@ -410,7 +410,7 @@ enum GpuAsk {
 }
 
 impl GpuAsk {
-    fn mode(&self) -> &'static str {
+    pub(crate) fn mode(&self) -> &'static str {
         match self {
             GpuAsk::None => "none",
             GpuAsk::Whole { .. } => "whole",
@@ -418,7 +418,7 @@ impl GpuAsk {
             GpuAsk::Share { .. } => "share",
         }
     }
-    fn gpu_type(&self) -> Option<&str> {
+    pub(crate) fn gpu_type(&self) -> Option<&str> {
         match self {
             GpuAsk::None => None,
             GpuAsk::Whole { gpu_type, .. }
@@ -426,19 +426,19 @@ impl GpuAsk {
             | GpuAsk::Share { gpu_type, .. } => Some(gpu_type),
         }
     }
-    fn count(&self) -> i32 {
+    pub(crate) fn count(&self) -> i32 {
         match self {
             GpuAsk::Whole { count, .. } => *count as i32,
             _ => 0,
         }
     }
-    fn mig_profile(&self) -> Option<&str> {
+    pub(crate) fn mig_profile(&self) -> Option<&str> {
         match self {
             GpuAsk::Mig { profile, .. } => Some(profile),
             _ => None,
         }
     }
-    fn share_memory_mib(&self) -> Option<i64> {
+    pub(crate) fn share_memory_mib(&self) -> Option<i64> {
         match self {
             GpuAsk::Share { memory_gib, .. } => Some(memory_gib * 1024),
             _ => None,
@@ -446,19 +446,19 @@ impl GpuAsk {
     }
 }
 
-struct ValidPod {
-    name: WorkloadName,
-    image: ImageRef,
-    gpu: GpuAsk,
-    cpu_millis: i64,
-    memory_gib: i64,
-    disk_gib: i64,
-    spot: bool,
-    spec: serde_json::Value,
+pub(crate) struct ValidPod {
+    pub(crate) name: WorkloadName,
+    pub(crate) image: ImageRef,
+    pub(crate) gpu: GpuAsk,
+    pub(crate) cpu_millis: i64,
+    pub(crate) memory_gib: i64,
+    pub(crate) disk_gib: i64,
+    pub(crate) spot: bool,
+    pub(crate) spec: serde_json::Value,
 }
 
 /// Check every field, reporting all problems at once.
-async fn validate(
+pub(crate) async fn validate(
     state: &AppState,
     conn: &mut PgConnection,
     scope: &OrgScope,
@@ -722,6 +722,35 @@ async fn validate_gpu(
     }))
 }
 
+/// The GPU a workload asked for, as the API shows it; `None` for CPU only.
+pub fn gpu_request(
+    mode: &str,
+    gpu_type: Option<String>,
+    count: i32,
+    mig_profile: Option<String>,
+    share_memory_mib: Option<i64>,
+) -> Option<GpuRequest> {
+    gpu_type.map(|gpu_type| match mode {
+        "mig" => GpuRequest {
+            gpu_type,
+            mig_profile,
+            ..GpuRequest::default()
+        },
+        "share" => GpuRequest {
+            gpu_type,
+            share: Some(GpuShareRequest {
+                memory_gib: share_memory_mib.map(|m| m / 1024),
+            }),
+            ..GpuRequest::default()
+        },
+        _ => GpuRequest {
+            gpu_type,
+            count: Some(i64::from(count)),
+            ..GpuRequest::default()
+        },
+    })
+}
+
 /// The tenant's view of a pod row.
 pub fn view(w: &TenantWorkloadRecord) -> PodView {
     let spec = &w.spec;
@@ -780,28 +809,13 @@ pub fn view(w: &TenantWorkloadRecord) -> PodView {
                 .collect()
         })
         .unwrap_or_default();
-    let gpu = w
-        .gpu_type
-        .clone()
-        .map(|gpu_type| match w.gpu_mode.as_str() {
-            "mig" => GpuRequest {
-                gpu_type,
-                mig_profile: w.mig_profile.clone(),
-                ..GpuRequest::default()
-            },
-            "share" => GpuRequest {
-                gpu_type,
-                share: Some(GpuShareRequest {
-                    memory_gib: w.share_memory_mib.map(|m| m / 1024),
-                }),
-                ..GpuRequest::default()
-            },
-            _ => GpuRequest {
-                gpu_type,
-                count: Some(i64::from(w.gpu_count)),
-                ..GpuRequest::default()
-            },
-        });
+    let gpu = gpu_request(
+        w.gpu_mode.as_str(),
+        w.gpu_type.clone(),
+        w.gpu_count,
+        w.mig_profile.clone(),
+        w.share_memory_mib,
+    );
     PodView {
         id: PodId::from_uuid(w.id).to_string(),
         name: w.name.clone(),

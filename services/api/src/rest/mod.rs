@@ -2,6 +2,7 @@
 
 mod admin;
 mod catalog;
+mod endpoints;
 pub mod extract;
 mod identity;
 mod orgs;
@@ -57,6 +58,14 @@ pub fn router() -> Router<AppState> {
         )
         .route("/v1/orgs/{org}/pods/{pod}/events", get(pods::events))
         .route("/v1/orgs/{org}/pods/{pod}/logs", get(pods::logs))
+        .route(
+            "/v1/orgs/{org}/endpoints",
+            get(endpoints::list).post(endpoints::create),
+        )
+        .route(
+            "/v1/orgs/{org}/endpoints/{endpoint}",
+            get(endpoints::get).delete(endpoints::delete),
+        )
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
@@ -161,6 +170,7 @@ where
         orgs::audit_log,
         quotas::list,
         pods::list, pods::create, pods::get, pods::delete, pods::events, pods::logs,
+        endpoints::list, endpoints::create, endpoints::get, endpoints::delete,
         catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
@@ -172,6 +182,7 @@ where
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
         (name = "pods", description = "GPU containers: create, watch, delete"),
+        (name = "endpoints", description = "Model servers behind the gateway: deploy, watch, delete"),
         (name = "catalog", description = "GPU types, their MIG profiles and live availability"),
         (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),
     )

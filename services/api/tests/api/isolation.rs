@@ -13,7 +13,7 @@ fn tenant_routes(
     org: &str,
     member: &str,
     key: &str,
-    pod: &str,
+    (pod, endpoint): &(String, String),
 ) -> Vec<(Method, String, Option<Value>)> {
     vec![
         (Method::GET, format!("/v1/orgs/{org}"), None),
@@ -60,6 +60,22 @@ fn tenant_routes(
         ),
         (Method::GET, format!("/v1/orgs/{org}/pods/{pod}/logs"), None),
         (Method::DELETE, format!("/v1/orgs/{org}/pods/{pod}"), None),
+        (Method::GET, format!("/v1/orgs/{org}/endpoints"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/endpoints"),
+            Some(json!({"name": "stolen", "image": "busybox", "port": 80})),
+        ),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}"),
+            None,
+        ),
     ]
 }
 
@@ -68,10 +84,15 @@ fn tenant_routes(
 #[test]
 fn the_walk_covers_every_tenant_scoped_route() {
     let doc = serde_json::to_value(kiln_api::rest::openapi()).unwrap();
-    let walked: Vec<(String, String)> = tenant_routes("{org}", "{user}", "{key}", "{pod}")
-        .into_iter()
-        .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
-        .collect();
+    let walked: Vec<(String, String)> = tenant_routes(
+        "{org}",
+        "{user}",
+        "{key}",
+        &("{pod}".into(), "{endpoint}".into()),
+    )
+    .into_iter()
+    .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
+    .collect();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         if !path.starts_with("/v1/orgs/{org}") {
             continue;
@@ -85,7 +106,7 @@ fn the_walk_covers_every_tenant_scoped_route() {
     }
 }
 
-async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String) {
+async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String), String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
     app.add_member(&victim, &victim.org_id, &member, "member")
@@ -99,7 +120,18 @@ async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String) {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
-    let pod_id = pod["id"].as_str().unwrap().to_owned();
+    let (status, endpoint) = app
+        .post(
+            &format!("/v1/orgs/{}/endpoints", victim.org_id),
+            &victim.access_token,
+            json!({"name": "victims-model", "image": "busybox", "port": 8000, "min_replicas": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{endpoint}");
+    let pod_id = (
+        pod["id"].as_str().unwrap().to_owned(),
+        endpoint["id"].as_str().unwrap().to_owned(),
+    );
     let attacker = app.user("mallory").await;
     (
         victim,
@@ -116,7 +148,8 @@ async fn fingerprint(app: &TestApp) -> Value {
             'members', (SELECT json_agg(json_build_array(org_id, user_id, role) ORDER BY org_id, user_id) FROM memberships),
             'keys', (SELECT json_agg(json_build_array(id, revoked_at) ORDER BY id) FROM api_keys),
             'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs),
-            'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads))",
+            'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads),
+            'endpoints', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM endpoints))",
     )
     .fetch_one(app.store().pool())
     .await
