@@ -427,12 +427,12 @@ impl Client {
 /// A failed answer as the error the CLI shows (the problem document when there is one).
 fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
     {
-        let mut problem: Problem = serde_json::from_slice(&bytes).unwrap_or_else(|_| Problem {
+        let mut problem: Problem = serde_json::from_slice(bytes).unwrap_or_else(|_| Problem {
             title: status
                 .canonical_reason()
                 .unwrap_or("Request failed")
                 .to_owned(),
-            detail: String::from_utf8_lossy(&bytes)
+            detail: String::from_utf8_lossy(bytes)
                 .chars()
                 .take(300)
                 .collect::<String>()

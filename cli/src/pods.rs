@@ -9,6 +9,8 @@ use crate::output::{self, Format, cell, when};
 use crate::{Ctx, items};
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `Create` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum PodsCommand {
     /// List the org's pods, newest first.
     List,

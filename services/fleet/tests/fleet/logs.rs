@@ -189,7 +189,6 @@ async fn sealed_secrets_are_opened_only_on_the_way_to_the_node(pool: PgPool) {
             WatchRequest {
                 node_id: node.clone(),
                 from_revision: 0,
-                ..Default::default()
             },
         ))
         .await
