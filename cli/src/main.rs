@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod endpoints;
 mod output;
 mod pods;
 
@@ -80,6 +81,11 @@ enum Command {
     Pods {
         #[command(subcommand)]
         command: Option<pods::PodsCommand>,
+    },
+    /// Endpoints: model servers of the org behind the gateway [default: list].
+    Endpoints {
+        #[command(subcommand)]
+        command: Option<endpoints::EndpointsCommand>,
     },
     /// GPU types with their MIG profiles and what is free of each right now.
     GpuTypes,
@@ -317,6 +323,13 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Pods { command } => {
             pods::run(&mut ctx, command.unwrap_or(pods::PodsCommand::List)).await
+        }
+        Command::Endpoints { command } => {
+            endpoints::run(
+                &mut ctx,
+                command.unwrap_or(endpoints::EndpointsCommand::List),
+            )
+            .await
         }
         Command::GpuTypes => gpu_types(&mut ctx).await,
         Command::Admin { command } => match command {

@@ -1019,3 +1019,77 @@ async fn pod_logs_show_recent_lines_and_follow_until_the_pod_ends(pool: sqlx::Pg
     assert_ne!(bad.code, 0);
     assert!(bad.stderr.contains("tail"), "{}", bad.stderr);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let created = kiln
+        .run(&[
+            "endpoints",
+            "create",
+            "llm",
+            "--image",
+            "kiln/demo-model:1",
+            "--gpu",
+            "h100-80gb:1",
+            "--port",
+            "8000",
+            "--min-replicas",
+            "0",
+            "--max-replicas",
+            "3",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok();
+    let ep = created.json();
+    let id = ep["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ep_"), "{ep}");
+    assert_eq!(ep["state"], "idle", "min 0: no replica yet");
+    assert!(
+        ep["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/v1/endpoints/{id}"))
+    );
+
+    let table = kiln.run(&["endpoints"]).await.ok();
+    assert!(table.stdout.contains("llm"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("0 running / 0 of 0..3"),
+        "{}",
+        table.stdout
+    );
+    let shown = kiln.run(&["endpoints", "get", &id]).await.ok();
+    assert!(shown.stdout.contains("/v1/endpoints/"), "{}", shown.stdout);
+
+    let bad = kiln
+        .run(&[
+            "endpoints",
+            "create",
+            "x",
+            "--image",
+            "app",
+            "--port",
+            "70000",
+        ])
+        .await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("port"), "{}", bad.stderr);
+
+    let deleted = kiln.run(&["endpoints", "delete", &id]).await.ok();
+    assert!(
+        deleted.stdout.contains("Deleted endpoint llm"),
+        "{}",
+        deleted.stdout
+    );
+    let list = kiln.run(&["endpoints", "-o", "json"]).await.ok();
+    assert!(
+        items(&list.json()).is_empty(),
+        "deleted endpoints are not listed"
+    );
+}
