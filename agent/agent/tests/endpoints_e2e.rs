@@ -67,10 +67,21 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
     );
     let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = format!("http://{}", gw_listener.local_addr().unwrap());
+    let namespace = app.config().redis_namespace.clone();
+    let meter = kiln_gateway::metering::Meter::connect(&kiln_testkit::redis_url(), &namespace)
+        .await
+        .unwrap();
+    let ingester = kiln_gateway::metering::Ingester::new(
+        store.clone(),
+        &kiln_testkit::redis_url(),
+        &namespace,
+    )
+    .unwrap();
+    tokio::spawn(ingester.run());
     tokio::spawn(async move {
         axum::serve(
             gw_listener,
-            kiln_gateway::app(kiln_gateway::GatewayState::new(store.clone())),
+            kiln_gateway::app(kiln_gateway::GatewayState::new(store.clone()).with_meter(meter)),
         )
         .await
         .unwrap();
@@ -263,6 +274,33 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Metered: one event per call that got an answer (the two above), with its tokens; the
+    // refused calls were never metered.
+    let events: Vec<(i32, Option<i64>, Option<i64>, i64)> = until(
+        "the usage events to be ingested",
+        Duration::from_secs(20),
+        async || {
+            let rows: Vec<(i32, Option<i64>, Option<i64>, i64)> = sqlx::query_as(
+                "SELECT status, prompt_tokens, completion_tokens, response_bytes
+                 FROM usage_events ORDER BY occurred_at",
+            )
+            .fetch_all(store.pool())
+            .await
+            .ok()?;
+            (rows.len() >= 2).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].0, 200);
+    assert_eq!((events[0].1, events[0].2), (Some(3), Some(3)));
+    assert_eq!(
+        (events[1].1, events[1].2),
+        (Some(3), Some(3)),
+        "streamed usage counted"
+    );
+    assert!(events.iter().all(|e| e.3 > 0));
 
     // Deleted: calls are 404 at once, and the replica's container goes.
     let (status, gone) = app

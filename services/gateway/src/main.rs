@@ -22,8 +22,20 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-gateway listening");
-    axum::serve(listener, kiln_gateway::app(GatewayState::new(store)))
-        .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
-        .await?;
+    let meter = kiln_gateway::metering::Meter::connect(&config.redis_url, &config.redis_namespace)
+        .await
+        .context("connecting to Redis (REDIS_URL)")?;
+    let ingester = kiln_gateway::metering::Ingester::new(
+        store.clone(),
+        &config.redis_url,
+        &config.redis_namespace,
+    )?;
+    tokio::spawn(ingester.run());
+    axum::serve(
+        listener,
+        kiln_gateway::app(GatewayState::new(store).with_meter(meter)),
+    )
+    .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
+    .await?;
     Ok(())
 }
