@@ -1,6 +1,7 @@
 //! `kiln-gateway` binary.
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Parser;
 use kiln_gateway::{GatewayConfig, GatewayState};
 
@@ -31,6 +32,13 @@ async fn main() -> anyhow::Result<()> {
         &config.redis_namespace,
     )?;
     tokio::spawn(ingester.run());
+    // Answers are streamed in several writes (headers, then chunks): without TCP_NODELAY, Nagle
+    // holds each small write until the caller's delayed ACK (~40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(
         listener,
         kiln_gateway::app(GatewayState::new(store).with_meter(meter)),
