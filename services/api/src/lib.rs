@@ -95,7 +95,14 @@ pub async fn serve(
     {
         tracing::warn!("not subscribed to invalidations yet; serving anyway");
     }
+    let stopping = state.clone();
     let app = app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // On shutdown, live streams (pod events and logs) end first, so open consoles and `-f`
+    // followers do not hold the drain open; requests in flight finish.
+    let shutdown = async move {
+        shutdown.await;
+        stopping.begin_shutdown();
+    };
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;

@@ -32,6 +32,8 @@ pub struct Inner {
     pub secrets: Option<kiln_auth::SecretBox>,
     /// Workloads' recent output (pushed by agents through the fleet service).
     pub logs: kiln_logs::LogStore,
+    /// Set when the server begins to shut down: live streams end.
+    stopping: tokio::sync::watch::Sender<bool>,
     keyring: RwLock<Arc<KeyRing>>,
     sessions: Mutex<HashMap<SessionId, (Instant, bool)>>,
     me_cache: Mutex<HashMap<UserId, (Instant, Arc<crate::views::MeView>)>>,
@@ -99,6 +101,7 @@ impl AppState {
             fanout,
             secrets,
             logs,
+            stopping: tokio::sync::watch::Sender::new(false),
             keyring: RwLock::new(Arc::new(ring)),
             sessions: Mutex::new(HashMap::new()),
             me_cache: Mutex::new(HashMap::new()),
@@ -106,6 +109,19 @@ impl AppState {
         }));
         state.rotate_and_reload_keys().await?;
         Ok(state)
+    }
+
+    /// Ask live streams to end (the server is shutting down).
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Completes once the server is shutting down.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + Send + 'static + use<> {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 
     pub fn keyring(&self) -> Arc<KeyRing> {

@@ -221,30 +221,34 @@ pub async fn watch(
         last: None,
         done: false,
     };
-    Ok(futures::stream::unfold(live, |mut live| async move {
-        loop {
-            if live.done {
-                return None;
-            }
-            if let Some(view) = live.pending.take() {
-                let text = serde_json::to_string(&view).unwrap_or_default();
-                if live.last.as_deref() != Some(text.as_str()) {
-                    live.done = is_final(&view.state);
-                    live.last = Some(text);
-                    return Some((view, live));
+    let stopping = state.stopping();
+    Ok(futures::StreamExt::take_until(
+        futures::stream::unfold(live, |mut live| async move {
+            loop {
+                if live.done {
+                    return None;
+                }
+                if let Some(view) = live.pending.take() {
+                    let text = serde_json::to_string(&view).unwrap_or_default();
+                    if live.last.as_deref() != Some(text.as_str()) {
+                        live.done = is_final(&view.state);
+                        live.last = Some(text);
+                        return Some((view, live));
+                    }
+                }
+                if let Ok(Err(_)) = tokio::time::timeout(RECHECK, live.rx.changed()).await {
+                    // The hub forgot this channel: take a new one.
+                    live.rx = live.state.live.subscribe(live.id);
+                }
+                match get(&live.state, &live.caller, live.org, &live.pod).await {
+                    Ok(v) => live.pending = Some(v),
+                    // Gone, or access lost: end the stream.
+                    Err(_) => return None,
                 }
             }
-            if let Ok(Err(_)) = tokio::time::timeout(RECHECK, live.rx.changed()).await {
-                // The hub forgot this channel: take a new one.
-                live.rx = live.state.live.subscribe(live.id);
-            }
-            match get(&live.state, &live.caller, live.org, &live.pod).await {
-                Ok(v) => live.pending = Some(v),
-                // Gone, or access lost: end the stream.
-                Err(_) => return None,
-            }
-        }
-    }))
+        }),
+        stopping,
+    ))
 }
 
 /// Most lines `tail` may ask for.
@@ -359,38 +363,42 @@ pub async fn follow_logs(
         queue: backlog.into(),
         ended: is_final(&view.state),
     };
-    Ok(futures::stream::unfold(f, |mut f| async move {
-        loop {
-            if let Some(line) = f.queue.pop_front() {
-                return Some((log_view(line), f));
-            }
-            let block = if f.ended {
-                std::time::Duration::from_millis(200)
-            } else {
-                FOLLOW_BLOCK
-            };
-            match f.follower.wait(f.id, &f.cursor, block, 256).await {
-                Ok(lines) if !lines.is_empty() => {
-                    f.cursor = lines.last().map(|l| l.cursor.clone()).unwrap_or(f.cursor);
-                    f.queue.extend(lines);
-                    continue;
+    let stopping = state.stopping();
+    Ok(futures::StreamExt::take_until(
+        futures::stream::unfold(f, |mut f| async move {
+            loop {
+                if let Some(line) = f.queue.pop_front() {
+                    return Some((log_view(line), f));
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "following workload output failed");
+                let block = if f.ended {
+                    std::time::Duration::from_millis(200)
+                } else {
+                    FOLLOW_BLOCK
+                };
+                match f.follower.wait(f.id, &f.cursor, block, 256).await {
+                    Ok(lines) if !lines.is_empty() => {
+                        f.cursor = lines.last().map(|l| l.cursor.clone()).unwrap_or(f.cursor);
+                        f.queue.extend(lines);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "following workload output failed");
+                        return None;
+                    }
+                }
+                // Nothing new: the last lines of an ended pod are out.
+                if f.ended {
                     return None;
                 }
+                match get(&f.state, &f.caller, f.org, &f.pod).await {
+                    Ok(v) => f.ended = is_final(&v.state),
+                    Err(_) => return None,
+                }
             }
-            // Nothing new: the last lines of an ended pod are out.
-            if f.ended {
-                return None;
-            }
-            match get(&f.state, &f.caller, f.org, &f.pod).await {
-                Ok(v) => f.ended = is_final(&v.state),
-                Err(_) => return None,
-            }
-        }
-    }))
+        }),
+        stopping,
+    ))
 }
 
 /// The caller as a person reads it in `state_reason`.

@@ -1005,3 +1005,33 @@ async fn a_pods_state_streams_live_as_server_sent_events(pool: PgPool) {
         .await;
     assert_problem(status, &body, StatusCode::NOT_FOUND);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn shutting_down_ends_live_streams_instead_of_waiting_for_them(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let (_, pod) = create(
+        &app,
+        &ada.access_token,
+        &ada.org_id,
+        json!({"name": "watched", "image": "kiln/demo-model:1"}),
+    )
+    .await;
+    let id = pod["id"].as_str().unwrap().to_owned();
+    let base = format!("{}/{id}", pods(&ada.org_id));
+    let mut events = follow(&app, &ada.access_token, &format!("{base}/events"), None).await;
+    assert!(events.next().await.is_some(), "the stream is open");
+    let mut logs = follow(
+        &app,
+        &ada.access_token,
+        &format!("{base}/logs?follow=true"),
+        None,
+    )
+    .await;
+    // A console left open must not hold the server's drain: stop returns, the streams end.
+    tokio::time::timeout(std::time::Duration::from_secs(20), app.stop())
+        .await
+        .expect("the server stops with live streams open");
+    assert!(events.next().await.is_none());
+    assert!(logs.next_named("log").await.is_none());
+}
