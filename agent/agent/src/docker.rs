@@ -730,7 +730,35 @@ impl DockerRuntime {
         let task_id = id.clone();
         let task = tokio::spawn(async move { this.converge(&task_id).await });
         let _ = tokio::time::timeout(self.inner.settings.apply_wait, task).await;
-        self.observe_one(&id).await
+        let observed = self.observe_one(&id).await;
+        // This observation's inspect is Docker time on the way to running too: later
+        // observations of this generation report it with the converge's.
+        let inspect_ms = observed
+            .runtime_ms
+            .saturating_sub(self.converge_ms(&id, assignment.generation));
+        if let Some((g, ms)) = self
+            .inner
+            .runtime_ms
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&id)
+            && *g == assignment.generation
+        {
+            *ms = ms.saturating_add(inspect_ms);
+        }
+        observed
+    }
+
+    /// The Docker time recorded for this generation so far (0 if none).
+    fn converge_ms(&self, id: &str, generation: u64) -> u64 {
+        self.inner
+            .runtime_ms
+            .lock()
+            .expect("not poisoned")
+            .get(id)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, ms)| *ms)
+            .unwrap_or(0)
     }
 
     /// Stops (SIGTERM, `stop_timeout`, SIGKILL) and removes the pod's container.
