@@ -104,6 +104,13 @@ typed_id!(/// A unit of work the scheduler places (a pod, an instance or an endp
 typed_id!(/// A tenant's pod: a workload of kind `pod`, with the same UUID as its workload row.
     PodId, "pod", "pod");
 
+typed_id!(/// One posting of the billing ledger (a charge, a top-up, a promotional grant …).
+    PostingId, "txn", "ledger posting");
+typed_id!(/// A monthly invoice of an org.
+    InvoiceId, "inv", "invoice");
+typed_id!(/// A version of the price catalog.
+    PriceVersionId, "prc", "price version");
+
 impl From<PodId> for WorkloadId {
     fn from(p: PodId) -> Self {
         WorkloadId::from_uuid(p.as_uuid())

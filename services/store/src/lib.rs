@@ -11,6 +11,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod billing;
 pub mod catalog;
 pub mod fleet;
 pub mod idempotency;
@@ -29,6 +30,12 @@ use uuid::Uuid;
 
 pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
+pub use billing::{
+    BillingSettingsRecord, ChargeDetail, ChargeRecord, EntryRecord, FundsRecord, GpuPriceRecord,
+    HistoryRow, InvoiceLineRecord, InvoiceRecord, NewEntry, NewPosting, NewPriceVersion,
+    PostingRecord, PriceVersionDelete, PriceVersionRecord, PromoBalance, RatingWork,
+    SuspendableWorkload, UsageEventRecord, UsageGroup, UsageRow, org_balance_account,
+};
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,
