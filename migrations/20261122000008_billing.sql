@@ -288,3 +288,10 @@ CREATE TABLE invoices (
     updated_at   timestamptz NOT NULL DEFAULT now(),
     UNIQUE (org_id, month)
 );
+
+-- Months whose final invoices kiln-billing has written (so it closes each month once).
+CREATE TABLE billing_month_closes (
+    month     date PRIMARY KEY CHECK (extract(day FROM month) = 1),
+    invoices  integer NOT NULL,
+    closed_at timestamptz NOT NULL DEFAULT now()
+);

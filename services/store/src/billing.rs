@@ -864,12 +864,13 @@ impl Store {
 
     /// Lock up to `limit` rating cursors with something to rate before `before` — a workload
     /// that is running (or a stopped instance keeping its disk) or whose history moved since
-    /// the cursor — skipping cursors another rater holds.
+    /// the cursor — skipping cursors another rater holds and the workloads in `skip`.
     pub async fn rating_claim(
         &self,
         conn: &mut PgConnection,
         before: OffsetDateTime,
         limit: i64,
+        skip: &[Uuid],
     ) -> StoreResult<Vec<RatingWork>> {
         Ok(sqlx::query_as(
             "SELECT c.workload_id, c.org_id, c.rated_until, w.kind, w.tier, w.gpu_mode,
@@ -880,12 +881,14 @@ impl Store {
                     OR (w.kind = 'instance' AND w.state = 'stopped' AND w.disk_gib > 0)
                     OR EXISTS (SELECT 1 FROM workload_state_history h
                                WHERE h.workload_id = c.workload_id AND h.at > c.rated_until))
+               AND NOT (c.workload_id = ANY($3))
              ORDER BY c.rated_until, c.workload_id
              LIMIT $2
              FOR UPDATE OF c SKIP LOCKED",
         )
         .bind(before)
         .bind(limit)
+        .bind(skip)
         .fetch_all(&mut *conn)
         .await?)
     }
@@ -1165,6 +1168,29 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?
         .ok_or(StoreError::NotFound { what: "invoice" })
+    }
+
+    /// Whether `month`'s final invoices were all written.
+    pub async fn month_closed(&self, month: Date) -> StoreResult<bool> {
+        let row: Option<(Date,)> =
+            sqlx::query_as("SELECT month FROM billing_month_closes WHERE month = $1")
+                .bind(month)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Record that `month` is closed with `invoices` written.
+    pub async fn month_close_record(&self, month: Date, invoices: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO billing_month_closes (month, invoices) VALUES ($1, $2)
+             ON CONFLICT (month) DO NOTHING",
+        )
+        .bind(month)
+        .bind(invoices as i32)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Whether an org exists (for operator routes that name one).
