@@ -61,6 +61,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The org is out of credit (402).
+    #[error("payment required: {0}")]
+    PaymentRequired(String),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -90,6 +93,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,6 +112,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::MethodNotAllowed => "method-not-allowed",
+            ApiError::PaymentRequired(_) => "payment-required",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -149,6 +154,7 @@ impl ApiError {
                 "this resource does not support that method".to_owned(),
                 vec![],
             ),
+            ApiError::PaymentRequired(d) => ("Payment required", d.clone(), vec![]),
             ApiError::PayloadTooLarge => (
                 "Payload too large",
                 "the request body is too large".to_owned(),

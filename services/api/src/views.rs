@@ -652,7 +652,8 @@ pub struct PodView {
     pub spot: bool,
     pub created_at: String,
     pub updated_at: String,
-    /// Always null for now: billing has not landed.
+    /// What it has been charged so far (`{amount_micros, currency}`), current to within a
+    /// billing tick.
     #[schema(value_type = Option<Object>)]
     pub cost_so_far: Option<async_graphql::Json<serde_json::Value>>,
 }

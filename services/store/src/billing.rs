@@ -1194,10 +1194,10 @@ impl Store {
     }
 
     /// Whether an org exists (for operator routes that name one).
-    pub async fn org_exists(&self, org: OrgId) -> StoreResult<bool> {
+    pub async fn org_exists(&self, conn: &mut PgConnection, org: OrgId) -> StoreResult<bool> {
         let row: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM orgs WHERE id = $1")
             .bind(org.as_uuid())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
         Ok(row.is_some())
     }

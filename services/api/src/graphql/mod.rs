@@ -12,12 +12,13 @@
 //!
 //! The checked-in `schema.graphql` is [`schema_sdl`]'s output; a test fails when they drift.
 
+mod billing;
 mod error;
 mod mutation;
 mod query;
 
 use async_graphql::http::{GraphQLPlaygroundConfig, playground_source};
-use async_graphql::{Context, EmptySubscription, Schema};
+use async_graphql::{Context, EmptySubscription, MergedObject, Schema};
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -39,14 +40,26 @@ pub const MAX_DEPTH: usize = 15;
 /// The most fields one query may select (aliases count), so one request stays cheap.
 pub const MAX_COMPLEXITY: usize = 500;
 
-pub type KilnSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+/// Every read: the identity, workload and fleet fields and billing's.
+#[derive(MergedObject)]
+pub struct Query(QueryRoot, billing::BillingQuery);
+
+/// Every write.
+#[derive(MergedObject)]
+pub struct Mutation(MutationRoot, billing::BillingMutation);
+
+pub type KilnSchema = Schema<Query, Mutation, EmptySubscription>;
 
 /// Build the schema. Introspection stays on: the schema is public (and checked in).
 pub fn schema() -> KilnSchema {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
-        .limit_depth(MAX_DEPTH)
-        .limit_complexity(MAX_COMPLEXITY)
-        .finish()
+    Schema::build(
+        Query(QueryRoot, billing::BillingQuery),
+        Mutation(MutationRoot, billing::BillingMutation),
+        EmptySubscription,
+    )
+    .limit_depth(MAX_DEPTH)
+    .limit_complexity(MAX_COMPLEXITY)
+    .finish()
 }
 
 /// The schema in SDL, as checked in at `services/api/schema.graphql`.

@@ -14,6 +14,7 @@ fn tenant_routes(
     member: &str,
     key: &str,
     pod: &str,
+    invoice: &str,
 ) -> Vec<(Method, String, Option<Value>)> {
     vec![
         (Method::GET, format!("/v1/orgs/{org}"), None),
@@ -59,6 +60,20 @@ fn tenant_routes(
             None,
         ),
         (Method::DELETE, format!("/v1/orgs/{org}/pods/{pod}"), None),
+        (Method::GET, format!("/v1/orgs/{org}/balance"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/credits"),
+            Some(json!({"amount_micros": 1_000_000, "currency": "USD", "reference": "stolen"})),
+        ),
+        (Method::GET, format!("/v1/orgs/{org}/usage"), None),
+        (Method::GET, format!("/v1/orgs/{org}/ledger"), None),
+        (Method::GET, format!("/v1/orgs/{org}/invoices"), None),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/invoices/{invoice}"),
+            None,
+        ),
     ]
 }
 
@@ -67,10 +82,11 @@ fn tenant_routes(
 #[test]
 fn the_walk_covers_every_tenant_scoped_route() {
     let doc = serde_json::to_value(kiln_api::rest::openapi()).unwrap();
-    let walked: Vec<(String, String)> = tenant_routes("{org}", "{user}", "{key}", "{pod}")
-        .into_iter()
-        .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
-        .collect();
+    let walked: Vec<(String, String)> =
+        tenant_routes("{org}", "{user}", "{key}", "{pod}", "{invoice}")
+            .into_iter()
+            .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
+            .collect();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         if !path.starts_with("/v1/orgs/{org}") {
             continue;
@@ -84,7 +100,7 @@ fn the_walk_covers_every_tenant_scoped_route() {
     }
 }
 
-async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String) {
+async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String, String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
     app.add_member(&victim, &victim.org_id, &member, "member")
@@ -99,12 +115,29 @@ async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String) {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
     let pod_id = pod["id"].as_str().unwrap().to_owned();
+    // An invoice of the victim's (what kiln-billing writes at month close).
+    let victim_org: kiln_domain::OrgId = victim.org_id.parse().unwrap();
+    let mut conn = app.store().pool().acquire().await.unwrap();
+    let invoice = app
+        .store()
+        .invoice_put(
+            &mut conn,
+            victim_org.as_uuid(),
+            time::macros::date!(2026 - 10 - 01),
+            "final",
+            0,
+            &[],
+        )
+        .await
+        .unwrap();
+    let invoice_id = kiln_domain::InvoiceId::from_uuid(invoice.id).to_string();
     let attacker = app.user("mallory").await;
     (
         victim,
         member,
         key_id,
         pod_id,
+        invoice_id,
         attacker.access_token.clone(),
     )
 }
@@ -115,7 +148,8 @@ async fn fingerprint(app: &TestApp) -> Value {
             'members', (SELECT json_agg(json_build_array(org_id, user_id, role) ORDER BY org_id, user_id) FROM memberships),
             'keys', (SELECT json_agg(json_build_array(id, revoked_at) ORDER BY id) FROM api_keys),
             'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs),
-            'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads))",
+            'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads),
+            'postings', (SELECT count(*) FROM ledger_postings))",
     )
     .fetch_one(app.store().pool())
     .await
@@ -126,7 +160,7 @@ async fn fingerprint(app: &TestApp) -> Value {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let (victim, member, key_id, pod_id, attacker_token) = setup(&app).await;
+    let (victim, member, key_id, pod_id, invoice_id, attacker_token) = setup(&app).await;
     let attacker = app.user("eve").await;
     let (_, attacker_key) = app.api_key(&attacker, &attacker.org_id, "owner").await;
     let before = fingerprint(&app).await;
@@ -135,8 +169,13 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
         attacker.access_token.as_str(),
         attacker_key.as_str(),
     ] {
-        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id, &pod_id)
-        {
+        for (method, path, body) in tenant_routes(
+            &victim.org_id,
+            &member.user_id,
+            &key_id,
+            &pod_id,
+            &invoice_id,
+        ) {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             assert_problem(status, &resp, StatusCode::NOT_FOUND);
             assert!(
@@ -147,7 +186,9 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     }
     // Ids that do not exist at all look the same as other orgs' ids.
     let ghost = format!("org_{}", uuid::Uuid::now_v7().simple());
-    for (method, path, body) in tenant_routes(&ghost, &member.user_id, &key_id, &pod_id) {
+    for (method, path, body) in
+        tenant_routes(&ghost, &member.user_id, &key_id, &pod_id, &invoice_id)
+    {
         let (status, resp) = app
             .call(method, &path, Some(&attacker.access_token), body)
             .await;
@@ -163,15 +204,20 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn viewers_cannot_write_and_removed_members_lose_access_at_once(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let (victim, member, key_id, pod_id, _) = setup(&app).await;
+    let (victim, member, key_id, pod_id, invoice_id, _) = setup(&app).await;
     let viewer = app.user("viewer").await;
     app.add_member(&victim, &victim.org_id, &viewer, "viewer")
         .await;
     let (_, viewer_key) = app.api_key(&victim, &victim.org_id, "viewer").await;
     let before = fingerprint(&app).await;
     for token in [viewer.access_token.as_str(), viewer_key.as_str()] {
-        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id, &pod_id)
-        {
+        for (method, path, body) in tenant_routes(
+            &victim.org_id,
+            &member.user_id,
+            &key_id,
+            &pod_id,
+            &invoice_id,
+        ) {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             if method == Method::GET {
                 let readable = !path.ends_with("/api-keys") && !path.ends_with("/audit-log");
