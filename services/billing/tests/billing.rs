@@ -495,3 +495,82 @@ async fn the_service_tick_rates_up_to_now(pool: PgPool) {
     assert_eq!(report.rating.workloads, 1);
     assert_eq!(charged(&pool, pod).await.1, 30);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn budget_alerts_are_raised_once_per_level_per_month(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let org = org(&pool).await;
+    // A 1 USD monthly budget; one H100 pod costs 2.99 USD an hour.
+    sqlx::query("UPDATE billing_settings SET monthly_budget_micros = 1000000 WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let start = t0();
+    running_pod(&pool, org, 1, start).await;
+    let r = rater(&pool);
+    let enforcer = Enforcer::new(store.clone(), Duration::from_secs(3600));
+    let mut alerts = Vec::new();
+    // 0.25, 0.62, 0.87, 1.25, 1.50 USD spent.
+    for secs_in in [300, 750, 1050, 1500, 1800] {
+        let now = start + secs(secs_in);
+        let report = r.pass(now).await.unwrap();
+        let e = enforcer.pass(&report.charged_orgs, now).await.unwrap();
+        alerts.extend(e.alerts.into_iter().map(|(_, p)| p));
+    }
+    assert_eq!(alerts, vec![50, 80, 100]);
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM audit_events WHERE org_id = $1 AND action = 'billing.budget_alert'",
+    )
+    .bind(org)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(n, 3, "each level once in the org's audit log");
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn the_service_serves_health_and_keeps_balances_current(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let org = org(&pool).await;
+    let pod = running_pod(&pool, org, 1, OffsetDateTime::now_utc() - secs(60)).await;
+    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = ops.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = tokio::spawn(
+        kiln_billing::Billing {
+            store: store.clone(),
+            config: BillingConfig::for_tests(String::new()),
+            ops_listener: ops,
+        }
+        .run(async move {
+            let _ = stop_rx.await;
+        }),
+    );
+    let health = reqwest::get(format!("http://{addr}/healthz"))
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    // The pod's minute of running shows up in the ledger without anyone asking.
+    kiln_testkit::eventually(
+        "the running pod to be charged",
+        Duration::from_secs(20),
+        || {
+            let pool = pool.clone();
+            async move {
+                let (amount, quantity, _) = charged(&pool, pod).await;
+                (quantity >= 60 && amount > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("kiln_billing"), "{metrics}");
+    stop_tx.send(()).unwrap();
+    service.await.unwrap().unwrap();
+}
