@@ -489,3 +489,68 @@ async fn operators_version_prices_and_the_catalog_shows_those_in_effect(pool: Pg
     let (status, problem) = app.get("/v1/admin/prices", &u.access_token).await;
     assert_problem(status, &problem, StatusCode::NOT_FOUND);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn the_console_billing_page_shows_balance_usage_and_invoices(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let op = operator(&app).await;
+    let u = app.user("ada").await;
+    let org = u.org_id.clone();
+    credit(&app, &op, &org, 12_500_000, "first").await;
+    running_pod(&app, &u, "a").await;
+    bill(
+        &app,
+        OffsetDateTime::now_utc() + time::Duration::minutes(30),
+    )
+    .await;
+    let (_, inv) = app
+        .post(&format!("/v1/admin/orgs/{org}/invoices"), &op, json!({}))
+        .await;
+    let cookies = format!(
+        "kiln_access={}; kiln_refresh={}",
+        u.access_token, u.refresh_token
+    );
+    let page = app
+        .client
+        .get(format!("{}/orgs/{org}/billing", app.url))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("id=\"balance-amount\""), "{html}");
+    // 12.50 credited, 30 minutes of one H100 pod (1.495) charged.
+    assert!(html.contains("$11.00"), "balance in dollars: {html}");
+    assert!(html.contains("h100-80gb"), "usage by GPU type: {html}");
+    assert!(html.contains("/ hour"), "burn rate: {html}");
+    let id = inv["id"].as_str().unwrap();
+    assert!(
+        html.contains(&format!("/billing/invoices/{id}/pdf")),
+        "{html}"
+    );
+    let pdf = app
+        .client
+        .get(format!("{}/orgs/{org}/billing/invoices/{id}/pdf", app.url))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pdf.headers()["content-type"], "application/pdf");
+    // Another org's invoice is not found through the console either.
+    let eve = app.user("eve").await;
+    let theirs = app
+        .client
+        .get(format!("{}/orgs/{org}/billing", app.url))
+        .header(
+            "cookie",
+            format!(
+                "kiln_access={}; kiln_refresh={}",
+                eve.access_token, eve.refresh_token
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
+}
