@@ -109,14 +109,30 @@ impl Enforcer {
             .map_err(kiln_store::StoreError::from)?;
         let mut orgs: BTreeSet<Uuid> = charged.clone();
         orgs.extend(self.store.billing_orgs_exhausted(&mut conn).await?);
+        // One read for many orgs first; only those with something to do get a transaction
+        // (which reads again under the org's lock).
+        let orgs: Vec<Uuid> = orgs.into_iter().collect();
+        let mut todo = Vec::new();
+        for chunk in orgs.chunks(1_000) {
+            for f in self.store.billing_funds(&mut conn, chunk, now).await? {
+                let out = credit_decision(
+                    funds(&f),
+                    policy(&f, self.grace),
+                    Operation::NewWork,
+                    None,
+                    ts(now),
+                )? == Decision::Refuse402;
+                let budgeted = f.monthly_budget_micros.is_some() && charged.contains(&f.org_id);
+                if out || f.credit_exhausted_at.is_some() || budgeted {
+                    todo.push(f.org_id);
+                }
+            }
+        }
         drop(conn);
         let mut report = EnforcementReport::default();
-        let orgs: Vec<Uuid> = orgs.into_iter().collect();
-        for chunk in orgs.chunks(500) {
-            for org in chunk {
-                self.org_pass(*org, charged.contains(org), now, &mut report)
-                    .await?;
-            }
+        for org in todo {
+            self.org_pass(org, charged.contains(&org), now, &mut report)
+                .await?;
         }
         Ok(report)
     }

@@ -1,7 +1,9 @@
 //! `kiln-gateway`: the inference entry point, `ANY /v1/endpoints/{endpoint}/{path…}`.
 //!
 //! Today it authenticates the caller's API key against the same store as `kiln-api` (401 for a
-//! missing, invalid, expired or revoked key) and answers 404 for endpoints, since endpoints
+//! missing, invalid, expired or revoked key), refuses calls of an org that is out of credit
+//! (402, the billing core's decision on the ledger, as the API refuses new work) and answers 404
+//! for endpoints, since endpoints
 //! arrive with the endpoints issue; routing to replicas, metering, rate limits and scale-from-zero
 //! are built there, behind this same front door.
 
@@ -76,12 +78,12 @@ async fn endpoint_call(
             "send `Authorization: Bearer kiln_…` with an API key",
         );
     };
-    match state
+    let key = match state
         .store
         .api_key_authenticate(&SecretDigest::of(&token))
         .await
     {
-        Ok(Some(_)) => {}
+        Ok(Some(key)) => key,
         Ok(None) => {
             return problem(
                 StatusCode::UNAUTHORIZED,
@@ -97,10 +99,44 @@ async fn endpoint_call(
                 "the gateway cannot reach its database; retry shortly",
             );
         }
+    };
+    if let Some(refusal) = out_of_credit(&state, key.org_id.as_uuid()).await {
+        return refusal;
     }
     let endpoint = params.first().map(|(_, v)| v.as_str()).unwrap_or_default();
     tracing::debug!(endpoint, "unknown endpoint");
     problem(StatusCode::NOT_FOUND, "Not found", "endpoint not found")
+}
+
+/// 402 when the caller's org is out of credit (503 when that cannot be told).
+async fn out_of_credit(state: &GatewayState, org: uuid::Uuid) -> Option<Response> {
+    let standing = match state.store.pool().acquire().await {
+        Ok(mut conn) => kiln_billing::limits::standing(
+            &state.store,
+            &mut conn,
+            org,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match standing {
+        Ok(None) => None,
+        Ok(Some(_)) => Some(problem(
+            StatusCode::PAYMENT_REQUIRED,
+            "Payment required",
+            "the endpoint's org is out of credit; calls resume after a top-up",
+        )),
+        Err(error) => {
+            tracing::error!(%error, "credit check failed");
+            Some(problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "the gateway cannot check the org's credit; retry shortly",
+            ))
+        }
+    }
 }
 
 async fn fallback() -> Response {

@@ -125,6 +125,62 @@ pub(super) async fn page(ctx: Ctx, Path(org): Path<String>) -> Response {
     ctx.finish(r).await
 }
 
+pub(super) struct LineRow {
+    pub product: String,
+    pub gpu_type: String,
+    pub detail: String,
+    pub quantity: String,
+    pub amount: String,
+}
+
+#[derive(Template)]
+#[template(path = "invoice.html")]
+struct InvoicePage {
+    chrome: Chrome,
+    org: OrgNav,
+    id: String,
+    month: String,
+    status: String,
+    total: String,
+    lines: Vec<LineRow>,
+}
+
+/// One invoice as a page, with its lines and downloads.
+pub(super) async fn invoice_page(
+    ctx: Ctx,
+    Path((org, invoice)): Path<(String, String)>,
+) -> Response {
+    let r = async {
+        let (id, _, nav) = load_org(&ctx, &org, "billing").await?;
+        let i = ops::billing::invoice(&ctx.state, &ctx.caller, id, &invoice).await?;
+        let chrome = ctx.chrome(Some(&nav.id)).await?;
+        Ok(render(
+            StatusCode::OK,
+            &InvoicePage {
+                chrome,
+                org: nav,
+                lines: i
+                    .lines
+                    .into_iter()
+                    .map(|l| LineRow {
+                        product: l.product.replace('_', " "),
+                        gpu_type: l.gpu_type.unwrap_or_else(|| "—".into()),
+                        detail: l.detail.unwrap_or_default(),
+                        quantity: hours(l.quantity, &l.unit),
+                        amount: usd(l.amount.amount_micros),
+                    })
+                    .collect(),
+                total: usd(i.total.amount_micros),
+                id: i.id,
+                month: i.month,
+                status: i.status,
+            },
+        ))
+    }
+    .await;
+    ctx.finish(r).await
+}
+
 /// An invoice download (`csv` or `pdf`) with the console's session.
 pub(super) async fn invoice_download(
     ctx: Ctx,

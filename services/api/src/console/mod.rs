@@ -71,6 +71,10 @@ pub fn router() -> Router<AppState> {
         .route("/orgs/{org}/audit-log", get(audit::list))
         .route("/orgs/{org}/billing", get(billing::page))
         .route(
+            "/orgs/{org}/billing/invoices/{invoice}",
+            get(billing::invoice_page),
+        )
+        .route(
             "/orgs/{org}/billing/invoices/{invoice}/{format}",
             get(billing::invoice_download),
         )

@@ -529,6 +529,18 @@ async fn the_console_billing_page_shows_balance_usage_and_invoices(pool: PgPool)
         html.contains(&format!("/billing/invoices/{id}/pdf")),
         "{html}"
     );
+    let page = app
+        .client
+        .get(format!("{}/orgs/{org}/billing/invoices/{id}", app.url))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("id=\"invoice-total\""), "{page}");
+    assert!(page.contains("pod gpu"), "a line per product: {page}");
     let pdf = app
         .client
         .get(format!("{}/orgs/{org}/billing/invoices/{id}/pdf", app.url))
