@@ -17,11 +17,6 @@ use uuid::Uuid;
 
 use crate::{OrgScope, PageOf, PageRequest, Store, StoreError, StoreResult};
 
-/// The ledger account of an org's paid balance, as kiln-billing-core names it.
-pub fn org_balance_account(org: Uuid) -> String {
-    format!("org:{org}:balance")
-}
-
 // ---------------------------------------------------------------------------------------------
 // The price catalog
 
@@ -690,17 +685,6 @@ impl Store {
         .bind(orgs)
         .bind(from)
         .fetch_all(&mut *conn)
-        .await?)
-    }
-
-    /// What the workloads cost so far (sum of their charges), by workload.
-    pub async fn workload_costs(&self, workloads: &[Uuid]) -> StoreResult<Vec<(Uuid, i64)>> {
-        Ok(sqlx::query_as(
-            "SELECT workload_id, sum(amount_micros)::int8 FROM ledger_postings
-             WHERE workload_id = ANY($1) GROUP BY workload_id",
-        )
-        .bind(workloads)
-        .fetch_all(&self.pool)
         .await?)
     }
 

@@ -34,7 +34,7 @@ pub use billing::{
     BillingSettingsRecord, ChargeDetail, ChargeRecord, EntryRecord, FundsRecord, GpuPriceRecord,
     HistoryRow, InvoiceLineRecord, InvoiceRecord, NewEntry, NewPosting, NewPriceVersion,
     PostingRecord, PriceVersionDelete, PriceVersionRecord, PromoBalance, RatingWork,
-    SuspendableWorkload, UsageEventRecord, UsageGroup, UsageRow, org_balance_account,
+    SuspendableWorkload, UsageEventRecord, UsageGroup, UsageRow,
 };
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use fleet::{
