@@ -564,13 +564,21 @@ async fn the_service_serves_health_and_keeps_balances_current(pool: PgPool) {
         },
     )
     .await;
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("kiln_billing"), "{metrics}");
+    // Each tick is measured (recorded once the tick has finished).
+    kiln_testkit::eventually(
+        "the tick duration in /metrics",
+        Duration::from_secs(20),
+        || async move {
+            let metrics = reqwest::get(format!("http://{addr}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            metrics.contains("kiln_billing_tick_seconds").then_some(())
+        },
+    )
+    .await;
     stop_tx.send(()).unwrap();
     service.await.unwrap().unwrap();
 }
