@@ -175,7 +175,9 @@ start_service kiln-scheduler "$SCHEDULER_URL" "" \
   RUST_LOG="$RUST_LOG" \
   KILN_FLEET_LISTEN="$FLEET_ADDR" \
   KILN_SCHEDULER_OPS_LISTEN="$SCHEDULER_OPS_ADDR" \
-  DATABASE_URL="$DATABASE_URL"
+  DATABASE_URL="$DATABASE_URL" \
+  REDIS_URL="$REDIS_URL" \
+  KILN_SECRETS_KEY="$SECRETS_KEY"
 start_service kiln-billing "$BILLING_URL" "" \
   RUST_LOG="$RUST_LOG" \
   KILN_BILLING_OPS_LISTEN="$BILLING_OPS_ADDR" \
@@ -230,7 +232,7 @@ for spec in $AGENTS; do
   echo "=== $(date -u +%FT%TZ) starting kiln-agent $name" >>"$logfile"
   marker="$(wc -l <"$logfile")"
   KILN_AGENT_BOOTSTRAP_TOKEN="$token" RUST_LOG="$RUST_LOG" nohup "$BIN/kiln-agent" \
-    --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" \
+    --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" --public-address 127.0.0.1 \
     --nvml disabled --simulated-inventory "$ROOT/agent/inventory/inventories/$inventory.toml" \
     --fault-file "$dir/faults.toml" </dev/null >>"$logfile" 2>&1 &
   echo $! >"$pidfile"

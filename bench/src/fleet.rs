@@ -323,6 +323,7 @@ async fn join(mut client: NodeControlClient<Channel>, i: usize, token: &str) -> 
             memory_mib: 2 * 1024 * 1024,
             disk_gib: 30_000,
         }),
+        public_address: String::new(),
     });
     register
         .metadata_mut()

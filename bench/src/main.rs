@@ -16,6 +16,10 @@
 //! * `scheduler.core.*`, `scheduler.packing.*` — the placement core alone, in process, on
 //!   10,000 nodes × 8 GPUs and on a seeded trace (see `placement.rs`; `--only placement`).
 //!
+//! * `pods.*` — real `kiln-api`, `kiln-scheduler` and `kiln-agent` processes running pods in
+//!   this machine's Docker, one at a time: create → running, and the part that is not Docker
+//!   (see `pods.rs`; `--only pods`).
+//!
 //! Stdout carries only `BENCH <name> <value> <unit>` lines; everything else goes to stderr.
 //! The child and the database are removed at the end, also on failure, Ctrl-C or SIGTERM.
 //! The load targets only the child on 127.0.0.1 and is bounded in time and request count.
@@ -24,6 +28,7 @@ mod billing;
 mod fleet;
 mod load;
 mod placement;
+mod pods;
 mod scheduling;
 mod server;
 
@@ -137,6 +142,18 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     sched_rate_secs: u64,
 
+    /// The kiln-agent binary [default: `kiln-agent` next to this executable].
+    #[arg(long, env = "KILN_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+
+    /// Measured pods of the pods benchmark (created one at a time).
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pods: u32,
+
+    /// The image the pods benchmark runs (local; built by scripts/build-images.sh).
+    #[arg(long, env = "KILN_DEMO_IMAGE", default_value = "kiln/demo-model:1")]
+    pods_image: String,
+
     /// Nodes (8 H100 each) of the placement-core benchmark's fleet.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     placement_nodes: u32,
@@ -174,6 +191,7 @@ enum Only {
     Placement,
     Scheduling,
     Billing,
+    Pods,
 }
 
 #[tokio::main]
@@ -209,6 +227,9 @@ async fn run(args: &Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Scheduling) {
         run_scheduling(args).await?;
+    }
+    if matches!(args.only, Only::All | Only::Pods) {
+        run_pods(args).await?;
     }
     if matches!(args.only, Only::All | Only::Placement) {
         let plan = placement::PlacementPlan {
@@ -312,6 +333,39 @@ async fn run_billing(args: &Args) -> Result<()> {
         r = billing::run(&plan, &db.url, figure) => r,
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_pods(args: &Args) -> Result<()> {
+    let hint = "set KILN_API_BIN / KILN_SCHEDULER_BIN / KILN_AGENT_BIN";
+    let api = sibling(&args.api_bin, "kiln-api", hint)?;
+    let scheduler = sibling(&args.scheduler_bin, "kiln-scheduler", hint)?;
+    let agent = sibling(&args.agent_bin, "kiln-agent", hint)?;
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let plan = pods::PodsPlan {
+        pods: args.pods,
+        warmup: 3,
+        image: args.pods_image.clone(),
+        startup: Duration::from_secs(args.startup_timeout_secs),
+    };
+    let bins = pods::Binaries {
+        api: &api,
+        scheduler: &scheduler,
+        agent: &agent,
+    };
+    let mut children = Vec::new();
+    let outcome = tokio::select! {
+        r = pods::run(&plan, &bins, &db.url, &args.redis_url, &run_id, &mut children, figure) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
+    // The agent first, so it does not fight the control plane going away.
+    for child in children.into_iter().rev() {
+        server::stop(child).await;
+    }
     if let Err(err) = db.drop_database().await {
         eprintln!("kiln-bench: warning: {err:#}");
     }

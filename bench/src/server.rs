@@ -118,7 +118,7 @@ pub async fn start(
         .env("KILN_API_LISTEN", addr.to_string())
         .env("REDIS_URL", redis_url)
         .env("KILN_PUBLIC_URL", &public_url)
-        .env("KILN_RATE_LIMIT_NAMESPACE", format!("bench-{run_id}"))
+        .env("KILN_REDIS_NAMESPACE", format!("bench-{run_id}"))
         .env("KILN_LOGIN_LIMIT_PER_IP", "1000000")
         .env("KILN_LOGIN_LIMIT_PER_ACCOUNT", "1000000")
         .env("KILN_SIGNUP_LIMIT_PER_IP", "1000000");

@@ -373,12 +373,66 @@ impl Client {
             }
             return serde_json::from_slice(&bytes).map_err(|_| ClientError::BadResponse { status });
         }
-        let mut problem: Problem = serde_json::from_slice(&bytes).unwrap_or_else(|_| Problem {
+        Err(api_error(status, &bytes))
+    }
+
+    /// An authenticated `GET` whose answer is read as it comes (plain text, or server-sent
+    /// events with `Accept: text/event-stream`): the response, once its status is a success.
+    /// No overall timeout; `last_event_id` resumes an event stream.
+    pub async fn open_stream(
+        &mut self,
+        path: &str,
+        query: &[(&str, String)],
+        last_event_id: Option<&str>,
+    ) -> Result<reqwest::Response> {
+        let mut refreshed = false;
+        loop {
+            let token = self.token().await?;
+            let url = format!("{}{}", self.base, path);
+            let mut req = self
+                .http
+                .get(&url)
+                .query(query)
+                .bearer_auth(&token)
+                .timeout(Duration::from_secs(365 * 24 * 3600))
+                .header(
+                    "accept",
+                    "text/event-stream, text/plain, application/problem+json",
+                );
+            if let Some(id) = last_event_id {
+                req = req.header("last-event-id", id);
+            }
+            let resp = req.send().await.map_err(|e| ClientError::Transport {
+                url: self.base.clone(),
+                reason: root_cause(&e),
+            })?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            if status == StatusCode::UNAUTHORIZED
+                && !refreshed
+                && matches!(self.credential, Credential::Session(_))
+            {
+                refreshed = true;
+                self.refresh(Some(&token)).await?;
+                continue;
+            }
+            let bytes = resp.bytes().await.unwrap_or_default();
+            return Err(api_error(status, &bytes));
+        }
+    }
+}
+
+/// A failed answer as the error the CLI shows (the problem document when there is one).
+fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    {
+        let mut problem: Problem = serde_json::from_slice(bytes).unwrap_or_else(|_| Problem {
             title: status
                 .canonical_reason()
                 .unwrap_or("Request failed")
                 .to_owned(),
-            detail: String::from_utf8_lossy(&bytes)
+            detail: String::from_utf8_lossy(bytes)
                 .chars()
                 .take(300)
                 .collect::<String>()
@@ -387,10 +441,10 @@ impl Client {
             ..Problem::default()
         });
         problem.status = status.as_u16();
-        Err(ClientError::Api {
+        ClientError::Api {
             problem,
             hint: None,
-        })
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 mod billing;
 mod client;
 mod config;
+mod endpoints;
 mod output;
 mod pods;
 
@@ -81,6 +82,11 @@ enum Command {
     Pods {
         #[command(subcommand)]
         command: Option<pods::PodsCommand>,
+    },
+    /// Endpoints: model servers of the org behind the gateway [default: list].
+    Endpoints {
+        #[command(subcommand)]
+        command: Option<endpoints::EndpointsCommand>,
     },
     /// GPU types with their MIG profiles, prices and what is free of each right now.
     GpuTypes,
@@ -350,6 +356,13 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Command::Pods { command } => {
             pods::run(&mut ctx, command.unwrap_or(pods::PodsCommand::List)).await
+        }
+        Command::Endpoints { command } => {
+            endpoints::run(
+                &mut ctx,
+                command.unwrap_or(endpoints::EndpointsCommand::List),
+            )
+            .await
         }
         Command::GpuTypes => gpu_types(&mut ctx).await,
         Command::Billing { command } => {

@@ -9,6 +9,8 @@ use crate::output::{self, Format, cell, when};
 use crate::{Ctx, items};
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `Create` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum PodsCommand {
     /// List the org's pods, newest first.
     List,
@@ -49,6 +51,10 @@ pub enum PodsCommand {
         /// Run on spot capacity (cheaper; may be preempted).
         #[arg(long)]
         spot: bool,
+        /// When the main process exits: on-failure (restart up to 3 times), always, never
+        /// [server default: on-failure].
+        #[arg(long, value_name = "POLICY", value_parser = ["on-failure", "always", "never"])]
+        restart: Option<String>,
         /// The command and its arguments, after `--` [default: the image's].
         #[arg(last = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -57,6 +63,18 @@ pub enum PodsCommand {
     Get {
         #[arg(value_name = "POD_ID")]
         id: String,
+    },
+    /// The pod's output (stdout and stderr): the last lines, or `-f` to follow it live until the
+    /// pod ends. Lines the container wrote to stderr go to stderr.
+    Logs {
+        #[arg(value_name = "POD_ID")]
+        id: String,
+        /// Keep following new output until the pod ends (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+        /// How many recent lines to show first (0–5000).
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
     },
     /// Delete a pod: it is stopped and its GPUs are freed at once.
     Delete {
@@ -79,6 +97,7 @@ pub async fn run(ctx: &mut Ctx, command: PodsCommand) -> Result<()> {
             secret_env,
             ports,
             spot,
+            restart,
             command,
         } => {
             let mut body = json!({ "name": name, "image": image });
@@ -107,10 +126,138 @@ pub async fn run(ctx: &mut Ctx, command: PodsCommand) -> Result<()> {
             if spot {
                 body["spot"] = json!(true);
             }
+            if let Some(r) = restart {
+                body["restart_policy"] = json!(r.replace('-', "_"));
+            }
             create(ctx, &body).await
         }
         PodsCommand::Get { id } => get(ctx, &id).await,
+        PodsCommand::Logs { id, follow, tail } => logs(ctx, &id, follow, tail).await,
         PodsCommand::Delete { id } => delete(ctx, &id).await,
+    }
+}
+
+/// Attempts to reconnect a dropped follow stream before giving up.
+const FOLLOW_RETRIES: u32 = 5;
+
+async fn logs(ctx: &mut Ctx, id: &str, follow: bool, tail: u32) -> Result<()> {
+    use std::io::Write;
+    let org = ctx.org().await?;
+    let path = format!("/v1/orgs/{}/pods/{}/logs", seg(&org), seg(id));
+    let mut query = vec![("tail", tail.to_string())];
+    if !follow {
+        let resp = ctx.client.open_stream(&path, &query, None).await?;
+        let text = resp.text().await?;
+        if ctx.format == Format::Json {
+            for line in text.lines() {
+                output::json(&json!({ "text": line }));
+            }
+        } else {
+            print!("{text}");
+        }
+        return Ok(());
+    }
+    query.push(("follow", "true".into()));
+    let mut last_id: Option<String> = None;
+    let mut failures = 0;
+    loop {
+        let mut resp = match ctx
+            .client
+            .open_stream(&path, &query, last_id.as_deref())
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.status().is_none() && failures < FOLLOW_RETRIES => {
+                failures += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(u64::from(failures))).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut events = SseParser::default();
+        let ended = loop {
+            match resp.chunk().await {
+                Ok(Some(bytes)) => {
+                    failures = 0;
+                    for event in events.push(&String::from_utf8_lossy(&bytes)) {
+                        if event.name != "log" {
+                            continue;
+                        }
+                        if let Some(id) = event.id {
+                            last_id = Some(id);
+                        }
+                        let line: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+                        if ctx.format == Format::Json {
+                            output::json(&line);
+                        } else if line["source"] == "stderr" {
+                            eprintln!("{}", cell(&line, "text"));
+                        } else {
+                            println!("{}", line["text"].as_str().unwrap_or_default());
+                        }
+                    }
+                    let _ = std::io::stdout().flush();
+                }
+                Ok(None) => break true,
+                Err(_) => break false,
+            }
+        };
+        if ended {
+            // The server ends the stream once the pod has ended and its last lines are out.
+            return Ok(());
+        }
+        failures += 1;
+        if failures > FOLLOW_RETRIES {
+            bail!("lost the log stream {FOLLOW_RETRIES} times in a row; giving up");
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    pub name: String,
+    pub id: Option<String>,
+    pub data: String,
+}
+
+/// Splits a server-sent-event stream into events as its text arrives in arbitrary chunks.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    buf: String,
+}
+
+impl SseParser {
+    pub fn push(&mut self, text: &str) -> Vec<SseEvent> {
+        self.buf.push_str(&text.replace("\r\n", "\n"));
+        let mut out = Vec::new();
+        while let Some(end) = self.buf.find("\n\n") {
+            let block: String = self.buf.drain(..end + 2).collect();
+            let mut event = SseEvent {
+                name: "message".into(),
+                ..SseEvent::default()
+            };
+            let mut data: Vec<&str> = Vec::new();
+            for line in block.lines() {
+                if line.starts_with(':') {
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event.name = value.to_owned(),
+                    "id" => event.id = Some(value.to_owned()),
+                    "data" => data.push(value),
+                    _ => {}
+                }
+            }
+            if data.is_empty() && event.id.is_none() {
+                continue; // a keep-alive comment
+            }
+            event.data = data.join("\n");
+            out.push(event);
+        }
+        out
     }
 }
 
@@ -387,6 +534,28 @@ mod tests {
         for bad in [":2", "h100-80gb:two", "h100-80gb:mig=", "h100-80gb:share=x"] {
             assert!(parse_gpu(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn server_sent_events_split_across_chunks() {
+        let mut p = SseParser::default();
+        assert!(p.push("event: log\nid: 1-0\ndata: {\"te").is_empty());
+        let got = p.push("xt\":\"a\"}\n\n: keep-alive\n\nevent: log\r\ndata: b\r\n\r\n");
+        assert_eq!(
+            got,
+            vec![
+                SseEvent {
+                    name: "log".into(),
+                    id: Some("1-0".into()),
+                    data: "{\"text\":\"a\"}".into()
+                },
+                SseEvent {
+                    name: "log".into(),
+                    id: None,
+                    data: "b".into()
+                },
+            ]
+        );
     }
 
     #[test]

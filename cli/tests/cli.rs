@@ -925,6 +925,176 @@ async fn pods_are_created_listed_shown_and_deleted(pool: sqlx::PgPool) {
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn pod_logs_show_recent_lines_and_follow_until_the_pod_ends(pool: sqlx::PgPool) {
+    use tokio::io::AsyncBufReadExt;
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let created = kiln
+        .run(&[
+            "pods",
+            "create",
+            "talker",
+            "--image",
+            "kiln/demo-model:1",
+            "--restart",
+            "never",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok();
+    let pod = created.json();
+    assert_eq!(pod["restart_policy"], "never");
+    let id = pod["id"].as_str().unwrap().to_owned();
+
+    // What an agent pushes through the fleet service lands in this store.
+    let logs =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .unwrap();
+    let uuid = id.parse::<kiln_domain::PodId>().unwrap().as_uuid();
+    let push = |text: &'static str, source: kiln_logs::Source| {
+        let logs = logs.clone();
+        async move {
+            logs.append(
+                uuid,
+                &[kiln_logs::NewLine {
+                    source,
+                    text,
+                    at_unix_ms: 1,
+                }],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    push("one", kiln_logs::Source::Stdout).await;
+    push("two", kiln_logs::Source::Stdout).await;
+    push("oops", kiln_logs::Source::Stderr).await;
+
+    let recent = kiln.run(&["pods", "logs", &id, "--tail", "2"]).await.ok();
+    assert_eq!(recent.stdout, "two\noops\n");
+
+    // Following: the backlog, then a line pushed while it waits; it ends with the pod.
+    let mut follow = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["pods", "logs", "-f", &id])
+        .env("HOME", kiln.home.path())
+        .env("XDG_CONFIG_HOME", kiln.home.path().join("config"))
+        .env("KILN_API_URL", &kiln.url)
+        .env_remove("KILN_API_KEY")
+        .env_remove("KILN_ORG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(20), out.next_line())
+            .await
+            .expect("a line within 20 s")
+            .unwrap()
+    };
+    assert_eq!(next().await.as_deref(), Some("one"));
+    assert_eq!(next().await.as_deref(), Some("two"));
+    push("live line", kiln_logs::Source::Stdout).await;
+    assert_eq!(next().await.as_deref(), Some("live line"));
+    kiln.run(&["pods", "delete", &id]).await.ok();
+    assert_eq!(next().await, None, "the stream ends with the pod");
+    let status = tokio::time::timeout(Duration::from_secs(20), follow.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut follow.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(err.contains("oops"), "stderr lines go to stderr: {err}");
+
+    let bad = kiln.run(&["pods", "logs", &id, "--tail", "9999"]).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("tail"), "{}", bad.stderr);
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let created = kiln
+        .run(&[
+            "endpoints",
+            "create",
+            "llm",
+            "--image",
+            "kiln/demo-model:1",
+            "--gpu",
+            "h100-80gb:1",
+            "--port",
+            "8000",
+            "--min-replicas",
+            "0",
+            "--max-replicas",
+            "3",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok();
+    let ep = created.json();
+    let id = ep["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ep_"), "{ep}");
+    assert_eq!(ep["state"], "idle", "min 0: no replica yet");
+    assert!(
+        ep["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/v1/endpoints/{id}"))
+    );
+
+    let table = kiln.run(&["endpoints"]).await.ok();
+    assert!(table.stdout.contains("llm"), "{}", table.stdout);
+    assert!(
+        table.stdout.contains("0 running / 0 of 0..3"),
+        "{}",
+        table.stdout
+    );
+    let shown = kiln.run(&["endpoints", "get", &id]).await.ok();
+    assert!(shown.stdout.contains("/v1/endpoints/"), "{}", shown.stdout);
+
+    let bad = kiln
+        .run(&[
+            "endpoints",
+            "create",
+            "x",
+            "--image",
+            "app",
+            "--port",
+            "70000",
+        ])
+        .await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("port"), "{}", bad.stderr);
+
+    let deleted = kiln.run(&["endpoints", "delete", &id]).await.ok();
+    assert!(
+        deleted.stdout.contains("Deleted endpoint llm"),
+        "{}",
+        deleted.stdout
+    );
+    let list = kiln.run(&["endpoints", "-o", "json"]).await.ok();
+    assert!(
+        items(&list.json()).is_empty(),
+        "deleted endpoints are not listed"
+    );
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn operators_credit_orgs_and_tenants_see_their_balance(pool: sqlx::PgPool) {
     let app = TestApp::spawn(pool).await;
     let hash = app.state.hasher.hash("operator password 123").unwrap();

@@ -810,3 +810,479 @@ async fn the_fleet_page_is_for_operators_only(pool: PgPool) {
     assert!(html.contains("id=\"alert\""), "{html}");
     assert!(html.contains("is retired"), "{html}");
 }
+
+// ---- pods ----
+
+/// The image the new-pod form offers first (as the server decides it).
+fn demo_image() -> String {
+    std::env::var("KILN_DEMO_IMAGE")
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "kiln/demo-model:1".to_owned())
+}
+
+/// Wait until the element `css` reads `want` (the page changing by itself, no reload).
+async fn wait_for_text(b: &Browser, css: &str, want: &str) {
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + kiln_tests::STEP;
+    loop {
+        if let Ok(el) = b.client.find(fantoccini_css(css)).await
+            && let Ok(text) = el.text().await
+        {
+            if text.trim() == want {
+                return;
+            }
+            last = text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{css}` still reads `{last}`, not `{want}`"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Wait until the logs panel holds a line reading `text`; returns that line element.
+async fn wait_for_log_line(b: &Browser, text: &str) -> kiln_tests::fantoccini::elements::Element {
+    let deadline = tokio::time::Instant::now() + kiln_tests::STEP;
+    loop {
+        for line in b
+            .client
+            .find_all(fantoccini_css("#pod-logs .log-line"))
+            .await
+            .unwrap_or_default()
+        {
+            let Ok(t) = line.find(fantoccini_css(".log-text")).await else {
+                continue;
+            };
+            if t.text().await.unwrap_or_default() == text {
+                return line;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no log line `{text}` appeared: {}",
+            b.client
+                .find(fantoccini_css("#pod-logs"))
+                .await
+                .expect("the logs panel")
+                .text()
+                .await
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Lines in the log store, as the fleet service leaves an agent's `PushLogs`.
+async fn push_log_lines(app: &TestApp, pod: &str, lines: &[(kiln_logs::Source, &str)]) {
+    let store =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .expect("the log store");
+    let pod: kiln_domain::PodId = pod.parse().expect("a pod id");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let new: Vec<kiln_logs::NewLine<'_>> = lines
+        .iter()
+        .map(|(source, text)| kiln_logs::NewLine {
+            source: *source,
+            text,
+            at_unix_ms: now,
+        })
+        .collect();
+    store.append(pod.as_uuid(), &new).await.expect("append");
+}
+
+/// A newcomer signs up, opens Pods, gets a field error for a bad image, launches the demo image
+/// with a secret, and watches the page follow the pod without reloading: placed by the
+/// scheduler, running with its port, its output streaming in (stderr set apart), deleted.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_newcomer_launches_a_pod_and_watches_it_live(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let driver = Chromedriver::start().await;
+    let b = Browser::open(&driver, "pods").await;
+    let email = "lin@example.com";
+    let password = "first-light-of-day";
+    let secret = "hf_do-not-echo-4242";
+
+    b.goto(&format!("{}/signup", app.url)).await;
+    b.fill("#name", "Lin").await;
+    b.fill("#email", email).await;
+    b.fill("#password", password).await;
+    b.click("#create-account").await;
+    b.wait_for("#login-form").await;
+    b.fill("#email", email).await;
+    b.fill("#password", password).await;
+    b.click("#sign-in").await;
+    b.wait_for("#org-list").await;
+    let org = b
+        .wait_for("#org-switcher option[data-personal]")
+        .await
+        .attr("value")
+        .await
+        .expect("attr")
+        .expect("the personal org");
+    b.goto(&format!("{}/orgs/{org}", app.url)).await;
+
+    // Pods: none yet, and the form has the demo image filled in.
+    b.click("#tab-pods").await;
+    b.wait_for_path(&format!("/orgs/{org}/pods")).await;
+    assert!(b.text("#no-pods").await.contains("No pods yet"));
+    assert_eq!(b.value("#pod-image").await, demo_image());
+    let gpu_types = b.text("#pod-gpu-type").await;
+    assert!(gpu_types.contains("h100-80gb"), "GPU types: {gpu_types}");
+    b.screenshot("pods-empty").await;
+
+    // A bad image: the message is beside the field, the rest of the input kept, the secret not.
+    b.fill("#pod-name", "demo").await;
+    b.fill("#pod-image", "UPPER CASE").await;
+    b.fill("#pod-env-secret", &format!("HF_TOKEN={secret}"))
+        .await;
+    b.click("#create-pod").await;
+    let error = b.text("#pod-image-error").await;
+    assert!(
+        error.starts_with("Image must be an image reference"),
+        "image error: {error}"
+    );
+    assert_eq!(b.value("#pod-name").await, "demo", "the name is kept");
+    assert_eq!(b.value("#pod-image").await, "UPPER CASE");
+    assert_eq!(
+        b.value("#pod-env-secret").await,
+        "HF_TOKEN=",
+        "the secret's name is kept, never its value"
+    );
+    assert!(!b.client.source().await.expect("html").contains(secret));
+    b.screenshot("pod-bad-image").await;
+
+    // Launch it: one whole H100, port 8000, a plain and a secret variable.
+    b.fill("#pod-image", &demo_image()).await;
+    b.wait_for("#pod-gpu-type")
+        .await
+        .select_by_value("h100-80gb")
+        .await
+        .expect("pick the GPU type");
+    b.fill("#pod-gpu-count", "1").await;
+    b.fill("#pod-ports", "8000").await;
+    b.fill("#pod-env", "MODEL=tiny").await;
+    b.fill("#pod-env-secret", &format!("HF_TOKEN={secret}"))
+        .await;
+    b.wait_for("#pod-restart")
+        .await
+        .select_by_value("always")
+        .await
+        .expect("pick a restart policy");
+    b.click("#create-pod").await;
+    let notice = b.text("#notice").await;
+    assert!(notice.contains("Created the pod demo"), "notice: {notice}");
+    assert_eq!(b.text("#pod-state").await, "pending");
+    let pod = b.text("#pod-id").await;
+    assert!(pod.starts_with("pod_"), "pod id: {pod}");
+    assert_eq!(b.text("#pod-restart-policy").await, "always");
+    assert_eq!(
+        b.text("#pod-env tr[data-key='MODEL'] td:last-child").await,
+        "tiny"
+    );
+    assert_eq!(
+        b.text("#pod-env tr[data-key='HF_TOKEN'] td:last-child")
+            .await,
+        "•••• (secret)"
+    );
+    assert!(
+        !b.client.source().await.expect("html").contains(secret),
+        "the secret value is nowhere in the page"
+    );
+    // The live stream is connected.
+    wait_for_text(&b, "#live-status", "● live").await;
+    b.screenshot("pod-pending").await;
+
+    // Anything below happens without a reload: this mark would be gone after one.
+    b.client
+        .execute("window.kilnNoReload = true; return true;", vec![])
+        .await
+        .expect("mark the page");
+
+    // A node joins and the scheduler places the pod: the badge and the node change live.
+    let node = kiln_testkit::fleet::registered_node(app.store(), "gpu-node-1", 2, false).await;
+    kiln_scheduler::Placer::new(app.store().clone())
+        .pass()
+        .await
+        .expect("a scheduling pass");
+    wait_for_text(&b, "#pod-state", "scheduled").await;
+    assert_eq!(b.text("#pod-node").await, node.to_string());
+    let gpus = b.text("#pod-gpus").await;
+    assert!(gpus.starts_with("GPU-gpu-node-1-"), "GPUs held: {gpus}");
+    assert_eq!(b.text("#pod-ports").await, "8000 (not bound yet)");
+    b.screenshot("pod-scheduled").await;
+
+    // The node's agent reports it running with port 8000 bound: the address appears as a link.
+    let assignment = app
+        .store()
+        .assignment_list(node)
+        .await
+        .expect("assignments")
+        .pop()
+        .expect("the pod's assignment");
+    app.store()
+        .observed_report(
+            node,
+            u64::try_from(assignment.revision).unwrap_or_default(),
+            &[kiln_store::ObservedRecord {
+                assignment_id: assignment.id,
+                generation: assignment.generation,
+                state: "running",
+                reason: "container started".into(),
+                exit_code: None,
+                ports: json!([{"port": 8000, "protocol": "tcp", "host_port": 31000}]),
+                observed_at: time::OffsetDateTime::now_utc(),
+                runtime_ms: 0,
+            }],
+            false,
+        )
+        .await
+        .expect("report");
+    wait_for_text(&b, "#pod-state", "running").await;
+    assert_eq!(b.text("#pod-reason").await, "container started");
+    let link = b.wait_for("#pod-ports a").await;
+    assert_eq!(link.text().await.expect("text"), "gpu-node-1:31000");
+    assert_eq!(
+        link.attr("href").await.expect("href").as_deref(),
+        Some("http://gpu-node-1:31000/")
+    );
+    b.screenshot("pod-running").await;
+
+    // Its output streams into the logs panel; stderr is set apart.
+    push_log_lines(
+        &app,
+        &pod,
+        &[
+            (kiln_logs::Source::Stdout, "loading the tiny model"),
+            (
+                kiln_logs::Source::Stderr,
+                "warning: no GPU kernels, using CPU",
+            ),
+        ],
+    )
+    .await;
+    let out = wait_for_log_line(&b, "loading the tiny model").await;
+    let err = wait_for_log_line(&b, "warning: no GPU kernels, using CPU").await;
+    assert_eq!(
+        err.attr("data-source").await.expect("attr").as_deref(),
+        Some("stderr")
+    );
+    let out_colour = out
+        .find(fantoccini_css(".log-text"))
+        .await
+        .expect("text")
+        .css_value("color")
+        .await
+        .expect("colour");
+    let err_colour = err
+        .find(fantoccini_css(".log-text"))
+        .await
+        .expect("text")
+        .css_value("color")
+        .await
+        .expect("colour");
+    assert_ne!(out_colour, err_colour, "stderr looks different");
+    push_log_lines(
+        &app,
+        &pod,
+        &[(kiln_logs::Source::Stdout, "serving on :8000")],
+    )
+    .await;
+    wait_for_log_line(&b, "serving on :8000").await;
+    b.client
+        .execute(
+            "document.querySelector('.logs-card').scrollIntoView(); return true;",
+            vec![],
+        )
+        .await
+        .expect("scroll to the logs");
+    b.screenshot("pod-logs").await;
+    let still_here = b
+        .client
+        .execute("return window.kilnNoReload === true;", vec![])
+        .await
+        .expect("read the mark");
+    assert_eq!(still_here, json!(true), "the page never reloaded");
+
+    // Delete it: terminated, and the Delete button is gone.
+    b.client
+        .execute("window.scrollTo(0, 0); return true;", vec![])
+        .await
+        .expect("scroll to the top");
+    b.click("#delete-pod").await;
+    b.accept_dialog().await;
+    let notice = b.text("#notice").await;
+    assert!(notice.contains("Deleted the pod demo"), "notice: {notice}");
+    wait_for_text(&b, "#pod-state", "terminated").await;
+    assert!(
+        b.client.find(fantoccini_css("#delete-pod")).await.is_err(),
+        "no Delete button on a terminated pod"
+    );
+    // The last lines are still shown, and the panel says the pod has ended.
+    wait_for_log_line(&b, "serving on :8000").await;
+    wait_for_text(
+        &b,
+        "#logs-status",
+        "The pod has ended; these are its last lines.",
+    )
+    .await;
+    b.client
+        .execute("window.scrollTo(0, 0); return true;", vec![])
+        .await
+        .expect("scroll to the top");
+    b.screenshot("pod-deleted").await;
+
+    // The list shows it terminated, with its GPU.
+    b.click("#back-to-pods").await;
+    let row = format!("#pods tr[data-pod='{pod}']");
+    assert_eq!(b.text(&format!("{row} .pod-state")).await, "terminated");
+    assert!(b.text(&row).await.contains("1 × h100-80gb"));
+    b.screenshot("pods-list").await;
+
+    b.close().await;
+    drop(driver);
+    app.stop().await;
+}
+
+/// Without a browser: another org's pod is the console's not-found page (the page, its
+/// streams and its delete), a cross-site form cannot launch a pod, and viewers get no form.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn pod_pages_are_for_the_pods_org_only(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let grace = app.user("grace").await;
+    let http = no_redirects();
+    let (status, theirs) = app
+        .post(
+            &format!("/v1/orgs/{}/pods", grace.org_id),
+            &grace.access_token,
+            json!({"name": "private", "image": "kiln/demo-model:1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{theirs}");
+    let theirs = theirs["id"].as_str().expect("an id").to_owned();
+    let cookies = cookie_header(&console_login(&app, &ada.email, &ada.password).await);
+
+    for path in [
+        format!("/orgs/{}/pods/{theirs}", grace.org_id),
+        format!("/orgs/{}/pods/{theirs}", ada.org_id),
+        format!("/orgs/{}/pods/{theirs}/events", ada.org_id),
+        format!("/orgs/{}/pods/{theirs}/logs", grace.org_id),
+        format!("/orgs/{}/pods", grace.org_id),
+        format!("/orgs/{}/pods/pod_not-an-id", ada.org_id),
+    ] {
+        let resp = http
+            .get(format!("{}{path}", app.url))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let body = resp.text().await.expect("body");
+        assert!(
+            body.contains("Not found") && !body.contains("private"),
+            "{path}: {body}"
+        );
+    }
+    let resp = http
+        .post(format!(
+            "{}/orgs/{}/pods/{theirs}/delete",
+            app.url, grace.org_id
+        ))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("POST delete");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let (_, pod) = app
+        .get(
+            &format!("/v1/orgs/{}/pods/{theirs}", grace.org_id),
+            &grace.access_token,
+        )
+        .await;
+    assert_eq!(pod["state"], "pending", "still there: {pod}");
+
+    // Signed out, the streams send you to sign in like any page.
+    let resp = http
+        .get(format!(
+            "{}/orgs/{}/pods/{theirs}/events",
+            app.url, grace.org_id
+        ))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+
+    // Another site cannot launch a pod with Ada's cookies.
+    let form = [("name", "phished"), ("image", "kiln/demo-model:1")];
+    let resp = http
+        .post(format!("{}/orgs/{}/pods", app.url, ada.org_id))
+        .header("cookie", &cookies)
+        .header("origin", "http://evil.example")
+        .form(&form)
+        .send()
+        .await
+        .expect("POST pods");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let (_, list) = app
+        .get(&format!("/v1/orgs/{}/pods", ada.org_id), &ada.access_token)
+        .await;
+    assert_eq!(list["items"], json!([]), "no pod was made: {list}");
+
+    // Grace's own view of it streams over her session: the stream says what it is.
+    let own = cookie_header(&console_login(&app, &grace.email, &grace.password).await);
+    let resp = http
+        .get(format!(
+            "{}/orgs/{}/pods/{theirs}/events",
+            app.url, grace.org_id
+        ))
+        .header("cookie", &own)
+        .send()
+        .await
+        .expect("GET events");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("text/event-stream")
+    );
+    let mut resp = resp;
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), resp.chunk())
+        .await
+        .expect("an event within 10 s")
+        .expect("a chunk")
+        .expect("not the end");
+    // Leave, or the server's graceful stop would wait for the open stream.
+    drop(resp);
+    let first = String::from_utf8_lossy(&first);
+    assert!(
+        first.contains("event: pod") && first.contains("\"state\":\"pending\""),
+        "{first}"
+    );
+
+    // A viewer sees the pods but no form; posting anyway is refused by the ops.
+    app.add_member(&grace, &grace.org_id, &ada, "viewer").await;
+    let page = http
+        .get(format!("{}/orgs/{}/pods", app.url, grace.org_id))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("GET pods");
+    assert_eq!(page.status(), StatusCode::OK);
+    let html = page.text().await.expect("body");
+    assert!(html.contains("private") && !html.contains("new-pod-form"));
+    let resp = http
+        .post(format!("{}/orgs/{}/pods", app.url, grace.org_id))
+        .header("cookie", &cookies)
+        .form(&form)
+        .send()
+        .await
+        .expect("POST pods");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+
+    app.stop().await;
+}

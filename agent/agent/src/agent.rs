@@ -33,6 +33,19 @@ use crate::{capacity, convert, load};
 
 /// How long a TCP (and HTTP/2) connect may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most lines sent in one `LogBatch`.
+const LOG_BATCH_LINES: usize = 512;
+/// Pause before pushing output again after the control plane refused it.
+const LOG_RETRY: Duration = Duration::from_secs(5);
+
+/// Completes when the runtime says a workload changed; never without a runtime that says so.
+async fn runtime_changed(changes: Option<&tokio::sync::Notify>) {
+    match changes {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// HTTP/2 PING interval and how long to wait for its answer: a cut network is noticed within
 /// about ten seconds even while no call is in flight.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
@@ -295,7 +308,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
             state.save(&state_path)?;
         }
         d.spawn_reconciler();
+        d.spawn_event_watch();
     }
+    let changes = docker.as_ref().map(|d| d.changes());
+    let log_lines = docker
+        .as_ref()
+        .and_then(|d| d.log_lines())
+        .map(|rx| Arc::new(Mutex::new(rx)));
     let runtime = crate::runtime::NodeRuntime::restore(docker, &state);
     let agent = Agent {
         endpoint: endpoint(&config.control_plane)?,
@@ -304,6 +323,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
         capacity: capacity::host_capacity(&config.capacity, &config.state_dir),
         metrics_interval: config.metrics_interval(),
         observed_interval: config.observed_interval(),
+        public_address: config.runtime.advertised_address(),
         state_path,
         sampler: Sampler {
             node_id: credential.node_id.clone(),
@@ -317,6 +337,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
         state: Mutex::new(state),
         metrics_unsupported: AtomicBool::new(false),
         observed_unsupported: AtomicBool::new(false),
+        changes,
+        log_lines,
+        logs_unsupported: AtomicBool::new(false),
     };
     agent.set_loads(&*agent.state.lock().await);
     Ok(agent.run_sessions(&shutdown).await)
@@ -494,6 +517,8 @@ struct Agent<R: Runtime> {
     capacity: pb::HostCapacity,
     metrics_interval: Duration,
     observed_interval: Duration,
+    /// Registered as where tenants reach this host's published ports.
+    public_address: String,
     state_path: std::path::PathBuf,
     source: Arc<dyn GpuSource>,
     /// The inventory as last registered (for GPU UUID → index).
@@ -506,6 +531,11 @@ struct Agent<R: Runtime> {
     sampler: Sampler,
     metrics_unsupported: AtomicBool,
     observed_unsupported: AtomicBool,
+    /// Woken when the runtime sees a workload change (a container died): report at once.
+    changes: Option<Arc<tokio::sync::Notify>>,
+    /// Workload output waiting for `PushLogs`.
+    log_lines: Option<Arc<Mutex<tokio::sync::mpsc::Receiver<pb::LogLine>>>>,
+    logs_unsupported: AtomicBool,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -561,6 +591,7 @@ impl<R: Runtime> Agent<R> {
             r = self.heartbeats(client.clone(), heartbeat_interval) => r,
             r = self.watch(client.clone()) => r,
             r = self.metrics(client.clone(), shutdown) => r,
+            r = self.push_logs(client.clone(), shutdown) => r,
             () = async { shutdown.wait().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => Ok(()),
         }
     }
@@ -583,6 +614,7 @@ impl<R: Runtime> Agent<R> {
                 protocol_version: Some(pb::PROTOCOL_VERSION),
                 inventory: Some(inventory),
                 capacity: Some(self.capacity),
+                public_address: self.public_address.clone(),
                 ..Default::default()
             }),
         )
@@ -714,6 +746,74 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
+    /// The `PushLogs` client stream: workload output as it comes, in batches of what is ready.
+    /// A control plane that keeps no logs (UNAVAILABLE) is asked again after a pause; one
+    /// without the call (UNIMPLEMENTED) is not asked again. Never ends the session itself.
+    async fn push_logs(&self, mut client: Client, shutdown: &Shutdown) -> Result<(), SessionError> {
+        let Some(lines) = self.log_lines.clone() else {
+            shutdown.wait().await;
+            return Ok(());
+        };
+        loop {
+            if self.logs_unsupported.load(Ordering::Relaxed) {
+                // Drop output rather than let the runtime's channel fill up.
+                let mut rx = lines.lock().await;
+                loop {
+                    tokio::select! {
+                        line = rx.recv() => if line.is_none() { break },
+                        () = shutdown.wait() => return Ok(()),
+                    }
+                }
+                shutdown.wait().await;
+                return Ok(());
+            }
+            let stop = shutdown.clone();
+            let source = lines.clone();
+            let batches = futures::stream::unfold((), move |()| {
+                let source = source.clone();
+                let stop = stop.clone();
+                async move {
+                    let mut rx = source.lock().await;
+                    let first = tokio::select! {
+                        line = rx.recv() => line?,
+                        () = stop.wait() => return None,
+                    };
+                    let mut batch = vec![first];
+                    while batch.len() < LOG_BATCH_LINES {
+                        match rx.try_recv() {
+                            Ok(line) => batch.push(line),
+                            Err(_) => break,
+                        }
+                    }
+                    Some((pb::LogBatch { lines: batch }, ()))
+                }
+            })
+            .boxed();
+            match client.push_logs(batches).await {
+                Ok(ack) => {
+                    tracing::debug!(accepted = ack.into_inner().accepted, "log stream closed");
+                    if shutdown.requested() {
+                        return Ok(());
+                    }
+                }
+                Err(status) if status.code() == Code::Unimplemented => {
+                    tracing::warn!(
+                        "this control plane does not take workload output (PushLogs is unimplemented); dropping it"
+                    );
+                    self.logs_unsupported.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "workload output not taken; trying again shortly");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(LOG_RETRY) => {}
+                () = shutdown.wait() => return Ok(()),
+            }
+        }
+    }
+
     /// The assignment stream, resumed from the persisted revision, with observed-state
     /// reports after each applied event and on a timer.
     async fn watch(&self, mut client: Client) -> Result<(), SessionError> {
@@ -747,6 +847,9 @@ impl<R: Runtime> Agent<R> {
                     }
                 }
                 _ = timer.tick() => self.report_observed(&mut client).await?,
+                () = runtime_changed(self.changes.as_deref()) => {
+                    self.report_observed(&mut client).await?;
+                }
             }
         }
     }

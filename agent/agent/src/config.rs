@@ -17,6 +17,8 @@
 //! docker = "auto"                     # "auto": Docker if its socket answers, else none; "disabled"
 //! docker_socket = "/var/run/docker.sock"
 //! publish_address = "0.0.0.0"         # where pods' ports are published (ephemeral host ports)
+//! public_address = "gpu-7.example.net" # where tenants reach them [default: publish_address
+//!                                     # unless it is 0.0.0.0 or ::, else the hostname]
 //! reconcile_interval_ms = 10000
 //! read_only_rootfs = false
 //!
@@ -82,11 +84,27 @@ pub struct RuntimeConfig {
     pub docker_socket: PathBuf,
     /// The host address pods' ports are published on (Docker picks the host port).
     pub publish_address: String,
+    /// Where tenants reach those ports (an IP address or DNS name), as the API shows them.
+    /// Empty: `publish_address` when it is a specific address, else the hostname.
+    pub public_address: String,
     /// How often the node is made to match the applied pods (missing containers recreated,
     /// stray ones removed).
     pub reconcile_interval_ms: u64,
     /// Pods' root filesystems read-only (the spec has no such field yet: one switch for all).
     pub read_only_rootfs: bool,
+}
+
+impl RuntimeConfig {
+    /// The address to register as the node's public address ('' for "the hostname").
+    pub fn advertised_address(&self) -> String {
+        if !self.public_address.trim().is_empty() {
+            return self.public_address.trim().to_owned();
+        }
+        match self.publish_address.trim() {
+            "0.0.0.0" | "::" | "[::]" | "" => String::new(),
+            specific => specific.to_owned(),
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -95,6 +113,7 @@ impl Default for RuntimeConfig {
             docker: DockerPolicy::Auto,
             docker_socket: PathBuf::from(crate::docker::DEFAULT_SOCKET),
             publish_address: "0.0.0.0".into(),
+            public_address: String::new(),
             reconcile_interval_ms: 10_000,
             read_only_rootfs: false,
         }
@@ -160,6 +179,7 @@ pub struct Overrides {
     pub simulated_inventory: Option<PathBuf>,
     pub fault_file: Option<PathBuf>,
     pub docker: Option<DockerPolicy>,
+    pub public_address: Option<String>,
 }
 
 impl Config {
@@ -214,6 +234,9 @@ impl Config {
         }
         if let Some(v) = o.docker {
             self.runtime.docker = v;
+        }
+        if let Some(v) = o.public_address {
+            self.runtime.public_address = v;
         }
         if let Some(v) = o.nvml {
             self.gpu.nvml = v;
@@ -384,6 +407,16 @@ fault_file = "/tmp/kiln/a.faults.toml"
             .unwrap();
         assert_eq!(c.runtime.docker, DockerPolicy::Auto);
         assert_eq!(Config::default().runtime.docker, DockerPolicy::Auto);
+        // The advertised address: the publish address when specific, an override first.
+        assert_eq!(c.runtime.advertised_address(), "127.0.0.1");
+        assert_eq!(Config::default().runtime.advertised_address(), "");
+        let c = c
+            .with_overrides(Overrides {
+                public_address: Some("gpu-7.example.net".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(c.runtime.advertised_address(), "gpu-7.example.net");
         assert!(Config::parse("[runtime]\ndocker = \"maybe\"\n", "x").is_err());
     }
 

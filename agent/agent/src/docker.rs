@@ -16,9 +16,17 @@
 //! * GPUs: `NVIDIA_VISIBLE_DEVICES` (the assigned GPU or MIG device UUIDs) and
 //!   `NVIDIA_DRIVER_CAPABILITIES=compute,utility` always; on an NVML host also a device request
 //!   (driver "nvidia") for exactly those UUIDs.
-//! * Restart policy: the spec has none yet, so every pod gets Docker's `on-failure` with at most
-//!   [`DockerSettings::max_restarts`] retries; restarts show in the reason, and a pod that
-//!   exhausted them is `FAILED` with its exit code.
+//! * Restart policy (`PodSpec.restart_policy`): `on-failure` (the default) is Docker's
+//!   `on-failure` with at most [`DockerSettings::max_restarts`] retries, `always` is Docker's
+//!   `always`, `never` is `no`; restarts show in the reason, and a pod that exited for good is
+//!   `FAILED` with its exit code (`STOPPED` for exit 0), OOM said as such.
+//! * Secret env values arrive opened in `env`; a pod whose `env_sealed` is not empty (the
+//!   control plane could not open them) fails with that reason instead of running without them.
+//! * Output: every container of an assignment is tailed into [`LogShipper`] for `PushLogs`.
+//! * Docker's event stream (start, die, oom, destroy of this node's containers) wakes the
+//!   agent's observed-state report ([`DockerRuntime::changes`]), so a crash reaches the control
+//!   plane at once rather than at the next periodic report.
+//! * Each observation carries how long the last converge spent in Docker (`runtime_ms`).
 //! * A reconcile loop (at start and every [`DockerSettings::reconcile_interval`]) adopts
 //!   containers of the applied generation, replaces older ones, recreates missing ones and
 //!   removes this node's containers that no assignment wants.
@@ -35,18 +43,20 @@ use bollard::models::{
     HostConfig, NetworkCreateRequest, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, InspectContainerOptions, InspectNetworkOptions,
-    ListContainersOptions, RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
+    InspectNetworkOptions, ListContainersOptions, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions,
 };
 use futures::StreamExt;
 use kiln_proto::node::v1::assignment::Kind;
 use kiln_proto::node::v1::gpu_allocation::Kind as GpuKind;
 use kiln_proto::node::v1::{
     Assignment, AssignmentSnapshot, ObservedAssignment, ObservedPort, ObservedState, PodSpec,
-    Protocol,
+    Protocol, RestartPolicy as PodRestart,
 };
 use prost::Message;
 
+use crate::logs::LogShipper;
 use crate::runtime::{RuntimeError, now_unix_ms};
 use crate::state::{AppliedState, SpecKind};
 
@@ -195,6 +205,24 @@ fn port_key(port: u32, protocol: i32) -> String {
     format!("{port}/{proto}")
 }
 
+/// Docker's restart policy for a pod's.
+fn restart_policy(pod: &PodSpec, settings: &DockerSettings) -> RestartPolicy {
+    match pod.restart_policy() {
+        PodRestart::Always => RestartPolicy {
+            name: Some(RestartPolicyNameEnum::ALWAYS),
+            maximum_retry_count: None,
+        },
+        PodRestart::Never => RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        },
+        PodRestart::OnFailure | PodRestart::Unspecified => RestartPolicy {
+            name: Some(RestartPolicyNameEnum::ON_FAILURE),
+            maximum_retry_count: Some(i64::from(settings.max_restarts)),
+        },
+    }
+}
+
 /// The container-create body for a pod: everything Docker is told, in one pure function so
 /// tests can check it without an engine (or a GPU).
 pub fn container_config(
@@ -202,6 +230,15 @@ pub fn container_config(
     assignment: &Assignment,
     pod: &PodSpec,
 ) -> Result<ContainerCreateBody, String> {
+    if !pod.env_sealed.is_empty() {
+        let mut keys: Vec<&str> = pod.env_sealed.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        return Err(format!(
+            "the secret env values {} could not be delivered: the control plane could not open \
+             them (kiln-scheduler needs the API's KILN_SECRETS_KEY)",
+            keys.join(", ")
+        ));
+    }
     let org = pod_org(assignment);
     let mut labels = HashMap::from([
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
@@ -271,10 +308,7 @@ pub fn container_config(
         init: Some(settings.init),
         port_bindings: Some(bindings),
         publish_all_ports: Some(false),
-        restart_policy: Some(RestartPolicy {
-            name: Some(RestartPolicyNameEnum::ON_FAILURE),
-            maximum_retry_count: Some(i64::from(settings.max_restarts)),
-        }),
+        restart_policy: Some(restart_policy(pod, settings)),
         device_requests,
         ..Default::default()
     };
@@ -305,6 +339,10 @@ struct Inner {
     progress: Mutex<BTreeMap<String, (u64, Progress)>>,
     removed: Mutex<BTreeMap<String, (u64, Instant)>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per assignment: the generation last converged and the milliseconds it spent in Docker.
+    runtime_ms: Mutex<BTreeMap<String, (u64, u64)>>,
+    logs: LogShipper,
+    changes: Arc<tokio::sync::Notify>,
 }
 
 /// Runs pods as Docker containers. Cheap to clone (shared state).
@@ -352,6 +390,7 @@ fn observed(
         exit_code: None,
         ports: Vec::new(),
         observed_at_unix_ms: now_unix_ms(),
+        runtime_ms: 0,
     }
 }
 
@@ -508,7 +547,63 @@ impl DockerRuntime {
                 progress: Mutex::default(),
                 removed: Mutex::default(),
                 locks: Mutex::default(),
+                runtime_ms: Mutex::default(),
+                logs: LogShipper::new(),
+                changes: Arc::default(),
             }),
+        })
+    }
+
+    /// The pods' output, for `PushLogs` (`None` after the first call: one consumer).
+    pub fn log_lines(&self) -> Option<tokio::sync::mpsc::Receiver<kiln_proto::node::v1::LogLine>> {
+        self.inner.logs.lines()
+    }
+
+    /// Notified when one of this node's containers starts, dies, is OOM-killed or removed.
+    pub fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.changes.clone()
+    }
+
+    /// Follows Docker's event stream for this node's containers (resubscribing after an
+    /// engine restart) and wakes [`Self::changes`], until the runtime is dropped elsewhere.
+    pub fn spawn_event_watch(&self) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let (docker, node, changes) = {
+                    let Some(inner) = weak.upgrade() else { return };
+                    (
+                        inner.docker.clone(),
+                        inner.settings.node_id.clone(),
+                        inner.changes.clone(),
+                    )
+                };
+                let filters = HashMap::from([
+                    ("type".to_owned(), vec!["container".to_owned()]),
+                    ("label".to_owned(), vec![format!("{LABEL_NODE}={node}")]),
+                    (
+                        "event".to_owned(),
+                        ["start", "die", "oom", "destroy"]
+                            .map(str::to_owned)
+                            .to_vec(),
+                    ),
+                ]);
+                let mut events = docker.events(Some(EventsOptions {
+                    filters: Some(filters),
+                    ..Default::default()
+                }));
+                while let Some(event) = events.next().await {
+                    if event.is_err() {
+                        break;
+                    }
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                    changes.notify_one();
+                }
+                // The engine went away (or restarted): try again shortly.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         })
     }
 
@@ -662,6 +757,7 @@ impl DockerRuntime {
             .lock()
             .expect("not poisoned")
             .insert(id.to_owned(), (generation, Instant::now()));
+        self.inner.logs.forget(id);
         Ok(())
     }
 
@@ -725,7 +821,15 @@ impl DockerRuntime {
             return;
         };
         let generation = a.generation;
-        if let Err(reason) = self.converge_locked(&a).await {
+        let started = Instant::now();
+        let converged = self.converge_locked(&a).await;
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner
+            .runtime_ms
+            .lock()
+            .expect("not poisoned")
+            .insert(id.to_owned(), (generation, ms));
+        if let Err(reason) = converged {
             tracing::warn!(assignment = id, generation, %reason, "pod failed to start");
             if self.desired_generation(id) == Some(generation) {
                 self.set_progress(id, generation, Progress::Failed(reason));
@@ -796,6 +900,8 @@ impl DockerRuntime {
             .await
             .map_err(|e| format!("could not create the container: {}", docker_message(&e)))?;
         self.start(&name).await?;
+        // Tail at once: a short-lived container's output is there before any observation.
+        self.inner.logs.follow(docker, id, &name);
         self.clear_progress(id, a.generation);
         tracing::info!(assignment = %id, generation = a.generation, container = %name, "pod container started");
         Ok(())
@@ -1059,7 +1165,23 @@ impl DockerRuntime {
                     );
                 }
                 let ports = pod_of(&a).map(|p| p.ports.as_slice()).unwrap_or(&[]);
-                observe_container(id, a.generation, &c, ports)
+                let started = c.state.as_ref().and_then(|s| s.status)
+                    != Some(ContainerStateStatusEnum::CREATED);
+                if started {
+                    // Tails end when a container stops; a restarted one is followed again.
+                    self.inner.logs.follow(&self.inner.docker, id, &name);
+                }
+                let mut o = observe_container(id, a.generation, &c, ports);
+                o.runtime_ms = self
+                    .inner
+                    .runtime_ms
+                    .lock()
+                    .expect("not poisoned")
+                    .get(id)
+                    .filter(|(g, _)| *g == a.generation)
+                    .map(|(_, ms)| *ms)
+                    .unwrap_or(0);
+                o
             }
             Err(e) if is_not_found(&e) => observed(
                 id,
@@ -1132,6 +1254,8 @@ mod tests {
                     gpu_uuids: vec!["GPU-a".into(), "GPU-b".into()],
                 })),
             }),
+            restart_policy: 0,
+            env_sealed: Default::default(),
         }
     }
 
@@ -1177,6 +1301,37 @@ mod tests {
         let r = h.restart_policy.unwrap();
         assert_eq!(r.name, Some(RestartPolicyNameEnum::ON_FAILURE));
         assert_eq!(r.maximum_retry_count, Some(3));
+    }
+
+    #[test]
+    fn restart_policies_map_to_dockers() {
+        let s = DockerSettings::new("n");
+        let policy = |p: PodRestart| {
+            let mut spec = pod();
+            spec.restart_policy = p as i32;
+            let c = container_config(&s, &assignment(spec.clone()), &spec).unwrap();
+            c.host_config.unwrap().restart_policy.unwrap()
+        };
+        assert_eq!(
+            policy(PodRestart::Always).name,
+            Some(RestartPolicyNameEnum::ALWAYS)
+        );
+        assert_eq!(
+            policy(PodRestart::Never).name,
+            Some(RestartPolicyNameEnum::NO)
+        );
+        let r = policy(PodRestart::OnFailure);
+        assert_eq!(r.name, Some(RestartPolicyNameEnum::ON_FAILURE));
+        assert_eq!(r.maximum_retry_count, Some(3));
+    }
+
+    #[test]
+    fn sealed_env_values_are_never_passed_on() {
+        let mut spec = pod();
+        spec.env_sealed = [("TOKEN".to_owned(), "c2VhbGVk".to_owned())].into();
+        let err = container_config(&DockerSettings::new("n"), &assignment(spec.clone()), &spec)
+            .unwrap_err();
+        assert!(err.contains("TOKEN could not be delivered"), "{err}");
     }
 
     #[test]

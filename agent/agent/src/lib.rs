@@ -27,6 +27,7 @@ pub mod credential;
 pub mod docker;
 mod fsutil;
 pub mod load;
+pub mod logs;
 pub mod runtime;
 pub mod state;
 

@@ -40,6 +40,10 @@ struct Cli {
     /// Whether pods run in Docker: "auto" (if /var/run/docker.sock answers) or "disabled".
     #[arg(long, env = "KILN_AGENT_DOCKER", value_parser = ["auto", "disabled"])]
     docker: Option<String>,
+    /// Where tenants reach pods' published ports on this host (IP or DNS name) [default: the
+    /// publish address if specific, else the hostname].
+    #[arg(long, env = "KILN_AGENT_PUBLIC_ADDRESS")]
+    public_address: Option<String>,
     /// A declared GPU inventory to simulate, on hosts without NVIDIA GPUs.
     #[arg(long, env = "KILN_AGENT_SIMULATED_INVENTORY")]
     simulated_inventory: Option<PathBuf>,
@@ -86,6 +90,7 @@ fn load_config(cli: Cli) -> Result<Config, kiln_agent::config::ConfigError> {
             "disabled" => kiln_agent::config::DockerPolicy::Disabled,
             _ => kiln_agent::config::DockerPolicy::Auto,
         }),
+        public_address: cli.public_address,
     })
 }
 

@@ -78,6 +78,7 @@ impl PlaceholderRuntime {
             },
             exit_code: None,
             ports: Vec::new(),
+            runtime_ms: 0,
             observed_at_unix_ms: now_unix_ms(),
         }
     }

@@ -18,6 +18,7 @@ use kiln_proto::node::v1::{
     Assignment, GpuAllocation, ObservedAssignment, ObservedState, PodSpec, PortSpec, Protocol,
     WholeGpus,
 };
+use kiln_proto::node::v1::{LogSource, RestartPolicy};
 
 const IMAGE: &str = "kiln-test/busybox:1";
 const BUSYBOX: &str = "/bin/busybox";
@@ -139,6 +140,8 @@ fn pod(command: &str) -> PodSpec {
         cpu_millis: 500,
         memory_mib: 64,
         gpus: None,
+        restart_policy: 0,
+        env_sealed: Default::default(),
     }
 }
 
@@ -437,6 +440,130 @@ async fn exits_fail_with_the_exit_code_after_restarts_and_exit_0_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_policy_never_fails_at_once_and_always_restarts_even_after_exit_0() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let never = f.id(1);
+    let always = f.id(2);
+    let mut spec = pod("exit 4");
+    spec.restart_policy = RestartPolicy::Never as i32;
+    rt.apply(&assignment(&never, 1, spec)).await;
+    let mut spec = pod("sleep 0.2; exit 0");
+    spec.restart_policy = RestartPolicy::Always as i32;
+    rt.apply(&assignment(&always, 1, spec)).await;
+
+    let o = wait_for(&rt, &never, "failed", is(ObservedState::Failed)).await;
+    assert_eq!(o.exit_code, Some(4));
+    assert_eq!(o.reason, "container exited 4", "no restarts: {o:?}");
+    // Exit 0 under `always` is restarted, and keeps being restarted.
+    let o = wait_for(&rt, &always, "restarted twice", |o| {
+        restarts(&o.reason) >= 2
+    })
+    .await;
+    assert_ne!(o.state, ObservedState::Stopped as i32, "{o:?}");
+    assert_ne!(o.state, ObservedState::Failed as i32, "{o:?}");
+}
+
+/// The restart count a reason mentions ("… (restarted 2 times)", "… restarting (restart 2)").
+fn restarts(reason: &str) -> u32 {
+    ["restarted ", "(restart "]
+        .iter()
+        .filter_map(|k| reason.split_once(k))
+        .filter_map(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_values_the_control_plane_could_not_open_fail_the_pod_instead_of_running_it() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    let id = f.id(1);
+    let mut spec = pod("sleep 30");
+    spec.env_sealed = [("HF_TOKEN".to_owned(), "c2VhbGVk".to_owned())].into();
+    let o = rt.apply(&assignment(&id, 1, spec)).await;
+    let o = if o.state == ObservedState::Failed as i32 {
+        o
+    } else {
+        wait_for(&rt, &id, "failed", is(ObservedState::Failed)).await
+    };
+    assert!(
+        o.reason.contains("HF_TOKEN could not be delivered"),
+        "{o:?}"
+    );
+    assert_eq!(
+        container_id(&rt, &id).await,
+        None,
+        "never started without its secrets"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_shipped_in_order_with_its_stream_and_a_death_wakes_the_report() {
+    let f = Fixture::new();
+    let rt = f.runtime().await;
+    rt.spawn_event_watch();
+    let changes = rt.changes();
+    let mut lines = rt.log_lines().expect("one consumer");
+    assert!(rt.log_lines().is_none(), "only one consumer");
+    let id = f.id(1);
+    let o = rt
+        .apply(&assignment(
+            &id,
+            1,
+            pod("echo out-1; echo err-1 >&2; echo \"$GREETING\"; sleep 1; exit 7"),
+        ))
+        .await;
+    assert!(o.runtime_ms > 0, "Docker time is measured: {o:?}");
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < 3 {
+        let line = tokio::time::timeout_at(deadline, lines.recv())
+            .await
+            .expect("three lines within 30 s")
+            .expect("channel open");
+        assert_eq!(line.assignment_id, id);
+        got.push((line.source, line.text));
+    }
+    let stdout: Vec<&str> = got
+        .iter()
+        .filter(|(s, _)| *s == LogSource::Stdout as i32)
+        .map(|(_, t)| t.as_str())
+        .collect();
+    assert_eq!(
+        stdout,
+        ["out-1", "hello-kiln"],
+        "stdout in order, env visible inside"
+    );
+    assert!(
+        got.contains(&(LogSource::Stderr as i32, "err-1".to_owned())),
+        "{got:?}"
+    );
+    // The container's exit (Docker's `die` event) wakes the agent's report without a timer:
+    // every wake-up is followed by an observation, until one sees it failed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::timeout_at(deadline, changes.notified())
+            .await
+            .expect("woken by container events within 30 s");
+        let o = rt
+            .observe_all()
+            .await
+            .into_iter()
+            .find(|o| o.assignment_id == id)
+            .expect("observed");
+        if o.state == ObservedState::Failed as i32 {
+            assert_eq!(o.exit_code, Some(7));
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_memory_is_reported_as_such() {
     let f = Fixture::new();
     let rt = f.runtime().await;
@@ -538,5 +665,218 @@ async fn pods_of_different_orgs_cannot_reach_each_other() {
         o.exit_code,
         Some(0),
         "10: own org's pod unreachable, 11: the other org's pod was reachable; {o:?}"
+    );
+}
+
+/// A registry of one image on a loopback port (Docker treats 127.0.0.0/8 registries as
+/// insecure-allowed by default): the schema-2 manifest, config and layer of a local image,
+/// taken from `docker save`. Layers' last 64 KiB wait for `release`, so a test can see the
+/// pull in progress without racing it; `manifest_gets` counts manifest requests.
+struct TinyRegistry {
+    addr: std::net::SocketAddr,
+    release: tokio::sync::watch::Sender<bool>,
+    manifest_gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn tiny_registry(image: &str) -> TinyRegistry {
+    use axum::body::Body;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use futures::StreamExt;
+    use sha2::{Digest, Sha256};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("image.tar");
+    let out = docker(&["save", "-o", &tar.to_string_lossy(), image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let unpacked = Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(unpacked.status.success());
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("manifest.json")).unwrap()).unwrap();
+    let config = std::fs::read(dir.path().join(saved[0]["Config"].as_str().unwrap())).unwrap();
+    let layers: Vec<Vec<u8>> = saved[0]["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| std::fs::read(dir.path().join(l.as_str().unwrap())).unwrap())
+        .collect();
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "size": config.len(),
+            "digest": digest(&config),
+        },
+        // Uncompressed layers under the gzip type: Docker detects the compression itself.
+        "layers": layers.iter().map(|l| serde_json::json!({
+            "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "size": l.len(),
+            "digest": digest(l),
+        })).collect::<Vec<_>>(),
+    })
+    .to_string()
+    .into_bytes();
+    let manifest_digest = digest(&manifest);
+    let mut blobs: std::collections::HashMap<String, (Vec<u8>, bool)> =
+        std::collections::HashMap::new();
+    blobs.insert(digest(&config), (config, false));
+    for l in layers {
+        blobs.insert(digest(&l), (l, true));
+    }
+    let blobs = Arc::new(blobs);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let manifest_gets = Arc::new(AtomicUsize::new(0));
+
+    let (rel, gets) = (released, manifest_gets.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v2/",
+            axum::routing::get(|| async {
+                ([("docker-distribution-api-version", "registry/2.0")], "{}")
+            }),
+        )
+        .route(
+            "/v2/{*rest}",
+            axum::routing::get(
+                move |axum::extract::Path(rest): axum::extract::Path<String>,
+                      method: axum::http::Method| {
+                    let (blobs, manifest, manifest_digest, rel, gets) = (
+                        blobs.clone(),
+                        manifest.clone(),
+                        manifest_digest.clone(),
+                        rel.clone(),
+                        gets.clone(),
+                    );
+                    async move {
+                        let mut headers = HeaderMap::new();
+                        if rest.contains("/manifests/") {
+                            gets.fetch_add(1, Ordering::SeqCst);
+                            headers.insert(
+                                header::CONTENT_TYPE,
+                                "application/vnd.docker.distribution.manifest.v2+json"
+                                    .parse()
+                                    .unwrap(),
+                            );
+                            headers
+                                .insert("docker-content-digest", manifest_digest.parse().unwrap());
+                            return (StatusCode::OK, headers, Body::from(manifest));
+                        }
+                        let Some((_, d)) = rest.rsplit_once("/blobs/") else {
+                            return (StatusCode::NOT_FOUND, headers, Body::empty());
+                        };
+                        let Some((bytes, gated)) = blobs.get(d).cloned() else {
+                            return (StatusCode::NOT_FOUND, headers, Body::empty());
+                        };
+                        headers.insert(header::CONTENT_LENGTH, bytes.len().into());
+                        headers.insert("docker-content-digest", d.parse().unwrap());
+                        if method == axum::http::Method::HEAD {
+                            return (StatusCode::OK, headers, Body::empty());
+                        }
+                        if !gated || bytes.len() <= 65536 {
+                            return (StatusCode::OK, headers, Body::from(bytes));
+                        }
+                        let split = bytes.len() - 65536;
+                        let (head, tail) = (bytes[..split].to_vec(), bytes[split..].to_vec());
+                        let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(head)])
+                            .chain(futures::stream::once(async move {
+                                let mut rel = rel;
+                                let _ = rel.wait_for(|r| *r).await;
+                                Ok(tail)
+                            }));
+                        (StatusCode::OK, headers, Body::from_stream(body))
+                    }
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _keep = dir;
+        axum::serve(listener, app).await.unwrap();
+    });
+    TinyRegistry {
+        addr,
+        release,
+        manifest_gets,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_pulled_with_progress_and_only_when_absent() {
+    let f = Fixture::new();
+    // An image with a layer of its own (a shared layer would be "Already exists", not pulled),
+    // saved for the registry and then removed here, so the agent must pull it.
+    ensure_image();
+    let source = format!("kiln-test/unique-{}:1", f.tag);
+    let ctx = tempfile::tempdir().unwrap();
+    let noise: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ f.tag.len() as u8)
+        .collect();
+    std::fs::write(ctx.path().join("noise"), noise).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!(
+            "FROM {IMAGE}\nCOPY noise /noise\nLABEL kiln.test={}\n",
+            f.tag
+        ),
+    )
+    .unwrap();
+    let built = docker(&["build", "-q", "-t", &source, &ctx.path().to_string_lossy()]);
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let registry = tiny_registry(&source).await;
+    assert!(docker(&["rmi", "-f", &source]).status.success());
+    let image = format!("{}/kiln-test/pulled-{}:1", registry.addr, f.tag);
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = docker(&["rmi", "-f", &self.0]);
+        }
+    }
+    let _rmi = Rmi(image.clone());
+    let rt = f.runtime().await;
+    let first = f.id(1);
+    let mut spec = pod("sleep 300");
+    spec.image = image.clone();
+    rt.apply(&assignment(&first, 1, spec.clone())).await;
+    // Held at the layer's last bytes: the pull is in progress, and says how far.
+    let o = wait_for(&rt, &first, "pulling with a percentage", |o| {
+        o.reason.starts_with("pulling image ") && o.reason.ends_with('%')
+    })
+    .await;
+    assert_eq!(o.state, ObservedState::Starting as i32, "{o:?}");
+    registry.release.send_replace(true);
+    wait_for(&rt, &first, "running", is(ObservedState::Running)).await;
+    let pulls = registry
+        .manifest_gets
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(pulls >= 1);
+
+    // A second pod of the same image starts without asking the registry again.
+    let second = f.id(2);
+    rt.apply(&assignment(&second, 1, spec)).await;
+    wait_for(&rt, &second, "running", is(ObservedState::Running)).await;
+    assert_eq!(
+        registry
+            .manifest_gets
+            .load(std::sync::atomic::Ordering::SeqCst),
+        pulls,
+        "present images are not pulled"
     );
 }

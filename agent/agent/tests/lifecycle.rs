@@ -304,6 +304,9 @@ async fn agents_join_die_resume_are_cut_off_heal_and_report_gpu_faults(pool: PgP
         lifecycle_tick_ms: 100,
         placement_tick_ms: 200,
         node_credential_cache_ms: 60_000,
+        redis_url: None,
+        redis_namespace: "kiln".into(),
+        secrets_key: None,
     };
     config.validate().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -5,8 +5,8 @@
 //! the container.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use kiln_scheduler::{Scheduler, SchedulerConfig};
 use kiln_testkit::TestApp;
@@ -15,35 +15,19 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
-struct Agent(Child);
+mod common;
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Agent, containers_of, until};
 
-async fn until<T>(what: &str, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn containers_of(node: &str) -> usize {
-    let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=kiln.node={node}")])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout).lines().count()
+/// The assignment a pod is placed as (its container is `kiln-<assignment>`).
+async fn running_assignment(store: &kiln_store::Store, pod: &str) -> String {
+    let pod: kiln_domain::PodId = pod.parse().unwrap();
+    let (a,): (uuid::Uuid,) = sqlx::query_as("SELECT assignment_id FROM workloads WHERE id = $1")
+        .bind(pod.as_uuid())
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    kiln_domain::AssignmentId::from_uuid(a).to_string()
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
@@ -77,6 +61,10 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
         lifecycle_tick_ms: 200,
         placement_tick_ms: 200,
         node_credential_cache_ms: 60_000,
+        // The API's Redis namespace (logs) and secrets key (secret env values).
+        redis_url: Some(kiln_testkit::redis_url()),
+        redis_namespace: app.config().redis_namespace.clone(),
+        secrets_key: app.config().secrets_key.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let scheduler = tokio::spawn(
@@ -111,7 +99,7 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
             .arg(dir.path().join("state"))
             .arg("--simulated-inventory")
             .arg(&inventory)
-            .args(["--hostname", &hostname])
+            .args(["--hostname", &hostname, "--public-address", "127.0.0.1"])
             .env_remove("KILN_AGENT_CONFIG")
             .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
             .stdin(Stdio::null())
@@ -143,11 +131,33 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
         .post(
             &pods,
             &ada.access_token,
-            json!({"name": "demo", "image": image, "gpu": {"type": "l40s-48gb", "count": 1}, "ports": [8000]}),
+            json!({
+                "name": "demo", "image": image, "gpu": {"type": "l40s-48gb", "count": 1},
+                "ports": [8000], "restart_policy": "always",
+                "env": {"BANNER": "hello from the tenant", "HF_TOKEN": {"value": "hf_sekrit_42", "secret": true}},
+            }),
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
+    assert_eq!(pod["restart_policy"], "always");
     let id = pod["id"].as_str().unwrap().to_owned();
+
+    // Follow the output from the start, over SSE, while the pod starts.
+    let follow_url = format!("{}{pods}/{id}/logs?follow=true&tail=0", app.url);
+    let follow = reqwest::Client::new()
+        .get(&follow_url)
+        .bearer_auth(&ada.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow.status(), StatusCode::OK);
+    assert!(
+        follow.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut follow = follow.bytes_stream();
 
     let running: Value = until(
         "the pod to run with its port published",
@@ -160,10 +170,13 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     .await;
     assert_eq!(running["node"], node.to_string());
     assert_eq!(running["gpus"].as_array().unwrap().len(), 1);
+    // Reached through the address the API reports (the agent's public address).
+    let host = running["ports"][0]["host"].as_str().unwrap().to_owned();
+    assert_eq!(host, "127.0.0.1", "{running}");
     let port = running["ports"][0]["host_port"].as_u64().unwrap();
     let answer: Value = until("the model to answer", Duration::from_secs(20), async || {
         let r = reqwest::Client::new()
-            .post(format!("http://127.0.0.1:{port}/v1/completions"))
+            .post(format!("http://{host}:{port}/v1/completions"))
             .json(&json!({"prompt": "kiln runs pods"}))
             .send()
             .await
@@ -172,6 +185,68 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     })
     .await;
     assert_eq!(answer["choices"][0]["text"], "pods runs kiln");
+
+    // Its output reaches the tenant: the env-driven banner and the request just served, live
+    // on the follow stream and in the recent lines.
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(seen.contains("banner: hello from the tenant")
+        && seen.contains("POST /v1/completions 200"))
+    {
+        use futures::StreamExt;
+        let chunk = tokio::time::timeout_at(deadline, follow.next())
+            .await
+            .unwrap_or_else(|_| panic!("the followed output within 30 s; got {seen:?}"))
+            .expect("the stream stays open while the pod runs")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("event: log"), "{seen}");
+    let recent = reqwest::Client::new()
+        .get(format!("{}{pods}/{id}/logs?tail=50", app.url))
+        .bearer_auth(&ada.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(recent.status(), StatusCode::OK);
+    let recent = recent.text().await.unwrap();
+    assert!(
+        recent.contains("banner: hello from the tenant\n"),
+        "{recent}"
+    );
+    assert!(recent.contains("POST /v1/completions 200\n"), "{recent}");
+
+    // The secret reached the container, and nothing echoes it: not the API, not the stored
+    // assignment the agent was sent.
+    let inspect = Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{json .Config.Env}}",
+            &format!("kiln-{}", running_assignment(&store, &id).await),
+        ])
+        .output()
+        .unwrap();
+    let env_inside = String::from_utf8_lossy(&inspect.stdout).to_string();
+    assert!(env_inside.contains("HF_TOKEN=hf_sekrit_42"), "{env_inside}");
+    assert!(
+        env_inside.contains("BANNER=hello from the tenant"),
+        "{env_inside}"
+    );
+    let (_, shown) = app.get(&format!("{pods}/{id}"), &ada.access_token).await;
+    assert!(!shown.to_string().contains("hf_sekrit_42"), "{shown}");
+    assert_eq!(shown["env"]["HF_TOKEN"], json!({"secret": true}));
+    let stored: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT spec FROM node_assignments")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert!(!stored.is_empty());
+    for (spec,) in stored {
+        assert!(
+            !String::from_utf8_lossy(&spec).contains("hf_sekrit_42"),
+            "the assignment log holds the secret only sealed"
+        );
+    }
     assert_eq!(containers_of(&node.to_string()), 1);
     // On its org's own network.
     let nets = Command::new("docker")
@@ -204,6 +279,19 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     .await;
     let (_, p) = app.get(&format!("{pods}/{id}"), &ada.access_token).await;
     assert_eq!(p["state"], "terminated");
+    // The follow stream ends with the pod.
+    until(
+        "the follow stream to end",
+        Duration::from_secs(30),
+        async || {
+            use futures::StreamExt;
+            match tokio::time::timeout(Duration::from_secs(5), follow.next()).await {
+                Ok(None) | Ok(Some(Err(_))) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
     assert_eq!(p["gpus"], json!([]));
 
     let _ = Command::new("docker")

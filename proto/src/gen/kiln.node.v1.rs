@@ -49,6 +49,10 @@ pub struct RegisterRequest {
     /// The host's CPU, memory and disk that the agent may hand out to workloads.
     #[prost(message, optional, tag = "4")]
     pub capacity: ::core::option::Option<HostCapacity>,
+    /// Where tenants reach the ports this host publishes for workloads: an IP address or DNS name
+    /// (the API shows it as each port's `host`). Empty: the hostname. Added in minor 3.
+    #[prost(string, tag = "5")]
+    pub public_address: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterResponse {
@@ -360,6 +364,19 @@ pub struct PodSpec {
     /// different networks. Empty from control planes before minor 2. Added in minor 2.
     #[prost(string, tag = "8")]
     pub org_id: ::prost::alloc::string::String,
+    /// What the agent does when the main process exits. Unspecified (older control planes) means
+    /// ON_FAILURE. Added in minor 3.
+    #[prost(enumeration = "RestartPolicy", tag = "9")]
+    pub restart_policy: i32,
+    /// Secret environment values still sealed with the control plane's secrets key. The control
+    /// plane opens them into `env` as it streams the assignment, so they are encrypted at rest and
+    /// in its assignment log; an agent that receives a non-empty `env_sealed` could not be given
+    /// the values and must fail the pod rather than start it without them. Added in minor 3.
+    #[prost(map = "string, string", tag = "10")]
+    pub env_sealed: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
 }
 /// A virtual machine with whole GPUs passed through (IaaS). A placeholder kept small on purpose:
 /// the instances issue extends it with new field numbers (cloud-init, volumes, ...).
@@ -478,6 +495,11 @@ pub struct ObservedAssignment {
     /// When the agent observed this state, by the agent's clock.
     #[prost(int64, tag = "7")]
     pub observed_at_unix_ms: i64,
+    /// How long the agent spent inside the container runtime (Docker API calls: pull, network,
+    /// create, start) bringing up this generation, in milliseconds; 0 when unknown. Lets the
+    /// control plane tell its own overhead from the runtime's. Added in minor 3.
+    #[prost(uint64, tag = "8")]
+    pub runtime_ms: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ObservedPort {
@@ -489,6 +511,31 @@ pub struct ObservedPort {
     /// The port on the host it is published at.
     #[prost(uint32, tag = "3")]
     pub host_port: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct LogBatch {
+    #[prost(message, repeated, tag = "1")]
+    pub lines: ::prost::alloc::vec::Vec<LogLine>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LogLine {
+    #[prost(string, tag = "1")]
+    pub assignment_id: ::prost::alloc::string::String,
+    /// Which stream of the workload the line came from.
+    #[prost(enumeration = "LogSource", tag = "2")]
+    pub source: i32,
+    /// The line without its trailing newline, at most 16 KiB (longer lines are cut by the agent).
+    #[prost(string, tag = "3")]
+    pub text: ::prost::alloc::string::String,
+    /// When the runtime captured the line, by the agent's clock.
+    #[prost(int64, tag = "4")]
+    pub at_unix_ms: i64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LogAck {
+    /// Lines the server accepted.
+    #[prost(uint64, tag = "1")]
+    pub accepted: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ObservedAck {
@@ -580,6 +627,41 @@ impl GpuHealth {
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
+pub enum RestartPolicy {
+    Unspecified = 0,
+    /// Restart after a non-zero exit, a bounded number of times; then FAILED. Exit 0 is STOPPED.
+    OnFailure = 1,
+    /// Restart after any exit (a service that should always run), without a bound.
+    Always = 2,
+    /// Never restart: exit 0 is STOPPED, any other exit FAILED.
+    Never = 3,
+}
+impl RestartPolicy {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "RESTART_POLICY_UNSPECIFIED",
+            Self::OnFailure => "RESTART_POLICY_ON_FAILURE",
+            Self::Always => "RESTART_POLICY_ALWAYS",
+            Self::Never => "RESTART_POLICY_NEVER",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "RESTART_POLICY_UNSPECIFIED" => Some(Self::Unspecified),
+            "RESTART_POLICY_ON_FAILURE" => Some(Self::OnFailure),
+            "RESTART_POLICY_ALWAYS" => Some(Self::Always),
+            "RESTART_POLICY_NEVER" => Some(Self::Never),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
 pub enum Protocol {
     Unspecified = 0,
     Tcp = 1,
@@ -649,6 +731,43 @@ impl ObservedState {
             "OBSERVED_STATE_STOPPING" => Some(Self::Stopping),
             "OBSERVED_STATE_STOPPED" => Some(Self::Stopped),
             "OBSERVED_STATE_FAILED" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum LogSource {
+    Unspecified = 0,
+    Stdout = 1,
+    Stderr = 2,
+    /// An instance's serial console.
+    Console = 3,
+    /// A line the agent itself wrote about the workload (e.g. "restarting after exit 1").
+    Agent = 4,
+}
+impl LogSource {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "LOG_SOURCE_UNSPECIFIED",
+            Self::Stdout => "LOG_SOURCE_STDOUT",
+            Self::Stderr => "LOG_SOURCE_STDERR",
+            Self::Console => "LOG_SOURCE_CONSOLE",
+            Self::Agent => "LOG_SOURCE_AGENT",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "LOG_SOURCE_UNSPECIFIED" => Some(Self::Unspecified),
+            "LOG_SOURCE_STDOUT" => Some(Self::Stdout),
+            "LOG_SOURCE_STDERR" => Some(Self::Stderr),
+            "LOG_SOURCE_CONSOLE" => Some(Self::Console),
+            "LOG_SOURCE_AGENT" => Some(Self::Agent),
             _ => None,
         }
     }
@@ -894,6 +1013,31 @@ pub mod node_control_client {
                 .insert(GrpcMethod::new("kiln.node.v1.NodeControl", "ReportObserved"));
             self.inner.unary(req, path, codec).await
         }
+        /// A long-lived client stream of workload output (a pod's stdout and stderr, an instance's serial
+        /// console). The agent sends each line once, in order, from where it left off; the control plane
+        /// keeps a bounded recent window per assignment for tenants to read and follow. Lines may be lost
+        /// across an agent restart (the window is a convenience, not an archive). Added in minor 3.
+        pub async fn push_logs(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::LogBatch>,
+        ) -> std::result::Result<tonic::Response<super::LogAck>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/kiln.node.v1.NodeControl/PushLogs",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("kiln.node.v1.NodeControl", "PushLogs"));
+            self.inner.client_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -962,6 +1106,14 @@ pub mod node_control_server {
             &self,
             request: tonic::Request<super::ObservedReport>,
         ) -> std::result::Result<tonic::Response<super::ObservedAck>, tonic::Status>;
+        /// A long-lived client stream of workload output (a pod's stdout and stderr, an instance's serial
+        /// console). The agent sends each line once, in order, from where it left off; the control plane
+        /// keeps a bounded recent window per assignment for tenants to read and follow. Lines may be lost
+        /// across an agent restart (the window is a convenience, not an archive). Added in minor 3.
+        async fn push_logs(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::LogBatch>>,
+        ) -> std::result::Result<tonic::Response<super::LogAck>, tonic::Status>;
     }
     /// The node-control service. The agent calls it; the control plane implements it.
     #[derive(Debug)]
@@ -1307,6 +1459,51 @@ pub mod node_control_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/kiln.node.v1.NodeControl/PushLogs" => {
+                    #[allow(non_camel_case_types)]
+                    struct PushLogsSvc<T: NodeControl>(pub Arc<T>);
+                    impl<
+                        T: NodeControl,
+                    > tonic::server::ClientStreamingService<super::LogBatch>
+                    for PushLogsSvc<T> {
+                        type Response = super::LogAck;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<tonic::Streaming<super::LogBatch>>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as NodeControl>::push_logs(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PushLogsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)

@@ -8,10 +8,10 @@ use futures::stream::{self, BoxStream};
 use kiln_proto::auth;
 use kiln_proto::node::v1::{
     Assignment, AssignmentEvent, AssignmentRemoval, AssignmentSnapshot, GpuAllocation, GpuSample,
-    HeartbeatRequest, HeartbeatResponse, HostInventory, JoinRequest, JoinResponse, MetricsReport,
-    MetricsSummary, NodeState, ObservedAck, ObservedReport, PROTOCOL_VERSION, PodSpec,
-    RegisterRequest, RegisterResponse, WatchRequest, WholeGpus, assignment, assignment_event,
-    gpu_allocation,
+    HeartbeatRequest, HeartbeatResponse, HostInventory, JoinRequest, JoinResponse, LogAck,
+    LogBatch, MetricsReport, MetricsSummary, NodeState, ObservedAck, ObservedReport,
+    PROTOCOL_VERSION, PodSpec, RegisterRequest, RegisterResponse, WatchRequest, WholeGpus,
+    assignment, assignment_event, gpu_allocation,
     node_control_client::NodeControlClient,
     node_control_server::{NodeControl, NodeControlServer},
 };
@@ -161,6 +161,19 @@ impl NodeControl for FakeControlPlane {
             recorded_revision: request.into_inner().applied_revision,
         }))
     }
+
+    async fn push_logs(
+        &self,
+        request: Request<tonic::Streaming<LogBatch>>,
+    ) -> Result<Response<LogAck>, Status> {
+        authenticate(&request)?;
+        let mut stream = request.into_inner();
+        let mut accepted = 0;
+        while let Some(batch) = stream.message().await? {
+            accepted += batch.lines.len() as u64;
+        }
+        Ok(Response::new(LogAck { accepted }))
+    }
 }
 
 /// A running server; dropping it shuts the server down.
@@ -245,6 +258,7 @@ async fn calls_need_the_node_credential_in_the_metadata() {
             ..Default::default()
         }),
         capacity: None,
+        public_address: String::new(),
     };
 
     let refused = client.register(register.clone()).await.unwrap_err();

@@ -29,7 +29,7 @@ pub struct ApiConfig {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
     /// Prefix for every Redis key this deployment uses.
-    #[arg(long, env = "KILN_RATE_LIMIT_NAMESPACE", default_value = "kiln")]
+    #[arg(long, env = "KILN_REDIS_NAMESPACE", default_value = "kiln")]
     pub redis_namespace: String,
     /// The URL users reach this API at (links in the console, `iss` of tokens).
     #[arg(long, env = "KILN_PUBLIC_URL", default_value = "http://127.0.0.1:8080")]
@@ -83,6 +83,13 @@ pub struct ApiConfig {
     /// same name; on-demand invoices before then are drafts).
     #[arg(long, env = "KILN_INVOICE_CLOSE_DELAY_MS", default_value_t = 3_600_000)]
     pub invoice_close_delay_ms: u64,
+    /// The gateway's public base URL: endpoints' URLs are `<this>/v1/endpoints/<id>`.
+    #[arg(
+        long,
+        env = "KILN_GATEWAY_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
+    pub gateway_url: String,
 }
 
 impl ApiConfig {
@@ -112,6 +119,7 @@ impl ApiConfig {
             secrets_key: Some("a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=".into()),
             billing_webhook_secret: Some("test-webhook-secret".into()),
             invoice_close_delay_ms: 3_600_000,
+            gateway_url: "http://127.0.0.1:8090".into(),
         }
     }
 

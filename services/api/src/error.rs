@@ -64,6 +64,9 @@ pub enum ApiError {
     /// The org is out of credit (402).
     #[error("payment required: {0}")]
     PaymentRequired(String),
+    /// A dependency is down for a moment (e.g. the log store); retrying later may work.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -94,6 +97,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +117,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::PaymentRequired(_) => "payment-required",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -155,6 +160,7 @@ impl ApiError {
                 vec![],
             ),
             ApiError::PaymentRequired(d) => ("Payment required", d.clone(), vec![]),
+            ApiError::Unavailable(d) => ("Service unavailable", d.clone(), vec![]),
             ApiError::PayloadTooLarge => (
                 "Payload too large",
                 "the request body is too large".to_owned(),
@@ -238,7 +244,7 @@ impl IntoResponse for ApiError {
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        if let ApiError::IdempotencyInProgress = &self {
+        if let ApiError::IdempotencyInProgress | ApiError::Unavailable(_) = &self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -14,7 +14,6 @@ pub mod live;
 pub mod ops;
 pub mod pdf;
 pub mod rest;
-pub mod secrets;
 pub mod state;
 pub mod views;
 

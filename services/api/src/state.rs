@@ -29,7 +29,9 @@ pub struct Inner {
     /// Wakes live views (server-sent events) when a workload changes.
     pub live: crate::live::LiveHub,
     /// Seals tenant secrets at rest; `None` without `KILN_SECRETS_KEY`.
-    pub secrets: Option<crate::secrets::SecretBox>,
+    pub secrets: Option<kiln_auth::SecretBox>,
+    /// Workloads' recent output (pushed by agents through the fleet service).
+    pub logs: kiln_logs::LogStore,
     keyring: RwLock<Arc<KeyRing>>,
     sessions: Mutex<HashMap<SessionId, (Instant, bool)>>,
     me_cache: Mutex<HashMap<UserId, (Instant, Arc<crate::views::MeView>)>>,
@@ -74,7 +76,7 @@ impl AppState {
             .as_deref()
             .filter(|k| !k.trim().is_empty())
         {
-            Some(raw) => Some(crate::secrets::SecretBox::from_base64(raw)?),
+            Some(raw) => Some(kiln_auth::SecretBox::from_base64(raw)?),
             None => {
                 tracing::warn!(
                     "KILN_SECRETS_KEY is not set: pods with secret env values will be refused"
@@ -83,6 +85,7 @@ impl AppState {
             }
         };
         let fanout = Fanout::connect(&config.redis_url, &config.redis_namespace).await?;
+        let logs = kiln_logs::LogStore::connect(&config.redis_url, &config.redis_namespace).await?;
         let issuer = config.public_url.trim_end_matches('/').to_owned();
         let ring = KeyRing::new(issuer, "kiln-api", config.access_token_ttl_secs, &[]);
         let live = crate::live::LiveHub::default();
@@ -95,6 +98,7 @@ impl AppState {
             config,
             fanout,
             secrets,
+            logs,
             keyring: RwLock::new(Arc::new(ring)),
             sessions: Mutex::new(HashMap::new()),
             me_cache: Mutex::new(HashMap::new()),

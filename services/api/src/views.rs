@@ -613,6 +613,10 @@ pub struct CreatePodInput {
     pub command: Option<Vec<String>>,
     /// Run as spot capacity: cheaper, may be preempted. Default false.
     pub spot: Option<bool>,
+    /// When the main process exits: `on_failure` (default: restart after a non-zero exit, at
+    /// most 3 times, then `failed`), `always` (restart after any exit), `never`.
+    #[schema(example = "on_failure")]
+    pub restart_policy: Option<String>,
 }
 
 /// An exposed port and, once the node's agent reports it, where to reach it.
@@ -650,6 +654,8 @@ pub struct PodView {
     pub ports: Vec<PodPortView>,
     pub command: Vec<String>,
     pub spot: bool,
+    /// `on_failure`, `always` or `never`.
+    pub restart_policy: String,
     pub created_at: String,
     pub updated_at: String,
     /// What it has been charged so far (`{amount_micros, currency}`), current to within a
@@ -659,3 +665,88 @@ pub struct PodView {
 }
 
 list_view!(PodList, PodView);
+
+/// A new endpoint: a model server image run as replicas behind the gateway.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, InputObject)]
+#[serde(default)]
+pub struct CreateEndpointInput {
+    /// A lowercase DNS label, 1–63 characters, unique among the org's endpoints.
+    #[schema(example = "llama")]
+    pub name: String,
+    /// The model server's image, `name[:tag][@sha256:…]`.
+    #[schema(example = "kiln/demo-model:1")]
+    pub image: String,
+    /// Each replica's GPU, as for pods; omitted: CPU only.
+    pub gpu: Option<GpuRequest>,
+    /// The port the server listens on inside the container.
+    #[schema(example = 8000)]
+    pub port: i64,
+    /// A path answering 200 when a replica is ready. Default `/`.
+    #[schema(example = "/healthz")]
+    pub health_path: Option<String>,
+    /// Replicas kept at least, 0–64 (0: scale to zero when idle). Default 1.
+    pub min_replicas: Option<i64>,
+    /// Replicas at most, 1–64, ≥ `min_replicas`. Default `max(min_replicas, 1)`.
+    pub max_replicas: Option<i64>,
+    /// CPU cores per replica, 0.1–256. Default 1.
+    pub cpu: Option<f64>,
+    /// Memory in GiB per replica. Default 4.
+    pub memory_gib: Option<i64>,
+    /// Environment, as for pods (secret values sealed, never shown).
+    #[schema(value_type = Option<Object>)]
+    pub env: Option<std::collections::BTreeMap<String, EnvValueInput>>,
+    /// The command and its arguments; the image's default when omitted.
+    pub command: Option<Vec<String>>,
+    /// Run replicas on spot capacity. Default false.
+    pub spot: Option<bool>,
+}
+
+/// One replica of an endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct EndpointReplicaView {
+    /// The replica's workload id (`wl_…`).
+    pub id: String,
+    pub state: String,
+    pub state_reason: String,
+    pub node: Option<String>,
+    pub created_at: String,
+}
+
+/// An endpoint: call it at `url` with an API key of its org.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct EndpointView {
+    #[schema(example = "ep_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub id: String,
+    pub name: String,
+    /// `ANY <url>/<path…>` reaches a ready replica's `<path…>`.
+    #[schema(example = "https://gateway.example/v1/endpoints/ep_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub url: String,
+    pub image: String,
+    pub gpu: Option<GpuRequest>,
+    pub port: i64,
+    pub health_path: String,
+    pub min_replicas: i64,
+    pub max_replicas: i64,
+    /// Replicas the endpoint should have now.
+    pub desired_replicas: i64,
+    /// `ready` (a replica takes calls), `starting`, `idle` (scaled to zero) or `deleted`.
+    pub state: String,
+    /// Live replicas, oldest first.
+    pub replicas: Vec<EndpointReplicaView>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+list_view!(EndpointList, EndpointView);
+
+/// One line of a pod's output.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct LogLineView {
+    /// When the container wrote it (RFC 3339).
+    pub at: String,
+    /// `stdout`, `stderr`, or `agent` (a line the node agent wrote about the pod).
+    pub source: String,
+    pub text: String,
+    /// Resume after this line: the SSE event id when following.
+    pub cursor: String,
+}

@@ -10,8 +10,10 @@
 
 pub mod jwt;
 pub mod password;
+pub mod sealed;
 pub mod secret;
 
 pub use jwt::{AccessClaims, JwtError, KeyRing, SigningKey};
 pub use password::{PasswordError, PasswordHasher};
+pub use sealed::{SecretBox, SecretError, SecretsKeyError, pod_env_context};
 pub use secret::{ApiKeySecret, OpaqueSecret, SecretDigest};

@@ -103,6 +103,8 @@ typed_id!(/// A unit of work the scheduler places (a pod, an instance or an endp
     WorkloadId, "wl", "workload");
 typed_id!(/// A tenant's pod: a workload of kind `pod`, with the same UUID as its workload row.
     PodId, "pod", "pod");
+typed_id!(/// A tenant's endpoint: a model server behind the gateway, run as replicas.
+    EndpointId, "ep", "endpoint");
 
 typed_id!(/// One posting of the billing ledger (a charge, a top-up, a promotional grant …).
     PostingId, "txn", "ledger posting");

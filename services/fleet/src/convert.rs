@@ -133,6 +133,22 @@ pub fn registration(req: &RegisterRequest) -> Result<NodeRegistration, Status> {
     })
 }
 
+/// A node's public address: empty, or an IP address / DNS name (at most 253 characters of
+/// letters, digits, `.`, `-`, `:` and `[]`), so what tenants are shown is a plain address.
+pub fn public_address(raw: &str) -> Result<&str, Status> {
+    let raw = raw.trim();
+    let ok = raw.len() <= 253
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !ok {
+        return Err(Status::invalid_argument(
+            "public_address must be an IP address or DNS name (at most 253 characters)",
+        ));
+    }
+    Ok(raw)
+}
+
 /// A GPU health value as the store spells it; `None` for a value this version does not know
 /// (treated as "no news", per the contract's rule for unknown enum values).
 pub fn health(raw: i32) -> Option<&'static str> {
@@ -252,6 +268,7 @@ pub fn observed(report: &ObservedReport) -> Result<Vec<ObservedRecord>, Status> 
                 exit_code: a.exit_code,
                 ports: serde_json::Value::Array(ports),
                 observed_at: at(a.observed_at_unix_ms),
+                runtime_ms: i64::try_from(a.runtime_ms).unwrap_or(i64::MAX),
             })
         })
         .collect()

@@ -17,6 +17,7 @@
 pub mod convert;
 pub mod credentials;
 pub mod hub;
+pub mod logs;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -31,9 +32,9 @@ use kiln_auth::SecretDigest;
 use kiln_domain::NodeId;
 use kiln_proto::node::v1::node_control_server::{NodeControl, NodeControlServer};
 use kiln_proto::node::v1::{
-    AssignmentEvent, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, MetricsReport,
-    MetricsSummary, ObservedAck, ObservedReport, PROTOCOL_VERSION, RegisterRequest,
-    RegisterResponse, WatchRequest,
+    AssignmentEvent, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, LogAck,
+    LogBatch, MetricsReport, MetricsSummary, ObservedAck, ObservedReport, PROTOCOL_VERSION,
+    RegisterRequest, RegisterResponse, WatchRequest,
 };
 use kiln_store::{AuditEvent, JoinError, NewNode, Store, StoreError};
 use tokio::net::TcpListener;
@@ -90,6 +91,10 @@ pub struct NodeControlService {
     config: FleetConfig,
     hub: WatchHub,
     credentials: CredentialCache,
+    /// Opens pods' sealed secret env values as assignments stream to their node.
+    secrets: Option<kiln_auth::SecretBox>,
+    /// Where pushed workload output goes; `None`: `PushLogs` is UNAVAILABLE.
+    logs: Option<kiln_logs::LogStore>,
 }
 
 impl NodeControlService {
@@ -104,7 +109,22 @@ impl NodeControlService {
             config,
             hub: WatchHub::new(credentials.clone()),
             credentials,
+            secrets: None,
+            logs: None,
         }
+    }
+
+    /// Open pods' secret env values with the deployment's secrets key (`KILN_SECRETS_KEY`, the
+    /// one the API seals them with). Without it, pods with secrets fail on their node.
+    pub fn with_secrets(mut self, secrets: kiln_auth::SecretBox) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// Keep the output agents push in `logs`.
+    pub fn with_logs(mut self, logs: kiln_logs::LogStore) -> Self {
+        self.logs = Some(logs);
+        self
     }
 
     /// Write heartbeats and metrics samples through `store` (e.g. a relaxed-durability pool).
@@ -340,11 +360,16 @@ impl NodeControl for NodeControlService {
             )));
         }
         let registration = convert::registration(&register)?;
+        let public_address = convert::public_address(&register.public_address)?;
         // A (re)registration starts over: the next heartbeat writes its GPU health.
         self.forget_health(node);
         let status = self
             .store
             .node_register(node, &registration)
+            .await
+            .map_err(|e| store_status("register", e))?;
+        self.store
+            .node_set_public_address(node, public_address)
             .await
             .map_err(|e| store_status("register", e))?;
         tracing::info!(
@@ -427,6 +452,7 @@ impl NodeControl for NodeControlService {
             node,
             watch.from_revision,
             self.config.stream_recheck,
+            self.secrets.clone(),
         );
         Ok(Response::new(events.boxed()))
     }
@@ -454,6 +480,25 @@ impl NodeControl for NodeControlService {
         Ok(Response::new(ObservedAck {
             recorded_revision: outcome.recorded_revision,
         }))
+    }
+
+    async fn push_logs(
+        &self,
+        request: Request<Streaming<LogBatch>>,
+    ) -> Result<Response<LogAck>, Status> {
+        let node = self.authenticate(&request).await?;
+        let Some(logs) = &self.logs else {
+            return Err(Status::unavailable(
+                "this control plane keeps no workload logs",
+            ));
+        };
+        let mut stream = request.into_inner();
+        let mut owners = logs::Owners::default();
+        let mut accepted = 0u64;
+        while let Some(batch) = stream.message().await? {
+            accepted += logs::store_batch(&self.store, logs, node, &mut owners, batch).await?;
+        }
+        Ok(Response::new(LogAck { accepted }))
     }
 }
 

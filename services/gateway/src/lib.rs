@@ -1,23 +1,34 @@
 //! `kiln-gateway`: the inference entry point, `ANY /v1/endpoints/{endpoint}/{path…}`.
 //!
-//! Today it authenticates the caller's API key against the same store as `kiln-api` (401 for a
-//! missing, invalid, expired or revoked key), refuses calls of an org that is out of credit
-//! (402, the billing core's decision on the ledger, as the API refuses new work) and answers 404
-//! for endpoints, since endpoints
-//! arrive with the endpoints issue; routing to replicas, metering, rate limits and scale-from-zero
-//! are built there, behind this same front door.
+//! A call is authenticated by an API key of the endpoint's org (401 for a missing, invalid,
+//! expired or revoked key; another org's endpoint is a 404, like an unknown one), then sent to
+//! the ready replica with the fewest calls in flight on this gateway and streamed back as it
+//! comes. An org out of credit gets 402 (the billing core's decision on the ledger, as the API
+//! refuses new work), after the key check. No ready replica: 503 with `Retry-After`. A body-less idempotent call whose replica
+//! cannot be reached is tried on another. Not here yet (the endpoints issue continues): the API
+//! key and route caches with pushed revocation, rate limits, metering, the autoscaler and
+//! holding calls during a cold start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use clap::Args;
+use futures::StreamExt;
 use kiln_auth::{ApiKeySecret, SecretDigest};
+use kiln_domain::EndpointId;
+use kiln_store::ReadyReplica;
 use kiln_store::Store;
+use uuid::Uuid;
 
 #[derive(Debug, Clone, Args)]
 pub struct GatewayConfig {
@@ -36,9 +47,109 @@ pub struct GatewayConfig {
     pub db_max_connections: u32,
 }
 
+/// The largest request body forwarded to a replica.
+pub const MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+/// How long one call may take end to end (model servers stream long answers).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+
 #[derive(Clone)]
 pub struct GatewayState {
     pub store: Store,
+    upstream: reqwest::Client,
+    in_flight: InFlight,
+}
+
+impl GatewayState {
+    pub fn new(store: Store) -> Self {
+        let upstream = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(CALL_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client with default TLS settings");
+        Self {
+            store,
+            upstream,
+            in_flight: InFlight::default(),
+        }
+    }
+}
+
+/// Calls this gateway has in flight per replica: what "least outstanding" counts.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<HashMap<Uuid, usize>>>);
+
+impl InFlight {
+    fn count(&self, replica: Uuid) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&replica)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn start(&self, replica: Uuid) -> InFlightGuard {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(replica)
+            .or_default() += 1;
+        InFlightGuard {
+            map: self.clone(),
+            replica,
+        }
+    }
+}
+
+/// Counts one call against its replica until dropped (when the response body is done).
+struct InFlightGuard {
+    map: InFlight,
+    replica: Uuid,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut m = self.map.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.replica) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.replica);
+            }
+        }
+    }
+}
+
+/// The ready replica with the fewest calls in flight (ties: the oldest), skipping `tried`.
+pub fn pick<'a>(
+    ready: &'a [ReadyReplica],
+    in_flight: impl Fn(Uuid) -> usize,
+    tried: &[Uuid],
+) -> Option<&'a ReadyReplica> {
+    ready
+        .iter()
+        .filter(|r| !tried.contains(&r.workload_id))
+        .min_by_key(|r| in_flight(r.workload_id))
+}
+
+/// Headers that belong to one hop, not to the call (RFC 9110 §7.6.1), plus what the gateway
+/// itself answers for (the caller's credential never reaches a replica).
+fn hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "authorization"
+            | "content-length"
+    )
 }
 
 fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
@@ -63,7 +174,10 @@ fn problem(status: StatusCode, title: &str, detail: &str) -> Response {
 async fn endpoint_call(
     State(state): State<GatewayState>,
     Path(params): Path<Vec<(String, String)>>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
+    body: Body,
 ) -> Response {
     let token = headers
         .get(header::AUTHORIZATION)
@@ -93,23 +207,138 @@ async fn endpoint_call(
         }
         Err(error) => {
             tracing::error!(%error, "api key lookup failed");
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
-                "the gateway cannot reach its database; retry shortly",
-            );
+            return unavailable("the gateway cannot reach its database; retry shortly");
         }
     };
     if let Some(refusal) = out_of_credit(&state, key.org_id.as_uuid()).await {
         return refusal;
     }
-    let endpoint = params.first().map(|(_, v)| v.as_str()).unwrap_or_default();
-    tracing::debug!(endpoint, "unknown endpoint");
-    problem(StatusCode::NOT_FOUND, "Not found", "endpoint not found")
+    let not_found = || problem(StatusCode::NOT_FOUND, "Not found", "endpoint not found");
+    let raw = params
+        .iter()
+        .find(|(k, _)| k == "endpoint")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let Ok(endpoint) = raw.parse::<EndpointId>() else {
+        return not_found();
+    };
+    let route = match state.store.endpoint_route(endpoint.as_uuid()).await {
+        Ok(Some(route)) if route.org_id == key.org_id.as_uuid() => route,
+        // Another org's endpoint is as unknown as a made-up one.
+        Ok(_) => return not_found(),
+        Err(error) => {
+            tracing::error!(%error, "endpoint lookup failed");
+            return unavailable("the gateway cannot reach its database; retry shortly");
+        }
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload too large",
+            &format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
+        );
+    }
+    if route.ready.is_empty() {
+        let detail = if route.coming > 0 {
+            "no replica of this endpoint is ready yet; retry shortly"
+        } else {
+            "this endpoint has no replica running; retry shortly"
+        };
+        return unavailable(detail);
+    }
+
+    let path = params
+        .iter()
+        .find(|(k, _)| k == "path")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    // A call without a body can be sent again to another replica when the first cannot be
+    // reached; one with a body streams through once.
+    let replayable = declared.unwrap_or(0) == 0
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && matches!(
+            method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
+        );
+    let mut body = Some(body);
+    let mut tried = Vec::new();
+    loop {
+        let Some(replica) = pick(&route.ready, |r| state.in_flight.count(r), &tried).cloned()
+        else {
+            return problem(
+                StatusCode::BAD_GATEWAY,
+                "Bad gateway",
+                "no replica of this endpoint could be reached; retry shortly",
+            );
+        };
+        tried.push(replica.workload_id);
+        let guard = state.in_flight.start(replica.workload_id);
+        let url = format!(
+            "http://{}:{}/{path}{query}",
+            replica.host, replica.host_port
+        );
+        let mut req = state.upstream.request(method.clone(), &url);
+        for (name, value) in &headers {
+            if !hop_by_hop(name) {
+                req = req.header(name, value);
+            }
+        }
+        if let Some(b) = body.take().filter(|_| !replayable) {
+            req = req.body(reqwest::Body::wrap_stream(b.into_data_stream()));
+        }
+        match req.send().await {
+            Ok(resp) => return relay(resp, guard),
+            Err(e) if e.is_connect() && replayable => {
+                tracing::warn!(replica = %replica.workload_id, error = %e, "replica unreachable; trying another");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(replica = %replica.workload_id, error = %e, "call to replica failed");
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad gateway",
+                    "the endpoint's replica did not answer",
+                );
+            }
+        }
+    }
+}
+
+/// The replica's answer, streamed through as it comes (chunked bodies and server-sent events
+/// are not buffered); the replica's in-flight count drops when the body is done or the caller
+/// goes away.
+fn relay(resp: reqwest::Response, guard: InFlightGuard) -> Response {
+    let status = resp.status();
+    let mut headers = HeaderMap::new();
+    for (name, value) in resp.headers() {
+        if !hop_by_hop(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let stream = resp.bytes_stream().map(move |chunk| {
+        let _held = &guard;
+        chunk
+    });
+    let mut out = Response::new(Body::from_stream(stream));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+fn unavailable(detail: &str) -> Response {
+    let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", detail);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
 }
 
 /// 402 when the caller's org is out of credit (503 when that cannot be told).
-async fn out_of_credit(state: &GatewayState, org: uuid::Uuid) -> Option<Response> {
+async fn out_of_credit(state: &GatewayState, org: Uuid) -> Option<Response> {
     let standing = match state.store.pool().acquire().await {
         Ok(mut conn) => kiln_billing::limits::standing(
             &state.store,
@@ -130,9 +359,7 @@ async fn out_of_credit(state: &GatewayState, org: uuid::Uuid) -> Option<Response
         )),
         Err(error) => {
             tracing::error!(%error, "credit check failed");
-            Some(problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Unavailable",
+            Some(unavailable(
                 "the gateway cannot check the org's credit; retry shortly",
             ))
         }

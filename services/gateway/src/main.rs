@@ -22,7 +22,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-gateway listening");
-    axum::serve(listener, kiln_gateway::app(GatewayState { store }))
+    axum::serve(listener, kiln_gateway::app(GatewayState::new(store)))
         .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
         .await?;
     Ok(())

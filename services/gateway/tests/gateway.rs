@@ -9,13 +9,7 @@ async fn spawn(pool: PgPool) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        let _ = axum::serve(
-            listener,
-            app(GatewayState {
-                store: Store::new(pool),
-            }),
-        )
-        .await;
+        let _ = axum::serve(listener, app(GatewayState::new(Store::new(pool)))).await;
     });
     url
 }

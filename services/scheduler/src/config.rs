@@ -45,6 +45,18 @@ pub struct SchedulerConfig {
     /// Revocations evict at once (Postgres NOTIFY); this bounds a missed notice.
     #[arg(long, env = "KILN_NODE_CREDENTIAL_CACHE_MS", default_value_t = 60_000)]
     pub node_credential_cache_ms: u64,
+
+    /// Where workload output pushed by agents is kept (the API reads it from there). Unset:
+    /// agents' `PushLogs` is refused and pod logs stay empty.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix for every Redis key of this deployment (the API's `KILN_REDIS_NAMESPACE`).
+    #[arg(long, env = "KILN_REDIS_NAMESPACE", default_value = "kiln")]
+    pub redis_namespace: String,
+    /// The key pods' secret env values are sealed with (the API's `KILN_SECRETS_KEY`): the
+    /// fleet service opens them as it streams a pod to its node. Unset: such pods fail there.
+    #[arg(long, env = "KILN_SECRETS_KEY", hide_env_values = true)]
+    pub secrets_key: Option<String>,
 }
 
 /// A setting that makes no sense, said plainly.

@@ -12,6 +12,7 @@
 //!   any double allocation a race would cause.
 
 pub mod config;
+pub mod endpoints;
 pub mod lifecycle;
 pub mod placer;
 
@@ -23,6 +24,7 @@ use kiln_store::Store;
 use tokio::net::TcpListener;
 
 pub use config::SchedulerConfig;
+pub use endpoints::EndpointController;
 pub use lifecycle::LifecycleController;
 pub use placer::Placer;
 
@@ -82,11 +84,23 @@ impl Scheduler {
             Some(url) => Store::connect_relaxed(url, config.db_max_connections).await?,
             None => store.clone(),
         };
-        let service =
+        let mut service =
             NodeControlService::new(store.clone(), fleet_config).with_liveness_store(liveness);
+        if let Some(raw) = &config.secrets_key {
+            service = service.with_secrets(kiln_auth::SecretBox::from_base64(raw)?);
+        }
+        if let Some(url) = &config.redis_url {
+            let logs = kiln_logs::LogStore::connect(url, &config.redis_namespace)
+                .await
+                .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
+            service = service.with_logs(logs);
+        }
         let placer = Placer::new(store.clone());
         let placer_stop = stopped(stop_rx.clone());
         let placer_task = tokio::spawn(placer.run(config.placement_tick(), placer_stop));
+        let endpoints = EndpointController::new(store.clone());
+        let endpoints_task =
+            tokio::spawn(endpoints.run(config.placement_tick(), stopped(stop_rx.clone())));
         tracing::info!(
             fleet = %fleet_listener.local_addr()?,
             "kiln-scheduler serving node control"
@@ -100,6 +114,7 @@ impl Scheduler {
         .await?;
         controller_task.await?;
         placer_task.await?;
+        endpoints_task.await?;
         ops_task.await??;
         Ok(())
     }

@@ -732,21 +732,30 @@ pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
                 memory_cap_mib: *memory_mib,
             })),
         };
-        let env = w
-            .spec
-            .get("env")
-            .and_then(|v| v.as_object())
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let string_map = |field: &str| -> std::collections::HashMap<String, String> {
+            w.spec
+                .get(field)
+                .and_then(|v| v.as_object())
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let restart_policy = match w.spec.get("restart_policy").and_then(|v| v.as_str()) {
+            Some("always") => pb::RestartPolicy::Always,
+            Some("never") => pb::RestartPolicy::Never,
+            _ => pb::RestartPolicy::OnFailure,
+        };
         pb::assignment::Kind::Pod(pb::PodSpec {
             org_id: kiln_domain::OrgId::from_uuid(w.org_id).to_string(),
             image: text("image"),
             command: strings("command"),
-            env,
+            env: string_map("env"),
+            // Still sealed: the fleet service opens them as it streams the assignment.
+            env_sealed: string_map("env_secret"),
+            restart_policy: restart_policy as i32,
             ports,
             cpu_millis,
             memory_mib,

@@ -496,6 +496,7 @@ async fn observe(
                 exit_code: None,
                 ports: serde_json::json!([]),
                 observed_at: time::OffsetDateTime::now_utc(),
+                runtime_ms: 0,
             }],
             false,
         )

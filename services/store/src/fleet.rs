@@ -211,6 +211,8 @@ pub struct ObservedRecord {
     /// `[{port, protocol, host_port}]`.
     pub ports: serde_json::Value,
     pub observed_at: OffsetDateTime,
+    /// Time spent inside the container runtime bringing this generation up (0: unknown).
+    pub runtime_ms: i64,
 }
 
 /// What the control plane last heard about one assignment.
@@ -225,6 +227,7 @@ pub struct ObservedView {
     pub ports: serde_json::Value,
     pub observed_at: OffsetDateTime,
     pub reported_at: OffsetDateTime,
+    pub runtime_ms: i64,
 }
 
 /// The result of a report: what was recorded, and what was refused because it names an
@@ -701,17 +704,18 @@ impl Store {
         .await?;
         sqlx::query(
             "INSERT INTO node_observed AS o (assignment_id, node_id, generation, state, reason,
-                 exit_code, ports, observed_at)
-             SELECT r.id, $1, r.generation, r.state, r.reason, r.exit_code, r.ports, r.at
+                 exit_code, ports, observed_at, runtime_ms)
+             SELECT r.id, $1, r.generation, r.state, r.reason, r.exit_code, r.ports, r.at, r.rt
              FROM unnest($2::uuid[], $3::bigint[], $4::text[], $5::text[], $6::int[],
-                         $7::jsonb[], $8::timestamptz[])
-                  AS r(id, generation, state, reason, exit_code, ports, at)
+                         $7::jsonb[], $8::timestamptz[], $9::bigint[])
+                  AS r(id, generation, state, reason, exit_code, ports, at, rt)
              WHERE NOT EXISTS (SELECT 1 FROM node_assignments a
                                WHERE a.id = r.id AND a.node_id <> $1)
              ON CONFLICT (assignment_id) DO UPDATE SET generation = EXCLUDED.generation,
                  state = EXCLUDED.state, reason = EXCLUDED.reason,
                  exit_code = EXCLUDED.exit_code, ports = EXCLUDED.ports,
-                 observed_at = EXCLUDED.observed_at, reported_at = now()
+                 observed_at = EXCLUDED.observed_at, reported_at = now(),
+                 runtime_ms = EXCLUDED.runtime_ms
              WHERE o.node_id = EXCLUDED.node_id AND o.generation <= EXCLUDED.generation",
         )
         .bind(node.as_uuid())
@@ -722,6 +726,7 @@ impl Store {
         .bind(rows.iter().map(|r| r.exit_code).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.ports.clone()).collect::<Vec<_>>())
         .bind(rows.iter().map(|r| r.observed_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.runtime_ms).collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
         // The workloads these assignments realise follow what their node sees. A pod that
@@ -779,11 +784,37 @@ impl Store {
         })
     }
 
+    /// Where tenants reach the ports `node` publishes ('' for its hostname).
+    pub async fn node_set_public_address(&self, node: NodeId, address: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE nodes SET public_address = $2 WHERE id = $1 AND public_address <> $2")
+            .bind(node.as_uuid())
+            .bind(address)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The workload an assignment of `node` realises, if it is still that node's: how pushed
+    /// log lines find their workload, and why a node cannot write into another node's logs.
+    pub async fn workload_of_assignment(
+        &self,
+        node: NodeId,
+        assignment: Uuid,
+    ) -> StoreResult<Option<Uuid>> {
+        let row: Option<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM workloads WHERE assignment_id = $1 AND node_id = $2")
+                .bind(assignment)
+                .bind(node.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(id,)| id))
+    }
+
     /// What the control plane last heard about the node's assignments.
     pub async fn observed_list(&self, node: NodeId) -> StoreResult<Vec<ObservedView>> {
         Ok(sqlx::query_as(
             "SELECT assignment_id, node_id, generation, state, reason, exit_code, ports,
-                    observed_at, reported_at
+                    observed_at, reported_at, runtime_ms
              FROM node_observed WHERE node_id = $1 ORDER BY assignment_id",
         )
         .bind(node.as_uuid())
@@ -796,7 +827,7 @@ impl Store {
         let ids: Vec<Uuid> = nodes.iter().map(|n| n.as_uuid()).collect();
         Ok(sqlx::query_as(
             "SELECT assignment_id, node_id, generation, state, reason, exit_code, ports,
-                    observed_at, reported_at
+                    observed_at, reported_at, runtime_ms
              FROM node_observed WHERE node_id = ANY($1) ORDER BY node_id, assignment_id",
         )
         .bind(&ids)

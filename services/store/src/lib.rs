@@ -13,6 +13,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod billing;
 pub mod catalog;
+pub mod endpoints;
 pub mod fleet;
 pub mod idempotency;
 pub mod nodes;
@@ -37,6 +38,9 @@ pub use billing::{
     SuspendableWorkload, UsageEventRecord, UsageGroup, UsageRow,
 };
 pub use catalog::{CatalogGpu, CatalogSlot};
+pub use endpoints::{
+    EndpointRecord, EndpointRoute, NewEndpoint, ReadyReplica, ReplicaShortfall, ReplicaTemplate,
+};
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,
     AssignmentSnapshot, CREDENTIAL_CHANNEL, CapacityRow, GpuEventRecord, GpuHealthReport,

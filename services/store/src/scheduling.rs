@@ -179,6 +179,41 @@ impl From<sqlx::Error> for PlaceError {
 /// A whole GPU's slot range: everything.
 const WHOLE: (i64, i64) = (0, i64::MAX / 2);
 
+/// Insert one pending workload (of `endpoint`, for a replica); the caller wakes the schedulers.
+pub(crate) async fn insert_workload(
+    conn: &mut PgConnection,
+    org: Uuid,
+    endpoint: Option<Uuid>,
+    new: &NewWorkload<'_>,
+) -> StoreResult<WorkloadRecord> {
+    Ok(sqlx::query_as(&format!(
+        "INSERT INTO workloads (id, org_id, kind, name, tier, priority, gpu_mode, gpu_type,
+             gpu_count, mig_profile, share_memory_mib, cpu_millis, memory_mib, disk_gib, spec,
+             state_reason, endpoint_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+             'waiting for the scheduler', $16)
+         RETURNING {WORKLOAD_COLUMNS}"
+    ))
+    .bind(WorkloadId::new().as_uuid())
+    .bind(org)
+    .bind(new.kind)
+    .bind(new.name)
+    .bind(new.tier)
+    .bind(new.priority)
+    .bind(new.gpu_mode)
+    .bind(new.gpu_type)
+    .bind(new.gpu_count)
+    .bind(new.mig_profile)
+    .bind(new.share_memory_mib)
+    .bind(new.cpu_millis)
+    .bind(new.memory_mib)
+    .bind(new.disk_gib)
+    .bind(&new.spec)
+    .bind(endpoint)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
 impl Store {
     /// Record a workload as pending and wake the schedulers.
     pub async fn workload_create(
@@ -187,31 +222,7 @@ impl Store {
         scope: &OrgScope,
         new: &NewWorkload<'_>,
     ) -> StoreResult<WorkloadRecord> {
-        let row: WorkloadRecord = sqlx::query_as(&format!(
-            "INSERT INTO workloads (id, org_id, kind, name, tier, priority, gpu_mode, gpu_type,
-                 gpu_count, mig_profile, share_memory_mib, cpu_millis, memory_mib, disk_gib, spec,
-                 state_reason)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                 'waiting for the scheduler')
-             RETURNING {WORKLOAD_COLUMNS}"
-        ))
-        .bind(WorkloadId::new().as_uuid())
-        .bind(scope.org_id().as_uuid())
-        .bind(new.kind)
-        .bind(new.name)
-        .bind(new.tier)
-        .bind(new.priority)
-        .bind(new.gpu_mode)
-        .bind(new.gpu_type)
-        .bind(new.gpu_count)
-        .bind(new.mig_profile)
-        .bind(new.share_memory_mib)
-        .bind(new.cpu_millis)
-        .bind(new.memory_mib)
-        .bind(new.disk_gib)
-        .bind(&new.spec)
-        .fetch_one(&mut *conn)
-        .await?;
+        let row = insert_workload(conn, scope.org_id().as_uuid(), None, new).await?;
         wake_schedulers(conn).await?;
         Ok(row)
     }
@@ -640,7 +651,7 @@ async fn share_offset(
     Ok(at)
 }
 
-async fn wake_schedulers(conn: &mut PgConnection) -> StoreResult<()> {
+pub(crate) async fn wake_schedulers(conn: &mut PgConnection) -> StoreResult<()> {
     sqlx::query("SELECT pg_notify($1, 'created')")
         .bind(PENDING_CHANNEL)
         .execute(&mut *conn)

@@ -42,9 +42,9 @@ pub struct TenantWorkloadRecord {
     pub updated_at: OffsetDateTime,
 }
 
-const TENANT_COLUMNS: &str = "w.id, w.kind, w.name, w.state, w.state_reason, w.tier, \
+pub(crate) const TENANT_COLUMNS: &str = "w.id, w.kind, w.name, w.state, w.state_reason, w.tier, \
      w.gpu_mode, w.gpu_type, w.gpu_count, w.mig_profile, w.share_memory_mib, w.cpu_millis, \
-     w.memory_mib, w.disk_gib, w.spec, w.node_id, n.hostname AS node_hostname, \
+     w.memory_mib, w.disk_gib, w.spec, w.node_id, COALESCE(NULLIF(n.public_address, ''), n.hostname) AS node_hostname, \
      ARRAY(SELECT a.gpu_uuid FROM gpu_allocations a \
            LEFT JOIN node_gpus g ON g.node_id = a.node_id AND g.uuid = a.gpu_uuid \
            WHERE a.workload_id = w.id ORDER BY g.idx, a.gpu_uuid) AS gpus, \

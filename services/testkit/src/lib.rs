@@ -93,6 +93,11 @@ impl TestApp {
         }
     }
 
+    /// The API's settings (its Redis namespace and secrets key, for a scheduler beside it).
+    pub fn config(&self) -> &ApiConfig {
+        &self.state.config
+    }
+
     pub fn store(&self) -> &Store {
         &self.state.store
     }

@@ -24,6 +24,7 @@ mod billing;
 mod fleet;
 mod keys;
 mod orgs;
+mod pods;
 mod session;
 
 use std::borrow::Cow;
@@ -43,8 +44,9 @@ use crate::views::MembershipView;
 
 pub(crate) use session::{Ctx, Flash};
 
-/// The console's routes: `/`, `/login`, `/signup`, `/logout`, `/switch`, `/orgs/…`, the
-/// operators' `/admin/fleet`, `/static/…`.
+/// The console's routes: `/`, `/login`, `/signup`, `/logout`, `/switch`, `/orgs/…` (with an
+/// org's pods and their live `…/events` and `…/logs` streams), the operators' `/admin/fleet`,
+/// `/static/…`.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(orgs::dashboard))
@@ -66,6 +68,11 @@ pub fn router() -> Router<AppState> {
             "/orgs/{org}/members/{user}/remove",
             post(orgs::member_remove),
         )
+        .route("/orgs/{org}/pods", get(pods::list).post(pods::create))
+        .route("/orgs/{org}/pods/{pod}", get(pods::show))
+        .route("/orgs/{org}/pods/{pod}/delete", post(pods::delete))
+        .route("/orgs/{org}/pods/{pod}/events", get(pods::events))
+        .route("/orgs/{org}/pods/{pod}/logs", get(pods::logs))
         .route("/orgs/{org}/api-keys", get(keys::list).post(keys::create))
         .route("/orgs/{org}/api-keys/{key}/revoke", post(keys::revoke))
         .route("/orgs/{org}/audit-log", get(audit::list))

@@ -16,9 +16,10 @@ mod billing;
 mod error;
 mod mutation;
 mod query;
+mod subscription;
 
 use async_graphql::http::{GraphQLPlaygroundConfig, playground_source};
-use async_graphql::{Context, EmptySubscription, MergedObject, Schema};
+use async_graphql::{Context, MergedObject, Schema};
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -29,6 +30,7 @@ use bytes::Bytes;
 pub(crate) use self::error::gql;
 pub use self::mutation::MutationRoot;
 pub use self::query::QueryRoot;
+pub use self::subscription::SubscriptionRoot;
 use crate::error::ApiError;
 use crate::rest::extract::{bearer, client_info};
 use crate::state::{AppState, Caller, ClientInfo};
@@ -48,14 +50,14 @@ pub struct Query(QueryRoot, billing::BillingQuery);
 #[derive(MergedObject)]
 pub struct Mutation(MutationRoot, billing::BillingMutation);
 
-pub type KilnSchema = Schema<Query, Mutation, EmptySubscription>;
+pub type KilnSchema = Schema<Query, Mutation, SubscriptionRoot>;
 
 /// Build the schema. Introspection stays on: the schema is public (and checked in).
 pub fn schema() -> KilnSchema {
     Schema::build(
         Query(QueryRoot, billing::BillingQuery),
         Mutation(MutationRoot, billing::BillingMutation),
-        EmptySubscription,
+        SubscriptionRoot,
     )
     .limit_depth(MAX_DEPTH)
     .limit_complexity(MAX_COMPLEXITY)
@@ -90,6 +92,11 @@ async fn execute(
 ) -> Response {
     let (parts, body) = req.into_parts();
     let client = client_info(&parts, &state);
+    let wants_stream = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
     let token = bearer(&parts).map(str::to_owned);
     let json_ct = parts
         .headers
@@ -146,8 +153,31 @@ async fn execute(
     if let Some(failure) = failure {
         request = request.data(failure);
     }
+    if wants_stream {
+        return no_store(event_stream(&schema, request));
+    }
     let response = schema.execute(request).await;
     no_store(Json(response).into_response())
+}
+
+/// Any operation (subscriptions included) as server-sent events: `next` per result, then
+/// `complete` (GraphQL over SSE, distinct connections mode).
+fn event_stream(schema: &KilnSchema, request: async_graphql::Request) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let results = schema.execute_stream(request).map(|r| {
+        Ok::<_, std::convert::Infallible>(
+            Event::default()
+                .event("next")
+                .data(serde_json::to_string(&r).unwrap_or_default()),
+        )
+    });
+    let complete = futures::stream::once(async {
+        Ok::<_, std::convert::Infallible>(Event::default().event("complete").data(""))
+    });
+    Sse::new(results.chain(complete))
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response()
 }
 
 /// An error before execution (the body is not a GraphQL request): GraphQL-shaped, with the

@@ -211,6 +211,40 @@ impl MutationRoot {
         Ok(Some(view))
     }
 
+    /// Deploy a model server as an endpoint (as `POST /v1/orgs/{org}/endpoints`).
+    async fn create_endpoint(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        input: CreateEndpointInput,
+    ) -> Result<Option<EndpointView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::endpoints::create(st, &mut tx, caller, org, &input)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
+    /// Delete an endpoint: calls stop at once and its replicas are terminated.
+    async fn delete_endpoint(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+    ) -> Result<Option<EndpointView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::endpoints::delete(st, &mut tx, caller, org, &id)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
     /// Operators only: cordon a node (it keeps its work, takes no new work).
     async fn cordon_node(&self, ctx: &Context<'_>, id: ID) -> Result<Option<NodeView>> {
         Ok(Some(

@@ -153,6 +153,63 @@ impl QueryRoot {
         ))
     }
 
+    /// The org's endpoints, newest first, each with its URL and live replicas.
+    async fn endpoints(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<EndpointList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let list = ops::endpoints::list(
+            state(ctx),
+            caller,
+            org,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// One endpoint of the org (`not-found` otherwise).
+    async fn endpoint(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The endpoint's id (`ep_…`).")] id: ID,
+    ) -> Result<Option<EndpointView>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        Ok(Some(
+            ops::endpoints::get(state(ctx), caller, org, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// The pod's last `tail` lines of output, oldest first (follow them with the `podLogs`
+    /// subscription).
+    async fn pod_logs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The pod's id (`pod_…`).")] id: ID,
+        #[graphql(desc = "How many recent lines, 0–5000 (default 100).")] tail: Option<i32>,
+    ) -> Result<Option<Vec<LogLineView>>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let tail = ops::pods::parse_tail(tail.map(i64::from)).map_err(gql)?;
+        Ok(Some(
+            ops::pods::logs(state(ctx), caller, org, &id, tail)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// Operators only (`not-found` for anyone else): nodes, oldest first, with their GPUs and
     /// what runs on each.
     async fn nodes(

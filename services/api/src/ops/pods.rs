@@ -15,9 +15,9 @@ use sqlx::PgConnection;
 use super::orgs::audit;
 use super::{Checks, page};
 use crate::error::ApiError;
-use crate::secrets::pod_env_context;
 use crate::state::{AppState, Caller};
 use crate::views::*;
+use kiln_auth::pod_env_context;
 
 pub const KIND: &str = "pod";
 
@@ -31,6 +31,9 @@ pub const MAX_COMMAND_BYTES: usize = 32 * 1024;
 pub const DEFAULT_CPU: f64 = 1.0;
 pub const DEFAULT_MEMORY_GIB: i64 = 4;
 pub const DEFAULT_DISK_GIB: i64 = 10;
+/// What happens when a pod's main process exits: restart after a failure (at most 3 times),
+/// always restart, or never.
+pub const RESTART_POLICIES: [&str; 3] = ["on_failure", "always", "never"];
 
 /// A pod id from a path: anything malformed is simply a pod that does not exist.
 pub fn parse_pod(raw: &str) -> Result<PodId, ApiError> {
@@ -177,6 +180,220 @@ pub async fn delete(
     Ok(view(&w))
 }
 
+/// How often a live view re-reads even without a wake-up (a lost notice costs this much).
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a pod in `state` will not change again.
+pub fn is_final(state: &str) -> bool {
+    matches!(state, "terminated" | "failed" | "stopped")
+}
+
+/// The pod's live state: the view now, then each time it differs (state, reason, node, ports),
+/// until it ends (`terminated`, `failed`, `stopped`) or the caller loses access. An unknown or
+/// another org's pod is a 404 now, not an empty stream. Woken by the replica's [`LiveHub`]
+/// (`crate::live`), re-checked every [`RECHECK`] in case a notice was lost.
+pub async fn watch(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    pod: &str,
+) -> Result<impl futures::Stream<Item = PodView> + Send + use<>, ApiError> {
+    let first = get(state, caller, org, pod).await?;
+    let id = parse_pod(pod)?.as_uuid();
+    struct Live {
+        state: AppState,
+        caller: Caller,
+        org: OrgId,
+        pod: String,
+        id: uuid::Uuid,
+        rx: tokio::sync::watch::Receiver<u64>,
+        pending: Option<PodView>,
+        last: Option<String>,
+        done: bool,
+    }
+    let live = Live {
+        rx: state.live.subscribe(id),
+        id,
+        state: state.clone(),
+        caller: caller.clone(),
+        org,
+        pod: pod.to_owned(),
+        pending: Some(first),
+        last: None,
+        done: false,
+    };
+    Ok(futures::stream::unfold(live, |mut live| async move {
+        loop {
+            if live.done {
+                return None;
+            }
+            if let Some(view) = live.pending.take() {
+                let text = serde_json::to_string(&view).unwrap_or_default();
+                if live.last.as_deref() != Some(text.as_str()) {
+                    live.done = is_final(&view.state);
+                    live.last = Some(text);
+                    return Some((view, live));
+                }
+            }
+            if let Ok(Err(_)) = tokio::time::timeout(RECHECK, live.rx.changed()).await {
+                // The hub forgot this channel: take a new one.
+                live.rx = live.state.live.subscribe(live.id);
+            }
+            match get(&live.state, &live.caller, live.org, &live.pod).await {
+                Ok(v) => live.pending = Some(v),
+                // Gone, or access lost: end the stream.
+                Err(_) => return None,
+            }
+        }
+    }))
+}
+
+/// Most lines `tail` may ask for.
+pub const MAX_TAIL: i64 = 5000;
+/// Lines sent first when following, unless the caller says otherwise.
+pub const DEFAULT_TAIL: i64 = 100;
+/// How long one blocking read waits before the pod's state is checked again.
+const FOLLOW_BLOCK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `tail` as asked, checked.
+pub fn parse_tail(tail: Option<i64>) -> Result<usize, ApiError> {
+    let tail = tail.unwrap_or(DEFAULT_TAIL);
+    if !(0..=MAX_TAIL).contains(&tail) {
+        return Err(ApiError::field(
+            "tail",
+            format!("must be between 0 and {MAX_TAIL}"),
+        ));
+    }
+    Ok(tail as usize)
+}
+
+fn log_view(line: kiln_logs::LogLine) -> LogLineView {
+    LogLineView {
+        at: time::OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(line.at_unix_ms) * 1_000_000,
+        )
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default(),
+        source: line.source.as_str().to_owned(),
+        text: line.text,
+        cursor: line.cursor,
+    }
+}
+
+fn log_error(e: kiln_logs::LogError) -> ApiError {
+    tracing::warn!(error = %e, "reading workload output failed");
+    ApiError::Unavailable(
+        "pod logs are unavailable right now (the log store is unreachable)".into(),
+    )
+}
+
+/// The pod's last `tail` lines of output, oldest first.
+pub async fn logs(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    pod: &str,
+    tail: usize,
+) -> Result<Vec<LogLineView>, ApiError> {
+    get(state, caller, org, pod).await?;
+    let id = parse_pod(pod)?.as_uuid();
+    let lines = state.logs.tail(id, tail).await.map_err(log_error)?;
+    Ok(lines.into_iter().map(log_view).collect())
+}
+
+/// The pod's output as it comes: after `cursor` when the caller resumes (an SSE
+/// `Last-Event-ID`), else the last `tail` lines first. Ends once the pod has ended and its last
+/// lines are sent, or when the caller loses access.
+pub async fn follow_logs(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    pod: &str,
+    tail: usize,
+    cursor: Option<&str>,
+) -> Result<impl futures::Stream<Item = LogLineView> + Send + use<>, ApiError> {
+    let view = get(state, caller, org, pod).await?;
+    let id = parse_pod(pod)?.as_uuid();
+    let (backlog, cursor) = match cursor.filter(|c| kiln_logs::is_cursor(c)) {
+        Some(c) => (Vec::new(), c.to_owned()),
+        None => {
+            let backlog = state.logs.tail(id, tail).await.map_err(log_error)?;
+            // Resume after the newest line there is, even if none of it was asked for.
+            let newest = match backlog.last() {
+                Some(l) => l.cursor.clone(),
+                None => state
+                    .logs
+                    .tail(id, 1)
+                    .await
+                    .map_err(log_error)?
+                    .pop()
+                    .map(|l| l.cursor)
+                    .unwrap_or_else(|| "0-0".to_owned()),
+            };
+            (backlog, newest)
+        }
+    };
+    let follower = state.logs.follower().await.map_err(log_error)?;
+    struct Follow {
+        state: AppState,
+        caller: Caller,
+        org: OrgId,
+        pod: String,
+        id: uuid::Uuid,
+        follower: kiln_logs::Follower,
+        cursor: String,
+        queue: std::collections::VecDeque<kiln_logs::LogLine>,
+        ended: bool,
+    }
+    let f = Follow {
+        state: state.clone(),
+        caller: caller.clone(),
+        org,
+        pod: pod.to_owned(),
+        id,
+        follower,
+        cursor,
+        queue: backlog.into(),
+        ended: is_final(&view.state),
+    };
+    Ok(futures::stream::unfold(f, |mut f| async move {
+        loop {
+            if let Some(line) = f.queue.pop_front() {
+                return Some((log_view(line), f));
+            }
+            let block = if f.ended {
+                std::time::Duration::from_millis(200)
+            } else {
+                FOLLOW_BLOCK
+            };
+            match f.follower.wait(f.id, &f.cursor, block, 256).await {
+                Ok(lines) if !lines.is_empty() => {
+                    f.cursor = lines.last().map(|l| l.cursor.clone()).unwrap_or(f.cursor);
+                    f.queue.extend(lines);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "following workload output failed");
+                    return None;
+                }
+            }
+            // Nothing new: the last lines of an ended pod are out.
+            if f.ended {
+                return None;
+            }
+            match get(&f.state, &f.caller, f.org, &f.pod).await {
+                Ok(v) => f.ended = is_final(&v.state),
+                Err(_) => return None,
+            }
+        }
+    }))
+}
+
 /// The caller as a person reads it in `state_reason`.
 fn who(caller: &Caller) -> String {
     match &caller.principal {
@@ -186,7 +403,7 @@ fn who(caller: &Caller) -> String {
 }
 
 /// What a pod asks for, validated.
-enum GpuAsk {
+pub(crate) enum GpuAsk {
     None,
     Whole { gpu_type: String, count: i64 },
     Mig { gpu_type: String, profile: String },
@@ -194,7 +411,7 @@ enum GpuAsk {
 }
 
 impl GpuAsk {
-    fn mode(&self) -> &'static str {
+    pub(crate) fn mode(&self) -> &'static str {
         match self {
             GpuAsk::None => "none",
             GpuAsk::Whole { .. } => "whole",
@@ -202,7 +419,7 @@ impl GpuAsk {
             GpuAsk::Share { .. } => "share",
         }
     }
-    fn gpu_type(&self) -> Option<&str> {
+    pub(crate) fn gpu_type(&self) -> Option<&str> {
         match self {
             GpuAsk::None => None,
             GpuAsk::Whole { gpu_type, .. }
@@ -210,19 +427,19 @@ impl GpuAsk {
             | GpuAsk::Share { gpu_type, .. } => Some(gpu_type),
         }
     }
-    fn count(&self) -> i32 {
+    pub(crate) fn count(&self) -> i32 {
         match self {
             GpuAsk::Whole { count, .. } => *count as i32,
             _ => 0,
         }
     }
-    fn mig_profile(&self) -> Option<&str> {
+    pub(crate) fn mig_profile(&self) -> Option<&str> {
         match self {
             GpuAsk::Mig { profile, .. } => Some(profile),
             _ => None,
         }
     }
-    fn share_memory_mib(&self) -> Option<i64> {
+    pub(crate) fn share_memory_mib(&self) -> Option<i64> {
         match self {
             GpuAsk::Share { memory_gib, .. } => Some(memory_gib * 1024),
             _ => None,
@@ -230,19 +447,19 @@ impl GpuAsk {
     }
 }
 
-struct ValidPod {
-    name: WorkloadName,
-    image: ImageRef,
-    gpu: GpuAsk,
-    cpu_millis: i64,
-    memory_gib: i64,
-    disk_gib: i64,
-    spot: bool,
-    spec: serde_json::Value,
+pub(crate) struct ValidPod {
+    pub(crate) name: WorkloadName,
+    pub(crate) image: ImageRef,
+    pub(crate) gpu: GpuAsk,
+    pub(crate) cpu_millis: i64,
+    pub(crate) memory_gib: i64,
+    pub(crate) disk_gib: i64,
+    pub(crate) spot: bool,
+    pub(crate) spec: serde_json::Value,
 }
 
 /// Check every field, reporting all problems at once.
-async fn validate(
+pub(crate) async fn validate(
     state: &AppState,
     conn: &mut PgConnection,
     scope: &OrgScope,
@@ -295,6 +512,11 @@ async fn validate(
         checks.push("command", "arguments must not contain NUL characters");
     }
 
+    let restart_policy = input.restart_policy.as_deref().unwrap_or("on_failure");
+    if !RESTART_POLICIES.contains(&restart_policy) {
+        checks.push("restart_policy", "must be one of on_failure, always, never");
+    }
+
     let env = input.env.clone().unwrap_or_default();
     let (plain, secret) = validate_env(state, scope.org_id(), &env, &mut checks);
 
@@ -308,6 +530,7 @@ async fn validate(
         "command": command,
         "env": plain,
         "ports": ports,
+        "restart_policy": restart_policy,
     });
     if !secret.is_empty() {
         spec["env_secret"] = serde_json::json!(secret);
@@ -500,6 +723,35 @@ async fn validate_gpu(
     }))
 }
 
+/// The GPU a workload asked for, as the API shows it; `None` for CPU only.
+pub fn gpu_request(
+    mode: &str,
+    gpu_type: Option<String>,
+    count: i32,
+    mig_profile: Option<String>,
+    share_memory_mib: Option<i64>,
+) -> Option<GpuRequest> {
+    gpu_type.map(|gpu_type| match mode {
+        "mig" => GpuRequest {
+            gpu_type,
+            mig_profile,
+            ..GpuRequest::default()
+        },
+        "share" => GpuRequest {
+            gpu_type,
+            share: Some(GpuShareRequest {
+                memory_gib: share_memory_mib.map(|m| m / 1024),
+            }),
+            ..GpuRequest::default()
+        },
+        _ => GpuRequest {
+            gpu_type,
+            count: Some(i64::from(count)),
+            ..GpuRequest::default()
+        },
+    })
+}
+
 /// The tenant's view of a pod row.
 pub fn view(w: &TenantWorkloadRecord) -> PodView {
     let spec = &w.spec;
@@ -558,28 +810,13 @@ pub fn view(w: &TenantWorkloadRecord) -> PodView {
                 .collect()
         })
         .unwrap_or_default();
-    let gpu = w
-        .gpu_type
-        .clone()
-        .map(|gpu_type| match w.gpu_mode.as_str() {
-            "mig" => GpuRequest {
-                gpu_type,
-                mig_profile: w.mig_profile.clone(),
-                ..GpuRequest::default()
-            },
-            "share" => GpuRequest {
-                gpu_type,
-                share: Some(GpuShareRequest {
-                    memory_gib: w.share_memory_mib.map(|m| m / 1024),
-                }),
-                ..GpuRequest::default()
-            },
-            _ => GpuRequest {
-                gpu_type,
-                count: Some(i64::from(w.gpu_count)),
-                ..GpuRequest::default()
-            },
-        });
+    let gpu = gpu_request(
+        w.gpu_mode.as_str(),
+        w.gpu_type.clone(),
+        w.gpu_count,
+        w.mig_profile.clone(),
+        w.share_memory_mib,
+    );
     PodView {
         id: PodId::from_uuid(w.id).to_string(),
         name: w.name.clone(),
@@ -601,6 +838,11 @@ pub fn view(w: &TenantWorkloadRecord) -> PodView {
         env,
         ports,
         command: strings("command"),
+        restart_policy: spec
+            .get("restart_policy")
+            .and_then(|v| v.as_str())
+            .unwrap_or("on_failure")
+            .to_owned(),
         spot: w.tier == "spot",
         created_at: ts(w.created_at),
         updated_at: ts(w.updated_at),

@@ -3,6 +3,7 @@
 mod admin;
 mod billing;
 mod catalog;
+mod endpoints;
 pub mod extract;
 mod identity;
 mod orgs;
@@ -57,6 +58,15 @@ pub fn router() -> Router<AppState> {
             get(pods::get).delete(pods::delete),
         )
         .route("/v1/orgs/{org}/pods/{pod}/events", get(pods::events))
+        .route("/v1/orgs/{org}/pods/{pod}/logs", get(pods::logs))
+        .route(
+            "/v1/orgs/{org}/endpoints",
+            get(endpoints::list).post(endpoints::create),
+        )
+        .route(
+            "/v1/orgs/{org}/endpoints/{endpoint}",
+            get(endpoints::get).delete(endpoints::delete),
+        )
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
@@ -194,7 +204,8 @@ where
         orgs::api_keys, orgs::api_key_create, orgs::api_key_revoke,
         orgs::audit_log,
         quotas::list,
-        pods::list, pods::create, pods::get, pods::delete, pods::events,
+        pods::list, pods::create, pods::get, pods::delete, pods::events, pods::logs,
+        endpoints::list, endpoints::create, endpoints::get, endpoints::delete,
         catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
@@ -205,12 +216,13 @@ where
         billing::settings_get, billing::settings_set, billing::promo_grant,
         billing::invoice_generate,
     ),
-    components(schemas(Problem, FieldError)),
+    components(schemas(Problem, FieldError, crate::views::LogLineView)),
     modifiers(&BearerAuth),
     tags(
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
         (name = "pods", description = "GPU containers: create, watch, delete"),
+        (name = "endpoints", description = "Model servers behind the gateway: deploy, watch, delete"),
         (name = "catalog", description = "GPU types, their MIG profiles and live availability"),
         (name = "billing", description = "Balance, credits, usage, the ledger and invoices; the payment webhook"),
         (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),

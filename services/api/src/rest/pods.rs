@@ -1,13 +1,16 @@
 //! `/v1/orgs/{org}/pods…`: a tenant's GPU containers.
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
 use std::convert::Infallible;
 use std::time::Duration;
+use utoipa::IntoParams;
 
 use super::extract::{Auth, IdempotencyKey, JsonBody, ListParams, ListQuery};
 use super::idempotent;
@@ -42,7 +45,7 @@ pub async fn list(
 /// encrypted and never shown again.
 #[utoipa::path(post, path = "/v1/orgs/{org}/pods", tag = "pods", request_body = CreatePodInput,
     params(("org" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and body")),
-    responses((status = 202, body = PodView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    responses((status = 202, body = PodView), (status = 402, body = Problem, description = "The org is out of credit"), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
@@ -112,66 +115,73 @@ pub async fn events(
     Auth(caller): Auth,
     Path((org, pod)): Path<(String, String)>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let views = ops::pods::watch(&state, &caller, parse_org(&org)?, &pod).await?;
+    let events = views.map(|view| {
+        Ok(Event::default()
+            .event("pod")
+            .data(serde_json::to_string(&view).unwrap_or_default()))
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// `?follow=&tail=` of the logs call.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsParams {
+    /// Keep the connection open and stream new lines as server-sent events. Default false.
+    pub follow: Option<bool>,
+    /// How many of the most recent lines to send first, 0–5000. Default 100.
+    pub tail: Option<i64>,
+}
+
+/// The pod's output (stdout and stderr, and lines its node agent wrote about it). Without
+/// `follow`: the last `tail` lines as `text/plain`, one per line. With `follow=true`: a
+/// `text/event-stream` of `log` events (data: a LogLineView as JSON, id: its cursor), the last
+/// `tail` lines first, then new ones as they come, until the pod has ended and its last lines
+/// are out; a reconnecting client sends `Last-Event-ID` and gets exactly the lines after it.
+/// The control plane keeps a window of recent output (about 10,000 lines per pod), not an archive.
+#[utoipa::path(get, path = "/v1/orgs/{org}/pods/{pod}/logs", tag = "pods",
+    params(("org" = String, Path), ("pod" = String, Path), LogsParams),
+    responses(
+        (status = 200, description = "the last lines as text/plain, or with follow=true a text/event-stream of `log` events (LogLineView)",
+            content_type = "text/plain"),
+        (status = 404, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn logs(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, pod)): Path<(String, String)>,
+    query: Result<Query<LogsParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|_| {
+        ApiError::field(
+            "follow",
+            "follow must be true or false and tail a whole number between 0 and 5000",
+        )
+    })?;
     let org = parse_org(&org)?;
-    // Checked now, so an unknown or foreign pod is a 404, not an empty stream.
-    let first = ops::pods::get(&state, &caller, org, &pod).await?;
-    let id = ops::pods::parse_pod(&pod)?.as_uuid();
-    let live = Live {
-        rx: state.live.subscribe(id),
-        id,
-        state,
-        caller,
-        org,
-        pod,
-        pending: Some(first),
-        last: None,
-        done: false,
-    };
-    let stream = futures::stream::unfold(live, Live::next);
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
-}
-
-/// How often a live view re-reads even without a wake-up (a lost notice costs this much).
-const RECHECK: Duration = Duration::from_secs(5);
-
-/// One client's live view of one pod.
-struct Live {
-    state: AppState,
-    caller: crate::state::Caller,
-    org: kiln_domain::OrgId,
-    pod: String,
-    id: uuid::Uuid,
-    rx: tokio::sync::watch::Receiver<u64>,
-    pending: Option<PodView>,
-    last: Option<String>,
-    done: bool,
-}
-
-impl Live {
-    /// The next event: the pod as it is, when it differs from what was sent last.
-    async fn next(mut self) -> Option<(Result<Event, Infallible>, Self)> {
-        loop {
-            if self.done {
-                return None;
-            }
-            if let Some(view) = self.pending.take() {
-                let text = serde_json::to_string(&view).unwrap_or_default();
-                if self.last.as_deref() != Some(text.as_str()) {
-                    self.done = matches!(view.state.as_str(), "terminated" | "failed" | "stopped");
-                    let event = Event::default().event("pod").data(text.clone());
-                    self.last = Some(text);
-                    return Some((Ok(event), self));
-                }
-            }
-            if let Ok(Err(_)) = tokio::time::timeout(RECHECK, self.rx.changed()).await {
-                // The hub forgot this channel: take a new one.
-                self.rx = self.state.live.subscribe(self.id);
-            }
-            match ops::pods::get(&self.state, &self.caller, self.org, &self.pod).await {
-                Ok(v) => self.pending = Some(v),
-                // Gone, or access lost: end the stream.
-                Err(_) => return None,
-            }
+    let tail = ops::pods::parse_tail(q.tail)?;
+    if !q.follow.unwrap_or(false) {
+        let lines = ops::pods::logs(&state, &caller, org, &pod, tail).await?;
+        let mut body = String::new();
+        for l in &lines {
+            body.push_str(&l.text);
+            body.push('\n');
         }
+        return Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response());
     }
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let lines = ops::pods::follow_logs(&state, &caller, org, &pod, tail, resume).await?;
+    let events = lines.map(|line| {
+        Ok::<_, Infallible>(
+            Event::default()
+                .event("log")
+                .id(line.cursor.clone())
+                .data(serde_json::to_string(&line).unwrap_or_default()),
+        )
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
 }

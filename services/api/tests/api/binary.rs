@@ -37,7 +37,7 @@ async fn the_binary_serves_and_creates_the_operator(pool: PgPool) {
         .env("REDIS_URL", kiln_testkit::redis_url())
         .env("KILN_API_LISTEN", format!("127.0.0.1:{port}"))
         .env(
-            "KILN_RATE_LIMIT_NAMESPACE",
+            "KILN_REDIS_NAMESPACE",
             format!("test-{}", uuid::Uuid::new_v4().simple()),
         )
         .env("KILN_ADMIN_EMAIL", "admin@kiln.local")

@@ -13,8 +13,7 @@ fn tenant_routes(
     org: &str,
     member: &str,
     key: &str,
-    pod: &str,
-    invoice: &str,
+    (pod, endpoint, invoice): &(String, String, String),
 ) -> Vec<(Method, String, Option<Value>)> {
     vec![
         (Method::GET, format!("/v1/orgs/{org}"), None),
@@ -59,7 +58,24 @@ fn tenant_routes(
             format!("/v1/orgs/{org}/pods/{pod}/events"),
             None,
         ),
+        (Method::GET, format!("/v1/orgs/{org}/pods/{pod}/logs"), None),
         (Method::DELETE, format!("/v1/orgs/{org}/pods/{pod}"), None),
+        (Method::GET, format!("/v1/orgs/{org}/endpoints"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/endpoints"),
+            Some(json!({"name": "stolen", "image": "busybox", "port": 80})),
+        ),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}"),
+            None,
+        ),
         (Method::GET, format!("/v1/orgs/{org}/balance"), None),
         (
             Method::POST,
@@ -82,11 +98,15 @@ fn tenant_routes(
 #[test]
 fn the_walk_covers_every_tenant_scoped_route() {
     let doc = serde_json::to_value(kiln_api::rest::openapi()).unwrap();
-    let walked: Vec<(String, String)> =
-        tenant_routes("{org}", "{user}", "{key}", "{pod}", "{invoice}")
-            .into_iter()
-            .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
-            .collect();
+    let walked: Vec<(String, String)> = tenant_routes(
+        "{org}",
+        "{user}",
+        "{key}",
+        &("{pod}".into(), "{endpoint}".into(), "{invoice}".into()),
+    )
+    .into_iter()
+    .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
+    .collect();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         if !path.starts_with("/v1/orgs/{org}") {
             continue;
@@ -100,7 +120,7 @@ fn the_walk_covers_every_tenant_scoped_route() {
     }
 }
 
-async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String, String) {
+async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String, String), String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
     app.add_member(&victim, &victim.org_id, &member, "member")
@@ -114,7 +134,14 @@ async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String, St
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
-    let pod_id = pod["id"].as_str().unwrap().to_owned();
+    let (status, endpoint) = app
+        .post(
+            &format!("/v1/orgs/{}/endpoints", victim.org_id),
+            &victim.access_token,
+            json!({"name": "victims-model", "image": "busybox", "port": 8000, "min_replicas": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{endpoint}");
     // An invoice of the victim's (what kiln-billing writes at month close).
     let victim_org: kiln_domain::OrgId = victim.org_id.parse().unwrap();
     let mut conn = app.store().pool().acquire().await.unwrap();
@@ -130,14 +157,17 @@ async fn setup(app: &TestApp) -> (TestUser, TestUser, String, String, String, St
         )
         .await
         .unwrap();
-    let invoice_id = kiln_domain::InvoiceId::from_uuid(invoice.id).to_string();
+    let pod_id = (
+        pod["id"].as_str().unwrap().to_owned(),
+        endpoint["id"].as_str().unwrap().to_owned(),
+        kiln_domain::InvoiceId::from_uuid(invoice.id).to_string(),
+    );
     let attacker = app.user("mallory").await;
     (
         victim,
         member,
         key_id,
         pod_id,
-        invoice_id,
         attacker.access_token.clone(),
     )
 }
@@ -149,6 +179,7 @@ async fn fingerprint(app: &TestApp) -> Value {
             'keys', (SELECT json_agg(json_build_array(id, revoked_at) ORDER BY id) FROM api_keys),
             'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs),
             'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads),
+            'endpoints', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM endpoints),
             'postings', (SELECT count(*) FROM ledger_postings))",
     )
     .fetch_one(app.store().pool())
@@ -160,7 +191,7 @@ async fn fingerprint(app: &TestApp) -> Value {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let (victim, member, key_id, pod_id, invoice_id, attacker_token) = setup(&app).await;
+    let (victim, member, key_id, pod_id, attacker_token) = setup(&app).await;
     let attacker = app.user("eve").await;
     let (_, attacker_key) = app.api_key(&attacker, &attacker.org_id, "owner").await;
     let before = fingerprint(&app).await;
@@ -169,13 +200,8 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
         attacker.access_token.as_str(),
         attacker_key.as_str(),
     ] {
-        for (method, path, body) in tenant_routes(
-            &victim.org_id,
-            &member.user_id,
-            &key_id,
-            &pod_id,
-            &invoice_id,
-        ) {
+        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id, &pod_id)
+        {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             assert_problem(status, &resp, StatusCode::NOT_FOUND);
             assert!(
@@ -186,9 +212,7 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
     }
     // Ids that do not exist at all look the same as other orgs' ids.
     let ghost = format!("org_{}", uuid::Uuid::now_v7().simple());
-    for (method, path, body) in
-        tenant_routes(&ghost, &member.user_id, &key_id, &pod_id, &invoice_id)
-    {
+    for (method, path, body) in tenant_routes(&ghost, &member.user_id, &key_id, &pod_id) {
         let (status, resp) = app
             .call(method, &path, Some(&attacker.access_token), body)
             .await;
@@ -204,20 +228,15 @@ async fn another_orgs_people_and_keys_get_404_everywhere(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn viewers_cannot_write_and_removed_members_lose_access_at_once(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let (victim, member, key_id, pod_id, invoice_id, _) = setup(&app).await;
+    let (victim, member, key_id, pod_id, _) = setup(&app).await;
     let viewer = app.user("viewer").await;
     app.add_member(&victim, &victim.org_id, &viewer, "viewer")
         .await;
     let (_, viewer_key) = app.api_key(&victim, &victim.org_id, "viewer").await;
     let before = fingerprint(&app).await;
     for token in [viewer.access_token.as_str(), viewer_key.as_str()] {
-        for (method, path, body) in tenant_routes(
-            &victim.org_id,
-            &member.user_id,
-            &key_id,
-            &pod_id,
-            &invoice_id,
-        ) {
+        for (method, path, body) in tenant_routes(&victim.org_id, &member.user_id, &key_id, &pod_id)
+        {
             let (status, resp) = app.call(method.clone(), &path, Some(token), body).await;
             if method == Method::GET {
                 let readable = !path.ends_with("/api-keys") && !path.ends_with("/audit-log");

@@ -384,6 +384,7 @@ async fn an_operator_sees_each_gpu_its_health_and_what_runs_on_it(pool: PgPool) 
                 exit_code: None,
                 ports: json!([]),
                 observed_at: OffsetDateTime::now_utc(),
+                runtime_ms: 0,
             }],
             false,
         )

@@ -406,7 +406,7 @@ async fn secret_env_values_are_never_shown_nor_stored_in_plaintext(pool: PgPool)
         .secrets
         .as_ref()
         .unwrap()
-        .open(&kiln_api::secrets::pod_env_context(org, "HF_TOKEN"), sealed)
+        .open(&kiln_auth::pod_env_context(org, "HF_TOKEN"), sealed)
         .unwrap();
     assert_eq!(opened, secret);
 }
@@ -664,6 +664,12 @@ struct Events {
 impl Events {
     /// The next pod view, within 10 s; `None` when the stream ended.
     async fn next(&mut self) -> Option<Value> {
+        self.next_named("pod").await.map(|(_, v)| v)
+    }
+
+    /// The next event called `name` (its `id:` and JSON data), within 10 s; `None` when the
+    /// stream ended. Other events and keep-alive comments are skipped.
+    async fn next_named(&mut self, name: &str) -> Option<(Option<String>, Value)> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Some(end) = self.buf.find("\n\n") {
@@ -673,10 +679,14 @@ impl Events {
                     .filter_map(|l| l.strip_prefix("data:"))
                     .map(str::trim)
                     .collect();
-                if block.lines().any(|l| l.trim() == "event: pod") {
-                    return Some(serde_json::from_str(&data).unwrap());
+                let id = block
+                    .lines()
+                    .find_map(|l| l.strip_prefix("id:"))
+                    .map(|i| i.trim().to_owned());
+                if block.lines().any(|l| l.trim() == format!("event: {name}")) {
+                    return Some((id, serde_json::from_str(&data).unwrap_or(Value::Null)));
                 }
-                continue; // a keep-alive comment
+                continue;
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let chunk = tokio::time::timeout(left, self.body.chunk())
@@ -689,6 +699,242 @@ impl Events {
             }
         }
     }
+}
+
+/// Lines as an agent's `PushLogs` would leave them (the fleet service writes the same store).
+async fn push_lines(app: &TestApp, pod: &str, lines: &[&str]) {
+    let store =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .unwrap();
+    let pod: kiln_domain::PodId = pod.parse().unwrap();
+    let new: Vec<kiln_logs::NewLine<'_>> = lines
+        .iter()
+        .map(|t| kiln_logs::NewLine {
+            source: kiln_logs::Source::Stdout,
+            text: t,
+            at_unix_ms: 1_790_000_000_000,
+        })
+        .collect();
+    store.append(pod.as_uuid(), &new).await.unwrap();
+}
+
+async fn follow(app: &TestApp, token: &str, path: &str, last_event_id: Option<&str>) -> Events {
+    let mut req = reqwest::Client::new()
+        .get(format!("{}{path}", app.url))
+        .bearer_auth(token);
+    if let Some(id) = last_event_id {
+        req = req.header("last-event-id", id);
+    }
+    let body = req.send().await.unwrap();
+    assert_eq!(body.status(), StatusCode::OK);
+    assert!(
+        body.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    Events {
+        body,
+        buf: String::new(),
+    }
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn logs_tail_follow_resume_and_end_with_the_pod(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let (status, pod) = create(
+        &app,
+        &ada.access_token,
+        &ada.org_id,
+        json!({"name": "talker", "image": "kiln/demo-model:1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pod}");
+    let id = pod["id"].as_str().unwrap().to_owned();
+    let logs = format!("{}/{id}/logs", pods(&ada.org_id));
+
+    // Nothing yet: an empty text answer.
+    let (status, body) = app
+        .call(Method::GET, &logs, Some(&ada.access_token), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    push_lines(&app, &id, &["one", "two", "three"]).await;
+    let text = reqwest::Client::new()
+        .get(format!("{}{logs}?tail=2", app.url))
+        .bearer_auth(&ada.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        text.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(text.text().await.unwrap(), "two\nthree\n");
+
+    // Following: the last line first, then what comes, each with its cursor as the event id.
+    let mut events = follow(
+        &app,
+        &ada.access_token,
+        &format!("{logs}?follow=true&tail=1"),
+        None,
+    )
+    .await;
+    let (_, first) = events.next_named("log").await.unwrap();
+    assert_eq!(first["text"], "three");
+    assert_eq!(first["source"], "stdout");
+    push_lines(&app, &id, &["four"]).await;
+    let (four_id, four) = events.next_named("log").await.unwrap();
+    assert_eq!(four["text"], "four");
+    assert_eq!(four_id.as_deref(), four["cursor"].as_str());
+
+    // A reconnecting client resumes after the last line it saw, whatever `tail` says.
+    push_lines(&app, &id, &["five"]).await;
+    let mut resumed = follow(
+        &app,
+        &ada.access_token,
+        &format!("{logs}?follow=true&tail=100"),
+        four_id.as_deref(),
+    )
+    .await;
+    let (_, next) = resumed.next_named("log").await.unwrap();
+    assert_eq!(next["text"], "five", "only lines after Last-Event-ID");
+
+    // The pod ends: the streams end too.
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("{}/{id}", pods(&ada.org_id)),
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (_, five) = events.next_named("log").await.unwrap();
+    assert_eq!(five["text"], "five");
+    assert!(
+        events.next_named("log").await.is_none(),
+        "ends after the pod"
+    );
+    assert!(
+        resumed.next_named("log").await.is_none(),
+        "ends after the pod"
+    );
+
+    // Bad input is a clear 422; another org's pod a 404.
+    for bad in ["tail=-1", "tail=5001", "tail=lots", "follow=maybe"] {
+        let (status, body) = app
+            .call(
+                Method::GET,
+                &format!("{logs}?{bad}"),
+                Some(&ada.access_token),
+                None,
+            )
+            .await;
+        assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    let bob = app.user("bob").await;
+    for q in ["", "?follow=true"] {
+        let (status, body) = app
+            .call(
+                Method::GET,
+                &format!("{logs}{q}"),
+                Some(&bob.access_token),
+                None,
+            )
+            .await;
+        assert_problem(status, &body, StatusCode::NOT_FOUND);
+    }
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn graphql_subscriptions_stream_pod_events_and_logs_over_sse(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    fleet::registered_node(app.store(), "gpu-a", 8, false).await;
+    let (_, pod) = create(
+        &app,
+        &ada.access_token,
+        &ada.org_id,
+        json!({"name": "sub", "image": "kiln/demo-model:1", "gpu": {"type": "h100-80gb", "count": 1}}),
+    )
+    .await;
+    let id = pod["id"].as_str().unwrap().to_owned();
+    let subscribe = |query: String| {
+        reqwest::Client::new()
+            .post(format!("{}/graphql", app.url))
+            .bearer_auth(&ada.access_token)
+            .header("accept", "text/event-stream")
+            .json(&json!({ "query": query }))
+            .send()
+    };
+    let body = subscribe(format!(
+        r#"subscription {{ podEvents(orgId: "{}", id: "{id}") {{ state node }} }}"#,
+        ada.org_id
+    ))
+    .await
+    .unwrap();
+    assert_eq!(body.status(), StatusCode::OK);
+    let mut events = Events {
+        body,
+        buf: String::new(),
+    };
+    let (_, first) = events.next_named("next").await.unwrap();
+    assert_eq!(first["data"]["podEvents"]["state"], "pending", "{first}");
+    schedule(&app).await;
+    let (_, placed) = events.next_named("next").await.unwrap();
+    assert_eq!(
+        placed["data"]["podEvents"]["state"], "scheduled",
+        "{placed}"
+    );
+
+    push_lines(&app, &id, &["hello over graphql"]).await;
+    let (status, q) = app
+        .post(
+            "/graphql",
+            &ada.access_token,
+            json!({"query": format!(r#"{{ podLogs(orgId: "{}", id: "{id}", tail: 5) {{ text source }} }}"#, ada.org_id)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{q}");
+    assert_eq!(q["data"]["podLogs"][0]["text"], "hello over graphql", "{q}");
+    let body = subscribe(format!(
+        r#"subscription {{ podLogs(orgId: "{}", id: "{id}", tail: 5) {{ text }} }}"#,
+        ada.org_id
+    ))
+    .await
+    .unwrap();
+    let mut logs = Events {
+        body,
+        buf: String::new(),
+    };
+    let (_, line) = logs.next_named("next").await.unwrap();
+    assert_eq!(
+        line["data"]["podLogs"]["text"], "hello over graphql",
+        "{line}"
+    );
+
+    // Another org: an error, not a stream of someone else's pod.
+    let bob = app.user("bob").await;
+    let body = reqwest::Client::new()
+        .post(format!("{}/graphql", app.url))
+        .bearer_auth(&bob.access_token)
+        .header("accept", "text/event-stream")
+        .json(&json!({ "query": format!(r#"subscription {{ podEvents(orgId: "{}", id: "{id}") {{ state }} }}"#, ada.org_id) }))
+        .send()
+        .await
+        .unwrap();
+    let mut denied = Events {
+        body,
+        buf: String::new(),
+    };
+    let (_, err) = denied.next_named("next").await.unwrap();
+    assert_eq!(err["errors"][0]["extensions"]["code"], "not-found", "{err}");
+    assert!(denied.next_named("next").await.is_none());
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]

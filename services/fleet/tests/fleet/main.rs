@@ -3,6 +3,7 @@
 //! operator API does.
 
 mod join;
+mod logs;
 mod talk;
 mod watch;
 
@@ -142,5 +143,6 @@ pub fn register(hostname: &str, gpus: u32) -> RegisterRequest {
             memory_mib: 512 * 1024,
             disk_gib: 2000,
         }),
+        public_address: String::new(),
     }
 }

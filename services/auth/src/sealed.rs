@@ -1,4 +1,5 @@
-//! Encryption of tenant secrets at rest (secret env values of pods).
+//! Encryption of tenant secrets at rest (secret env values of pods), shared by the API (which
+//! seals) and the fleet service (which opens them as it streams an assignment to its node).
 //!
 //! ChaCha20-Poly1305 under the deployment's `KILN_SECRETS_KEY` (32 bytes, base64). Each value
 //! gets a fresh random 96-bit nonce; what is stored is `base64(nonce ‖ ciphertext ‖ tag)`. The

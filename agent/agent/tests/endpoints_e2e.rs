@@ -1,0 +1,297 @@
+//! An endpoint end to end, every part real: the API and scheduler (in process), the gateway
+//! (in process, on its own port), a `kiln-agent` process running replicas in this machine's
+//! Docker. A tenant deploys the demo model, calls it through the gateway with an API key —
+//! plain and streaming — and other callers are refused; deleting it stops the calls.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_scheduler::{Scheduler, SchedulerConfig};
+use kiln_testkit::TestApp;
+use kiln_testkit::fleet;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+mod common;
+
+use common::{Agent, containers_of, until};
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgPool) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let built = Command::new(format!("{root}/scripts/build-images.sh"))
+        .output()
+        .expect("scripts/build-images.sh");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let image = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+
+    let app = TestApp::spawn(pool).await;
+    let store = app.store().clone();
+    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", fleet_listener.local_addr().unwrap());
+    let config = SchedulerConfig {
+        fleet_listen: fleet_listener.local_addr().unwrap(),
+        ops_listen: ops_listener.local_addr().unwrap(),
+        database_url: String::new(),
+        db_max_connections: 8,
+        liveness_database_url: None,
+        heartbeat_interval_ms: 500,
+        node_unreachable_after_ms: 10_000,
+        node_lost_after_ms: 60_000,
+        lifecycle_tick_ms: 200,
+        placement_tick_ms: 200,
+        node_credential_cache_ms: 60_000,
+        redis_url: None,
+        redis_namespace: "kiln".into(),
+        secrets_key: app.config().secrets_key.clone(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = tokio::spawn(
+        Scheduler {
+            store: store.clone(),
+            config,
+            fleet_listener,
+            ops_listener,
+        }
+        .run(async {
+            let _ = stop_rx.await;
+        }),
+    );
+    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = format!("http://{}", gw_listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(
+            gw_listener,
+            kiln_gateway::app(kiln_gateway::GatewayState::new(store.clone())),
+        )
+        .await
+        .unwrap();
+    });
+    let store = app.store().clone();
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = fleet::bootstrap_token(&store, Duration::from_secs(600)).await;
+    let hostname = format!("ep-e2e-{}", std::process::id());
+    let inventory =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../inventory/inventories/l40s-2x.toml");
+    let log = dir.path().join("agent.log");
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+            .args([
+                "--control-plane",
+                &url,
+                "--nvml",
+                "disabled",
+                "--docker",
+                "auto",
+            ])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--simulated-inventory")
+            .arg(&inventory)
+            .args(["--hostname", &hostname, "--public-address", "127.0.0.1"])
+            .env_remove("KILN_AGENT_CONFIG")
+            .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start kiln-agent"),
+    );
+    let node = until(
+        "the node to register",
+        Duration::from_secs(30),
+        async || {
+            let nodes = store
+                .node_list(kiln_store::PageRequest {
+                    limit: 10,
+                    after: None,
+                })
+                .await
+                .ok()?;
+            let n = nodes.items.into_iter().find(|n| n.hostname == hostname)?;
+            (n.registered_at.is_some()).then_some(n.id)
+        },
+    )
+    .await;
+
+    let ada = app.user("ada").await;
+    let (_, key) = app.api_key(&ada, &ada.org_id, "member").await;
+    let endpoints = format!("/v1/orgs/{}/endpoints", ada.org_id);
+    // Bad input first: each field named.
+    let (status, bad) = app
+        .post(
+            &endpoints,
+            &ada.access_token,
+            json!({"name": "x", "image": image, "port": 0, "min_replicas": 3, "max_replicas": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+    let fields: Vec<&str> = bad["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    assert!(
+        fields.contains(&"port") && fields.contains(&"max_replicas"),
+        "{bad}"
+    );
+
+    let (status, ep) = app
+        .post(
+            &endpoints,
+            &ada.access_token,
+            json!({"name": "llm", "image": image, "gpu": {"type": "l40s-48gb", "count": 1},
+                   "port": 8000, "health_path": "/health", "min_replicas": 1, "max_replicas": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ep}");
+    let id = ep["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        ep["url"],
+        format!("http://127.0.0.1:8090/v1/endpoints/{id}")
+    );
+    assert_eq!(ep["replicas"].as_array().unwrap().len(), 1);
+    let call_url = format!("{gateway}/v1/endpoints/{id}/v1/completions");
+    let http = reqwest::Client::new();
+
+    // Not ready yet, or ready: a 503 with Retry-After until a replica runs.
+    let ready: Value = until(
+        "the endpoint to be ready",
+        Duration::from_secs(60),
+        async || {
+            let (_, e) = app
+                .get(&format!("{endpoints}/{id}"), &ada.access_token)
+                .await;
+            (e["state"] == "ready").then_some(e)
+        },
+    )
+    .await;
+    assert_eq!(ready["replicas"][0]["node"], node.to_string());
+
+    let answer: Value = until(
+        "the model to answer through the gateway",
+        Duration::from_secs(20),
+        async || {
+            let r = http
+                .post(&call_url)
+                .bearer_auth(&key)
+                .json(&json!({"prompt": "kiln serves models"}))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == StatusCode::OK).then_some(())?;
+            r.json().await.ok()
+        },
+    )
+    .await;
+    assert_eq!(answer["choices"][0]["text"], "models serves kiln");
+    assert_eq!(answer["usage"]["total_tokens"], 6);
+
+    // Streaming passes through as it comes, not buffered: the first event arrives while the
+    // model is still producing (it waits 1.5 s between words).
+    let streamed = http
+        .post(&call_url)
+        .bearer_auth(&key)
+        .json(&json!({"prompt": "one two three", "stream": true, "delay_ms": 1500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streamed.status(), StatusCode::OK);
+    assert!(
+        streamed.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let mut body = streamed.bytes_stream();
+    let first = String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).to_string();
+    assert!(first.contains("three"), "{first}");
+    assert!(
+        !first.contains("[DONE]"),
+        "the first event came alone: {first}"
+    );
+    let mut rest = String::new();
+    while let Some(chunk) = body.next().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(
+        rest.contains("\"usage\"") && rest.contains("[DONE]"),
+        "{rest}"
+    );
+
+    // Refusals, all problem+json: no key, another org's key, an unknown endpoint.
+    let r = http.post(&call_url).json(&json!({})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let bob = app.user("bob").await;
+    let (_, bobs_key) = app.api_key(&bob, &bob.org_id, "member").await;
+    let r = http
+        .post(&call_url)
+        .bearer_auth(&bobs_key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "another org's endpoint is not found"
+    );
+    let r = http
+        .post(format!(
+            "{gateway}/v1/endpoints/ep_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d/x"
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let (status, _) = app
+        .get(
+            &format!("/v1/orgs/{}/endpoints/{id}", bob.org_id),
+            &bob.access_token,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Deleted: calls are 404 at once, and the replica's container goes.
+    let (status, gone) = app
+        .call(
+            Method::DELETE,
+            &format!("{endpoints}/{id}"),
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{gone}");
+    assert_eq!(gone["state"], "deleted");
+    let r = http
+        .post(&call_url)
+        .bearer_auth(&key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    until(
+        "the replica's container to be removed",
+        Duration::from_secs(30),
+        async || (containers_of(&node.to_string()) == 0).then_some(()),
+    )
+    .await;
+    let _ = Command::new("docker")
+        .args(["network", "rm", &format!("kiln-org-{}", ada.org_id)])
+        .output();
+    let _ = stop_tx.send(());
+    scheduler.await.unwrap().unwrap();
+}

@@ -1,0 +1,160 @@
+//! `kiln endpoints …`: model servers of the org, called through the gateway.
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::client::seg;
+use crate::output::{self, Format, cell, when};
+use crate::pods::{parse_env, parse_gpu};
+use crate::{Ctx, items};
+
+#[derive(Debug, Subcommand)]
+// Parsed once per process: the size of the `Create` variant does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum EndpointsCommand {
+    /// List the org's endpoints, newest first.
+    List,
+    /// Deploy a model server; call it at the URL shown, with an API key of the org.
+    #[command(
+        after_help = "Example:\n  kiln endpoints create llm --image $KILN_DEMO_IMAGE --gpu h100-80gb:1 --port 8000\n  curl -H \"Authorization: Bearer $KILN_API_KEY\" <url>/v1/completions -d '{\"prompt\": \"hello\"}'"
+    )]
+    Create {
+        /// A lowercase DNS label, unique among the org's endpoints.
+        name: String,
+        /// The model server's image.
+        #[arg(long)]
+        image: String,
+        /// Each replica's GPU, as for pods: TYPE[:COUNT], TYPE:mig=PROFILE, TYPE:share=GIB.
+        #[arg(long, value_name = "SPEC")]
+        gpu: Option<String>,
+        /// The port the server listens on.
+        #[arg(long)]
+        port: i64,
+        /// A path answering 200 when a replica is ready [server default: /].
+        #[arg(long)]
+        health_path: Option<String>,
+        /// Replicas kept at least (0: scale to zero) [server default: 1].
+        #[arg(long)]
+        min_replicas: Option<i64>,
+        /// Replicas at most [server default: max(min, 1)].
+        #[arg(long)]
+        max_replicas: Option<i64>,
+        /// An environment variable, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// A secret environment variable, KEY=VALUE or KEY (from your environment).
+        #[arg(long = "secret-env", value_name = "KEY[=VALUE]")]
+        secret_env: Vec<String>,
+    },
+    /// One endpoint: URL, state and replicas.
+    Get {
+        #[arg(value_name = "ENDPOINT_ID")]
+        id: String,
+    },
+    /// Delete an endpoint: calls stop at once, its replicas are terminated.
+    Delete {
+        #[arg(value_name = "ENDPOINT_ID")]
+        id: String,
+    },
+}
+
+pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
+    let org = ctx.org().await?;
+    let base = format!("/v1/orgs/{}/endpoints", seg(&org));
+    match command {
+        EndpointsCommand::List => {
+            let list = ctx.client.list_all(&base).await?;
+            ctx.show(&list, |list| {
+                output::table(
+                    &["ID", "NAME", "STATE", "REPLICAS", "URL", "CREATED"],
+                    items(list).iter().map(|e| {
+                        vec![
+                            cell(e, "id"),
+                            cell(e, "name"),
+                            cell(e, "state"),
+                            replicas(e),
+                            cell(e, "url"),
+                            when(e, "created_at"),
+                        ]
+                    }),
+                );
+            });
+        }
+        EndpointsCommand::Create {
+            name,
+            image,
+            gpu,
+            port,
+            health_path,
+            min_replicas,
+            max_replicas,
+            env,
+            secret_env,
+        } => {
+            let mut body = json!({ "name": name, "image": image, "port": port });
+            if let Some(g) = gpu {
+                body["gpu"] = parse_gpu(&g)?;
+            }
+            if let Some(h) = health_path {
+                body["health_path"] = json!(h);
+            }
+            if let Some(n) = min_replicas {
+                body["min_replicas"] = json!(n);
+            }
+            if let Some(n) = max_replicas {
+                body["max_replicas"] = json!(n);
+            }
+            let env = parse_env(&env, &secret_env, |k| std::env::var(k).ok())?;
+            if !env.is_empty() {
+                body["env"] = Value::Object(env);
+            }
+            let e = ctx.client.create(&base, &body).await?;
+            ctx.show(&e, |e| {
+                println!(
+                    "Created endpoint {} ({}): {}.",
+                    cell(e, "name"),
+                    cell(e, "id"),
+                    cell(e, "state")
+                );
+                println!("Call it at {} with an API key of the org.", cell(e, "url"));
+            });
+        }
+        EndpointsCommand::Get { id } => {
+            let e = ctx.client.get(&format!("{base}/{}", seg(&id))).await?;
+            ctx.show(&e, |e| {
+                output::fields(&[
+                    ("Endpoint", cell(e, "id")),
+                    ("Name", cell(e, "name")),
+                    ("URL", cell(e, "url")),
+                    ("State", cell(e, "state")),
+                    ("Image", cell(e, "image")),
+                    ("Port", cell(e, "port")),
+                    ("Replicas", replicas(e)),
+                    ("Created", when(e, "created_at")),
+                ]);
+            });
+        }
+        EndpointsCommand::Delete { id } => {
+            let e = ctx.client.delete(&format!("{base}/{}", seg(&id))).await?;
+            if ctx.format == Format::Json {
+                output::json(&e);
+            } else {
+                println!("Deleted endpoint {} ({id}).", cell(&e, "name"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `1 running / 1 of 1..2`: live replicas by state, then desired of min..max.
+fn replicas(e: &Value) -> String {
+    let list = e["replicas"].as_array().cloned().unwrap_or_default();
+    let running = list.iter().filter(|r| r["state"] == "running").count();
+    format!(
+        "{running} running / {} of {}..{}",
+        cell(e, "desired_replicas"),
+        cell(e, "min_replicas"),
+        cell(e, "max_replicas")
+    )
+}

@@ -1,0 +1,305 @@
+//! Endpoints: a tenant's model server, run as replicas (workloads of kind `endpoint_replica`,
+//! placed and run exactly like pods) and called through the gateway at the endpoint's URL.
+//!
+//! Each replica is validated as a pod would be (image, GPU, CPU, memory, env with sealed
+//! secrets, command), with the endpoint's port as its one exposed port and restart policy
+//! `always`. Creating an endpoint records it with `min_replicas` pending replicas; the
+//! scheduler's endpoint controller keeps that many live; deleting it terminates them.
+
+use kiln_domain::{EndpointId, OrgId, Permission};
+use kiln_store::{EndpointRecord, NewEndpoint, OrgScope, ReplicaTemplate};
+use sqlx::PgConnection;
+
+use super::orgs::audit;
+use super::{Checks, page};
+use crate::error::{ApiError, FieldError};
+use crate::state::{AppState, Caller};
+use crate::views::*;
+
+/// Most replicas an endpoint may have.
+pub const MAX_REPLICAS: i64 = 64;
+const MAX_HEALTH_PATH: usize = 256;
+
+/// An endpoint id from a path: anything malformed is an endpoint that does not exist.
+pub fn parse_endpoint(raw: &str) -> Result<EndpointId, ApiError> {
+    raw.parse().map_err(|_| ApiError::NotFound("endpoint"))
+}
+
+pub async fn list(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    limit: Option<i64>,
+    cursor: Option<&str>,
+) -> Result<EndpointList, ApiError> {
+    let page = page::<EndpointId>(limit, cursor, |e| e.as_uuid())?;
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::WorkloadRead)
+        .await?;
+    let p = state.store.endpoint_list(&scope, page).await?;
+    let mut conn = acquire(state).await?;
+    let mut items = Vec::with_capacity(p.items.len());
+    for e in &p.items {
+        items.push(view(state, &mut conn, &scope, e).await?);
+    }
+    Ok(EndpointList {
+        items,
+        next_cursor: p.next_cursor,
+    })
+}
+
+async fn acquire(state: &AppState) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, ApiError> {
+    Ok(state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(kiln_store::StoreError::from)?)
+}
+
+pub async fn get(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+) -> Result<EndpointView, ApiError> {
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::WorkloadRead)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let mut conn = acquire(state).await?;
+    let e = state
+        .store
+        .endpoint_get(&mut conn, &scope, id.as_uuid())
+        .await?;
+    view(state, &mut conn, &scope, &e).await
+}
+
+/// Validate and record a new endpoint with its first replicas.
+pub async fn create(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    input: &CreateEndpointInput,
+) -> Result<EndpointView, ApiError> {
+    let scope = state
+        .store
+        .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
+        .await?;
+    super::billing::ensure_in_credit(state, conn, &scope).await?;
+    let mut checks = Checks::default();
+    let port_ok = (1..=65535).contains(&input.port);
+    if !port_ok {
+        checks.push("port", "must be a port the server listens on, 1-65535");
+    }
+    let health_path = input.health_path.clone().unwrap_or_else(|| "/".into());
+    if !health_path.starts_with('/')
+        || health_path.len() > MAX_HEALTH_PATH
+        || health_path
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        checks.push(
+            "health_path",
+            "must be a path starting with `/`, at most 256 characters, without spaces",
+        );
+    }
+    let min = input.min_replicas.unwrap_or(1);
+    let max = input.max_replicas.unwrap_or(min.max(1));
+    if !(0..=MAX_REPLICAS).contains(&min) {
+        checks.push(
+            "min_replicas",
+            format!("must be between 0 and {MAX_REPLICAS}"),
+        );
+    }
+    if !(1..=MAX_REPLICAS).contains(&max) {
+        checks.push(
+            "max_replicas",
+            format!("must be between 1 and {MAX_REPLICAS}"),
+        );
+    } else if max < min {
+        checks.push("max_replicas", "must be at least min_replicas");
+    }
+    // Each replica is a pod in all but name: the same validation, the port as its one port.
+    let as_pod = CreatePodInput {
+        name: input.name.clone(),
+        image: input.image.clone(),
+        gpu: input.gpu.clone(),
+        cpu: input.cpu,
+        memory_gib: input.memory_gib,
+        disk_gib: None,
+        env: input.env.clone(),
+        ports: port_ok.then(|| vec![input.port]),
+        command: input.command.clone(),
+        spot: input.spot,
+        restart_policy: Some("always".into()),
+    };
+    let pod = match super::pods::validate(state, conn, &scope, &as_pod).await {
+        Ok(pod) => Some(pod),
+        Err(ApiError::Validation(errors)) => {
+            for FieldError { field, message } in errors {
+                checks.push(&field, message);
+            }
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    checks.finish()?;
+    let Some(pod) = pod else {
+        return Err(ApiError::BadRequest("invalid endpoint".into()));
+    };
+    let record = state
+        .store
+        .endpoint_create(
+            conn,
+            &scope,
+            &NewEndpoint {
+                name: pod.name.as_str(),
+                port: input.port as i32,
+                health_path: &health_path,
+                min_replicas: min as i32,
+                max_replicas: max as i32,
+                replica: ReplicaTemplate {
+                    tier: if pod.spot { "spot" } else { "on_demand" }.into(),
+                    gpu_mode: pod.gpu.mode().into(),
+                    gpu_type: pod.gpu.gpu_type().map(str::to_owned),
+                    gpu_count: pod.gpu.count(),
+                    mig_profile: pod.gpu.mig_profile().map(str::to_owned),
+                    share_memory_mib: pod.gpu.share_memory_mib(),
+                    cpu_millis: pod.cpu_millis,
+                    memory_mib: pod.memory_gib * 1024,
+                    disk_gib: pod.disk_gib,
+                    spec: pod.spec,
+                },
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            kiln_store::StoreError::Conflict { .. } => {
+                ApiError::field("name", "an endpoint with this name already exists")
+            }
+            e => e.into(),
+        })?;
+    let id = EndpointId::from_uuid(record.id);
+    let event = audit(
+        &scope,
+        caller,
+        "endpoint.create",
+        id.to_string(),
+        serde_json::json!({
+            "name": record.name,
+            "image": pod.image.as_str(),
+            "gpu": input.gpu,
+            "min_replicas": min,
+            "max_replicas": max,
+        }),
+    );
+    state.store.audit_record(conn, &event).await?;
+    view(state, conn, &scope, &record).await
+}
+
+/// Delete an endpoint: calls stop at once (404), replicas are terminated and their capacity
+/// freed. Deleting a deleted endpoint changes nothing.
+pub async fn delete(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+) -> Result<EndpointView, ApiError> {
+    let scope = state
+        .store
+        .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let reason = "the endpoint was deleted";
+    if state
+        .store
+        .endpoint_delete(conn, &scope, id.as_uuid(), reason)
+        .await?
+    {
+        let event = audit(
+            &scope,
+            caller,
+            "endpoint.delete",
+            id.to_string(),
+            serde_json::json!({}),
+        );
+        state.store.audit_record(conn, &event).await?;
+    }
+    let e = state.store.endpoint_get(conn, &scope, id.as_uuid()).await?;
+    view(state, conn, &scope, &e).await
+}
+
+/// The tenant's view of an endpoint and its live replicas.
+pub async fn view(
+    state: &AppState,
+    conn: &mut PgConnection,
+    scope: &OrgScope,
+    e: &EndpointRecord,
+) -> Result<EndpointView, ApiError> {
+    let replicas = if e.state == "deleted" {
+        Vec::new()
+    } else {
+        state.store.endpoint_replicas(conn, scope, e.id).await?
+    };
+    let template = e.replica();
+    let image = template
+        .as_ref()
+        .and_then(|t| t.spec.get("image"))
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let gpu = template.as_ref().and_then(|t| {
+        super::pods::gpu_request(
+            &t.gpu_mode,
+            t.gpu_type.clone(),
+            t.gpu_count,
+            t.mig_profile.clone(),
+            t.share_memory_mib,
+        )
+    });
+    let endpoint_state = if e.state == "deleted" {
+        "deleted"
+    } else if replicas.iter().any(|r| r.state == "running") {
+        "ready"
+    } else if replicas.is_empty() {
+        "idle"
+    } else {
+        "starting"
+    };
+    let id = EndpointId::from_uuid(e.id).to_string();
+    Ok(EndpointView {
+        url: format!(
+            "{}/v1/endpoints/{id}",
+            state.config.gateway_url.trim_end_matches('/')
+        ),
+        id,
+        name: e.name.clone(),
+        image,
+        gpu,
+        port: i64::from(e.port),
+        health_path: e.health_path.clone(),
+        min_replicas: i64::from(e.min_replicas),
+        max_replicas: i64::from(e.max_replicas),
+        desired_replicas: i64::from(e.desired_replicas),
+        state: endpoint_state.into(),
+        replicas: replicas
+            .iter()
+            .map(|r| EndpointReplicaView {
+                id: kiln_domain::WorkloadId::from_uuid(r.id).to_string(),
+                state: r.state.clone(),
+                state_reason: r.state_reason.clone(),
+                node: r
+                    .node_id
+                    .map(|n| kiln_domain::NodeId::from_uuid(n).to_string()),
+                created_at: ts(r.created_at),
+            })
+            .collect(),
+        created_at: ts(e.created_at),
+        updated_at: ts(e.updated_at),
+    })
+}

@@ -1,0 +1,96 @@
+//! `/v1/orgs/{org}/endpoints…`: a tenant's model servers behind the gateway.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::extract::{Auth, IdempotencyKey, JsonBody, ListParams, ListQuery};
+use super::idempotent;
+use crate::error::{ApiError, Problem};
+use crate::ops::{self, parse_org};
+use crate::state::AppState;
+use crate::views::*;
+
+/// The org's endpoints, newest first, each with its live replicas.
+#[utoipa::path(get, path = "/v1/orgs/{org}/endpoints", tag = "endpoints", params(("org" = String, Path), ListParams),
+    responses((status = 200, body = EndpointList), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path(org): Path<String>,
+    ListQuery(q): ListQuery,
+) -> Result<Json<EndpointList>, ApiError> {
+    ops::endpoints::list(
+        &state,
+        &caller,
+        parse_org(&org)?,
+        q.limit,
+        q.cursor.as_deref(),
+    )
+    .await
+    .map(Json)
+}
+
+/// Deploy a model server as an endpoint: `min_replicas` replicas start (each placed like a
+/// pod), and `url` takes calls through the gateway with an API key of the org once one is
+/// ready.
+#[utoipa::path(post, path = "/v1/orgs/{org}/endpoints", tag = "endpoints", request_body = CreateEndpointInput,
+    params(("org" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and body")),
+    responses((status = 202, body = EndpointView), (status = 402, body = Problem, description = "The org is out of credit"), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path(org): Path<String>,
+    IdempotencyKey(key): IdempotencyKey,
+    body: JsonBody<CreateEndpointInput>,
+) -> Result<Response, ApiError> {
+    let org = parse_org(&org)?;
+    let (st, input, label) = (state.clone(), body.value, caller.principal.label());
+    idempotent(
+        &state,
+        Some(org),
+        label,
+        key,
+        body.fingerprint,
+        StatusCode::ACCEPTED,
+        move |conn| {
+            Box::pin(async move { ops::endpoints::create(&st, conn, &caller, org, &input).await })
+        },
+    )
+    .await
+}
+
+/// One endpoint, with its URL and live replicas.
+#[utoipa::path(get, path = "/v1/orgs/{org}/endpoints/{endpoint}", tag = "endpoints",
+    params(("org" = String, Path), ("endpoint" = String, Path)),
+    responses((status = 200, body = EndpointView), (status = 404, body = Problem)), security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+) -> Result<Json<EndpointView>, ApiError> {
+    ops::endpoints::get(&state, &caller, parse_org(&org)?, &endpoint)
+        .await
+        .map(Json)
+}
+
+/// Delete an endpoint: calls get 404 at once, its replicas are terminated and their capacity
+/// freed. Deleting it again is harmless.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/endpoints/{endpoint}", tag = "endpoints",
+    params(("org" = String, Path), ("endpoint" = String, Path)),
+    responses((status = 202, body = EndpointView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let org = parse_org(&org)?;
+    let mut tx = state.store.begin().await?;
+    let view = ops::endpoints::delete(&state, &mut tx, &caller, org, &endpoint).await?;
+    tx.commit().await.map_err(kiln_store::StoreError::from)?;
+    Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+}

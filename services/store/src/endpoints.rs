@@ -1,0 +1,372 @@
+//! Endpoints: a model server deployed as replicas (workloads of kind `endpoint_replica` that
+//! the scheduler places and agents run like pods), reached through the gateway.
+//!
+//! Tenant methods take an [`OrgScope`]; [`Store::endpoint_route`] is the gateway's read (it
+//! checks the caller's org itself) and [`Store::endpoint_replica_shortfalls`] the endpoint
+//! controller's.
+
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::scheduling::{NewWorkload, insert_workload, wake_schedulers};
+use crate::workloads::TenantWorkloadRecord;
+use crate::{OrgScope, PageOf, PageRequest, Store, StoreError, StoreResult};
+
+/// What every replica of an endpoint asks for: the owned form of a [`NewWorkload`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaTemplate {
+    pub tier: String,
+    pub gpu_mode: String,
+    pub gpu_type: Option<String>,
+    pub gpu_count: i32,
+    pub mig_profile: Option<String>,
+    pub share_memory_mib: Option<i64>,
+    pub cpu_millis: i64,
+    pub memory_mib: i64,
+    pub disk_gib: i64,
+    /// The pod-shaped spec the agent gets (image, command, env, ports = [port]).
+    pub spec: serde_json::Value,
+}
+
+impl ReplicaTemplate {
+    fn workload<'a>(&'a self, name: &'a str) -> NewWorkload<'a> {
+        NewWorkload {
+            kind: "endpoint_replica",
+            name,
+            tier: &self.tier,
+            priority: 0,
+            gpu_mode: &self.gpu_mode,
+            gpu_type: self.gpu_type.as_deref(),
+            gpu_count: self.gpu_count,
+            mig_profile: self.mig_profile.as_deref(),
+            share_memory_mib: self.share_memory_mib,
+            cpu_millis: self.cpu_millis,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+            spec: self.spec.clone(),
+        }
+    }
+}
+
+/// A new endpoint, validated by the caller.
+#[derive(Debug, Clone)]
+pub struct NewEndpoint<'a> {
+    pub name: &'a str,
+    pub port: i32,
+    pub health_path: &'a str,
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub replica: ReplicaTemplate,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EndpointRecord {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub state: String,
+    pub spec: serde_json::Value,
+    pub port: i32,
+    pub health_path: String,
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub desired_replicas: i32,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+impl EndpointRecord {
+    /// What each replica asks for.
+    pub fn replica(&self) -> Option<ReplicaTemplate> {
+        serde_json::from_value(self.spec.get("replica")?.clone()).ok()
+    }
+}
+
+/// A replica the gateway can send a call to: running, with the endpoint's port published.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ReadyReplica {
+    pub workload_id: Uuid,
+    pub host: String,
+    pub host_port: i32,
+}
+
+/// What the gateway needs to route a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRoute {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub ready: Vec<ReadyReplica>,
+    /// Replicas placed or starting: calls may wait for one instead of failing at once.
+    pub coming: i64,
+}
+
+/// An endpoint short of live replicas.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ReplicaShortfall {
+    pub endpoint_id: Uuid,
+    pub missing: i64,
+}
+
+const ENDPOINT_COLUMNS: &str = "id, org_id, name, state, spec, port, health_path, min_replicas, \
+     max_replicas, desired_replicas, created_at, updated_at";
+
+/// Replica states that count as live (not ended).
+const LIVE: &str = "('pending', 'scheduled', 'starting', 'running', 'stopping')";
+
+impl Store {
+    /// Record an endpoint and its first `min_replicas` replicas (pending), and wake the
+    /// schedulers. A live endpoint of the same name in the org is a conflict.
+    pub async fn endpoint_create(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        new: &NewEndpoint<'_>,
+    ) -> StoreResult<EndpointRecord> {
+        let spec = serde_json::json!({ "replica": new.replica });
+        let row: Option<EndpointRecord> = sqlx::query_as(&format!(
+            "INSERT INTO endpoints (id, org_id, name, spec, port, health_path, min_replicas,
+                 max_replicas, desired_replicas)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7)
+             ON CONFLICT (org_id, name) WHERE state = 'active' DO NOTHING
+             RETURNING {ENDPOINT_COLUMNS}"
+        ))
+        .bind(Uuid::now_v7())
+        .bind(scope.org_id().as_uuid())
+        .bind(new.name)
+        .bind(&spec)
+        .bind(new.port)
+        .bind(new.health_path)
+        .bind(new.min_replicas)
+        .bind(new.max_replicas)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::Conflict {
+                what: "an endpoint with this name",
+            });
+        };
+        self.endpoint_add_replicas(conn, &row, i64::from(new.min_replicas))
+            .await?;
+        Ok(row)
+    }
+
+    /// Add `n` pending replicas to an endpoint and wake the schedulers.
+    pub async fn endpoint_add_replicas(
+        &self,
+        conn: &mut PgConnection,
+        endpoint: &EndpointRecord,
+        n: i64,
+    ) -> StoreResult<()> {
+        if n <= 0 {
+            return Ok(());
+        }
+        let Some(template) = endpoint.replica() else {
+            return Err(StoreError::NotFound {
+                what: "endpoint replica template",
+            });
+        };
+        for _ in 0..n {
+            let name = format!(
+                "{}-{}",
+                endpoint.name,
+                &Uuid::new_v4().simple().to_string()[..6]
+            );
+            insert_workload(
+                conn,
+                endpoint.org_id,
+                Some(endpoint.id),
+                &template.workload(&name),
+            )
+            .await?;
+        }
+        wake_schedulers(conn).await
+    }
+
+    /// The org's live endpoints, newest first.
+    pub async fn endpoint_list(
+        &self,
+        scope: &OrgScope,
+        page: PageRequest,
+    ) -> StoreResult<PageOf<EndpointRecord>> {
+        let rows: Vec<EndpointRecord> = sqlx::query_as(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints
+             WHERE org_id = $1 AND state = 'active' AND ($2::uuid IS NULL OR id < $2)
+             ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(scope.org_id().as_uuid())
+        .bind(page.after)
+        .bind(page.fetch())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(page.finish(rows, |e| {
+            kiln_domain::EndpointId::from_uuid(e.id).to_string()
+        }))
+    }
+
+    /// One endpoint of the scope's org (deleted ones too, so a delete can be answered).
+    pub async fn endpoint_get(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+    ) -> StoreResult<EndpointRecord> {
+        sqlx::query_as(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = $1 AND org_id = $2"
+        ))
+        .bind(id)
+        .bind(scope.org_id().as_uuid())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::NotFound { what: "endpoint" })
+    }
+
+    /// The endpoint's live replicas, as its tenant sees them (oldest first).
+    pub async fn endpoint_replicas(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+    ) -> StoreResult<Vec<TenantWorkloadRecord>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT {} FROM workloads w LEFT JOIN nodes n ON n.id = w.node_id
+             WHERE w.endpoint_id = $1 AND w.org_id = $2 AND w.state IN {LIVE}
+             ORDER BY w.id",
+            crate::workloads::TENANT_COLUMNS
+        ))
+        .bind(id)
+        .bind(scope.org_id().as_uuid())
+        .fetch_all(&mut *conn)
+        .await?)
+    }
+
+    /// Delete an endpoint: it stops taking calls, and its live replicas are terminated (their
+    /// capacity freed at once, their agents told). Answers whether it was live.
+    pub async fn endpoint_delete(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT state FROM endpoints WHERE id = $1 AND org_id = $2 FOR UPDATE")
+                .bind(id)
+                .bind(scope.org_id().as_uuid())
+                .fetch_optional(&mut *conn)
+                .await?;
+        let Some((state,)) = row else {
+            return Err(StoreError::NotFound { what: "endpoint" });
+        };
+        if state == "deleted" {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE endpoints SET state = 'deleted', deleted_at = now(), updated_at = now()
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+        let replicas: Vec<(Uuid,)> = sqlx::query_as(&format!(
+            "SELECT id FROM workloads WHERE endpoint_id = $1 AND state IN {LIVE}"
+        ))
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?;
+        for (w,) in replicas {
+            self.workload_release(
+                conn,
+                kiln_domain::WorkloadId::from_uuid(w),
+                "terminated",
+                reason,
+            )
+            .await?;
+        }
+        Ok(true)
+    }
+
+    /// The gateway's view of a live endpoint: its org, the replicas that can take a call now
+    /// (running, with the endpoint's port published), and how many more are on their way.
+    /// `None` for an unknown or deleted endpoint.
+    pub async fn endpoint_route(&self, id: Uuid) -> StoreResult<Option<EndpointRoute>> {
+        let head: Option<(Uuid, i32)> =
+            sqlx::query_as("SELECT org_id, port FROM endpoints WHERE id = $1 AND state = 'active'")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some((org_id, port)) = head else {
+            return Ok(None);
+        };
+        let ready: Vec<ReadyReplica> = sqlx::query_as(
+            "SELECT w.id AS workload_id, COALESCE(NULLIF(n.public_address, ''), n.hostname) AS host,
+                    (p->>'host_port')::int AS host_port
+             FROM workloads w
+             JOIN nodes n ON n.id = w.node_id
+             JOIN node_observed o ON o.assignment_id = w.assignment_id AND o.node_id = w.node_id
+             CROSS JOIN LATERAL jsonb_array_elements(o.ports) AS p
+             WHERE w.endpoint_id = $1 AND w.state = 'running'
+               AND (p->>'port')::int = $2 AND (p->>'host_port')::int > 0
+             ORDER BY w.id",
+        )
+        .bind(id)
+        .bind(port)
+        .fetch_all(&self.pool)
+        .await?;
+        let (coming,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM workloads
+             WHERE endpoint_id = $1 AND state IN ('pending', 'scheduled', 'starting')",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(EndpointRoute {
+            id,
+            org_id,
+            ready,
+            coming,
+        }))
+    }
+
+    /// Live endpoints with fewer live replicas than they should have (a replica failed, was
+    /// lost with its node, or was deleted behind the endpoint's back).
+    pub async fn endpoint_replica_shortfalls(&self) -> StoreResult<Vec<ReplicaShortfall>> {
+        Ok(sqlx::query_as(&format!(
+            "SELECT e.id AS endpoint_id,
+                    e.desired_replicas - count(w.id) FILTER (WHERE w.state IN {LIVE}) AS missing
+             FROM endpoints e LEFT JOIN workloads w ON w.endpoint_id = e.id
+             WHERE e.state = 'active'
+             GROUP BY e.id
+             HAVING e.desired_replicas > count(w.id) FILTER (WHERE w.state IN {LIVE})"
+        ))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Top up one endpoint to its desired replicas under its row lock (so two controllers
+    /// never both add the same replica); answers how many were added.
+    pub async fn endpoint_top_up(&self, id: Uuid) -> StoreResult<i64> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<EndpointRecord> = sqlx::query_as(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = $1 AND state = 'active' FOR UPDATE"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(endpoint) = row else {
+            return Ok(0);
+        };
+        let (live,): (i64,) = sqlx::query_as(&format!(
+            "SELECT count(*) FROM workloads WHERE endpoint_id = $1 AND state IN {LIVE}"
+        ))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let missing = i64::from(endpoint.desired_replicas) - live;
+        self.endpoint_add_replicas(&mut tx, &endpoint, missing)
+            .await?;
+        tx.commit().await?;
+        Ok(missing.max(0))
+    }
+}
