@@ -260,20 +260,6 @@ CREATE TABLE billing_suspensions (
 );
 CREATE INDEX billing_suspensions_org ON billing_suspensions (org_id);
 
--- Metered endpoint calls (or aggregates of them), as the gateway reports them; rated once.
-CREATE TABLE usage_events (
-    id                text PRIMARY KEY,
-    org_id            uuid NOT NULL,
-    endpoint_id       uuid NOT NULL,
-    gpu_type          text NOT NULL,
-    at                timestamptz NOT NULL,
-    requests          bigint NOT NULL CHECK (requests >= 0),
-    prompt_tokens     bigint NOT NULL CHECK (prompt_tokens >= 0),
-    completion_tokens bigint NOT NULL CHECK (completion_tokens >= 0),
-    rated_at          timestamptz
-);
-CREATE INDEX usage_events_unrated ON usage_events (at) WHERE rated_at IS NULL;
-
 -- Monthly invoices: lines as kiln-billing-core groups them (product, GPU type, detail).
 -- A draft is regenerated on demand; a final one (after the month closed) never changes.
 CREATE TABLE invoices (

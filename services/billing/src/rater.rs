@@ -12,12 +12,13 @@
 //! Workloads the core cannot rate (no price for their GPU type) keep their cursor: they are
 //! rated, from where they were, once the catalog prices them. Never silently free.
 //!
-//! Metered endpoint usage events are rated per request and token the same way.
+//! Endpoint calls (the gateway's `usage_events`) are not rated yet: `kiln_billing_core::
+//! rate_usage` is ready for them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use kiln_billing_core::{Charge, PriceBook, UsageEvent, rate_until, rate_usage};
+use kiln_billing_core::{Charge, PriceBook, rate_until};
 use kiln_store::Store;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -35,8 +36,6 @@ pub struct RatingReport {
     pub postings: usize,
     /// Workloads that could not be rated (unpriced or malformed); their cursors stay.
     pub unrated: usize,
-    /// Usage events rated.
-    pub usage_events: usize,
     /// Orgs that were charged (their credit needs a look).
     pub charged_orgs: BTreeSet<Uuid>,
 }
@@ -73,7 +72,6 @@ impl Rater {
                 break;
             }
         }
-        self.usage_pass(&book, &mut report).await?;
         metrics::counter!("kiln_billing_postings_total").increment(report.postings as u64);
         Ok(report)
     }
@@ -138,55 +136,6 @@ impl Rater {
         tx.commit().await.map_err(kiln_store::StoreError::from)?;
         report.workloads += rated.len();
         Ok(work.len())
-    }
-
-    /// Rate unrated endpoint usage events, a batch per transaction.
-    async fn usage_pass(
-        &self,
-        book: &PriceBook,
-        report: &mut RatingReport,
-    ) -> Result<(), BillingError> {
-        loop {
-            let mut tx = self.store.begin().await?;
-            let events = self.store.usage_events_claim(&mut tx, self.batch).await?;
-            if events.is_empty() {
-                return Ok(());
-            }
-            let mut charges: Vec<(Charge, Option<&str>)> = Vec::new();
-            let mut done = Vec::with_capacity(events.len());
-            for e in &events {
-                let event = UsageEvent {
-                    id: e.id.clone(),
-                    org: e.org_id,
-                    endpoint: e.endpoint_id,
-                    gpu_type: e.gpu_type.clone(),
-                    at: ts(e.at),
-                    requests: e.requests,
-                    prompt_tokens: e.prompt_tokens,
-                    completion_tokens: e.completion_tokens,
-                };
-                match rate_usage(&event, book) {
-                    Ok(c) => {
-                        charges.extend(c.into_iter().map(|c| (c, Some("endpoint"))));
-                        done.push(e.id.clone());
-                    }
-                    Err(err) => {
-                        tracing::warn!(event = e.id, error = %err, "cannot rate this usage event yet");
-                        report.unrated += 1;
-                    }
-                }
-            }
-            report
-                .charged_orgs
-                .extend(charges.iter().map(|(c, _)| c.org));
-            report.postings += post_charges(&self.store, &mut tx, &charges).await?;
-            self.store.usage_events_rated(&mut tx, &done).await?;
-            tx.commit().await.map_err(kiln_store::StoreError::from)?;
-            report.usage_events += done.len();
-            if events.len() < self.batch as usize || done.is_empty() {
-                return Ok(());
-            }
-        }
     }
 }
 

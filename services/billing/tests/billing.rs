@@ -584,58 +584,6 @@ async fn the_service_serves_health_and_keeps_balances_current(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
-async fn endpoint_calls_are_rated_per_request_and_token_once(pool: PgPool) {
-    let store = Store::new(pool.clone());
-    let org = org(&pool).await;
-    let endpoint = Uuid::now_v7();
-    let event = kiln_store::UsageEventRecord {
-        id: "req-1".into(),
-        org_id: org,
-        endpoint_id: endpoint,
-        gpu_type: "h100-80gb".into(),
-        at: OffsetDateTime::now_utc(),
-        requests: 1,
-        prompt_tokens: 1_500,
-        completion_tokens: 2_000,
-    };
-    let mut conn = pool.acquire().await.unwrap();
-    assert!(store.usage_event_record(&mut conn, &event).await.unwrap());
-    assert!(
-        !store.usage_event_record(&mut conn, &event).await.unwrap(),
-        "the gateway reporting the same call twice is one call"
-    );
-    drop(conn);
-    let r = rater(&pool);
-    let report = r.pass(OffsetDateTime::now_utc()).await.unwrap();
-    assert_eq!(report.usage_events, 1);
-    assert_eq!(
-        r.pass(OffsetDateTime::now_utc())
-            .await
-            .unwrap()
-            .usage_events,
-        0
-    );
-    // H100 endpoints: 100 µ$ a request, 200 per 1k prompt tokens, 600 per 1k completion tokens.
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT product, quantity, amount_micros FROM ledger_postings
-         WHERE workload_id = $1 ORDER BY product",
-    )
-    .bind(endpoint)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        rows,
-        vec![
-            ("inference_completion_tokens".to_owned(), 2_000, 1_200),
-            ("inference_prompt_tokens".to_owned(), 1_500, 300),
-            ("inference_requests".to_owned(), 1, 100),
-        ]
-    );
-    assert_eq!(balance(&pool, "revenue:inference").await, 1_600);
-}
-
-#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn a_stopped_instance_pays_for_its_disk_not_its_gpus(pool: PgPool) {
     let org = org(&pool).await;
     let start = t0();

@@ -222,19 +222,6 @@ pub struct HistoryRow {
     pub at: OffsetDateTime,
 }
 
-/// A metered endpoint call (or an aggregate), as the gateway reports it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct UsageEventRecord {
-    pub id: String,
-    pub org_id: Uuid,
-    pub endpoint_id: Uuid,
-    pub gpu_type: String,
-    pub at: OffsetDateTime,
-    pub requests: i64,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-}
-
 /// A workload of an org to stop or resume for credit.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SuspendableWorkload {
@@ -924,59 +911,6 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(lag.unwrap_or(0.0).max(0.0))
-    }
-
-    /// Record a metered usage event (the gateway); a duplicate id is ignored.
-    pub async fn usage_event_record(
-        &self,
-        conn: &mut PgConnection,
-        e: &UsageEventRecord,
-    ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO usage_events (id, org_id, endpoint_id, gpu_type, at, requests,
-                 prompt_tokens, completion_tokens)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&e.id)
-        .bind(e.org_id)
-        .bind(e.endpoint_id)
-        .bind(&e.gpu_type)
-        .bind(e.at)
-        .bind(e.requests)
-        .bind(e.prompt_tokens)
-        .bind(e.completion_tokens)
-        .execute(&mut *conn)
-        .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// Lock up to `limit` unrated usage events (oldest first), skipping others' claims.
-    pub async fn usage_events_claim(
-        &self,
-        conn: &mut PgConnection,
-        limit: i64,
-    ) -> StoreResult<Vec<UsageEventRecord>> {
-        Ok(sqlx::query_as(
-            "SELECT id, org_id, endpoint_id, gpu_type, at, requests, prompt_tokens,
-                    completion_tokens
-             FROM usage_events WHERE rated_at IS NULL ORDER BY at, id LIMIT $1
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(limit)
-        .fetch_all(&mut *conn)
-        .await?)
-    }
-
-    pub async fn usage_events_rated(
-        &self,
-        conn: &mut PgConnection,
-        ids: &[String],
-    ) -> StoreResult<()> {
-        sqlx::query("UPDATE usage_events SET rated_at = now() WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
     }
 
     // ----- usage and invoices ------------------------------------------------------------------

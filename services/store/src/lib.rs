@@ -35,7 +35,7 @@ pub use billing::{
     BillingSettingsRecord, ChargeDetail, ChargeRecord, EntryRecord, FundsRecord, GpuPriceRecord,
     HistoryRow, InvoiceLineRecord, InvoiceRecord, NewEntry, NewPosting, NewPriceVersion,
     PostingRecord, PriceVersionDelete, PriceVersionRecord, PromoBalance, RatingWork,
-    SuspendableWorkload, UsageEventRecord, UsageGroup, UsageRow,
+    SuspendableWorkload, UsageGroup, UsageRow,
 };
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use endpoints::{
