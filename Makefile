@@ -32,11 +32,11 @@ test: ## Run every test (starts PostgreSQL and Redis; installs them and Chromium
 # Silent recipe lines: stdout carries only kiln-bench's BENCH lines (everything else is stderr).
 bench: ## Build release binaries and run kiln-bench (prints BENCH <name> <value> <unit> lines)
 	@scripts/services.sh start
-	@cargo build --release -p kiln-api -p kiln-scheduler -p kiln-agent -p kiln-bench
+	@cargo build --release -p kiln-api -p kiln-scheduler -p kiln-agent -p kiln-gateway -p kiln-bench
 	@scripts/build-images.sh >&2
 	@$(SERVICES_ENV); \
 	  KILN_API_BIN="$(CARGO_TARGET_DIR)/release/kiln-api" KILN_SCHEDULER_BIN="$(CARGO_TARGET_DIR)/release/kiln-scheduler" \
-	  KILN_AGENT_BIN="$(CARGO_TARGET_DIR)/release/kiln-agent" \
+	  KILN_AGENT_BIN="$(CARGO_TARGET_DIR)/release/kiln-agent" KILN_GATEWAY_BIN="$(CARGO_TARGET_DIR)/release/kiln-gateway" \
 	  "$(CARGO_TARGET_DIR)/release/kiln-bench" $(BENCH_ARGS)
 
 build: ## Build the whole workspace (debug)

@@ -20,12 +20,17 @@
 //!   this machine's Docker, one at a time: create → running, and the part that is not Docker
 //!   (see `pods.rs`; `--only pods`).
 //!
+//! * `gateway.*` — the real `kiln-gateway` in front of an in-process model server: what it adds
+//!   to a call at a fixed rate, side by side with direct calls, and its closed-loop ceiling
+//!   (see `gateway.rs`; `--only gateway`).
+//!
 //! Stdout carries only `BENCH <name> <value> <unit>` lines; everything else goes to stderr.
 //! The child and the database are removed at the end, also on failure, Ctrl-C or SIGTERM.
 //! The load targets only the child on 127.0.0.1 and is bounded in time and request count.
 
 mod billing;
 mod fleet;
+mod gateway;
 mod load;
 mod placement;
 mod pods;
@@ -142,6 +147,14 @@ pub struct Args {
     #[arg(long, default_value_t = 20)]
     sched_rate_secs: u64,
 
+    /// The kiln-gateway binary [default: `kiln-gateway` next to this executable].
+    #[arg(long, env = "KILN_GATEWAY_BIN")]
+    gateway_bin: Option<PathBuf>,
+
+    /// Requests per second (half direct, half through the gateway) for the gateway overhead.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    gateway_rate: u32,
+
     /// The kiln-agent binary [default: `kiln-agent` next to this executable].
     #[arg(long, env = "KILN_AGENT_BIN")]
     agent_bin: Option<PathBuf>,
@@ -192,6 +205,7 @@ enum Only {
     Scheduling,
     Billing,
     Pods,
+    Gateway,
 }
 
 #[tokio::main]
@@ -227,6 +241,9 @@ async fn run(args: &Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Scheduling) {
         run_scheduling(args).await?;
+    }
+    if matches!(args.only, Only::All | Only::Gateway) {
+        run_gateway(args).await?;
     }
     if matches!(args.only, Only::All | Only::Pods) {
         run_pods(args).await?;
@@ -333,6 +350,31 @@ async fn run_billing(args: &Args) -> Result<()> {
         r = billing::run(&plan, &db.url, figure) => r,
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_gateway(args: &Args) -> Result<()> {
+    let hint = "set KILN_API_BIN / KILN_GATEWAY_BIN";
+    let api = sibling(&args.api_bin, "kiln-api", hint)?;
+    let gateway_bin = sibling(&args.gateway_bin, "kiln-gateway", hint)?;
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let plan = gateway::GatewayPlan {
+        rate: args.gateway_rate,
+        duration: Duration::from_secs(10),
+        startup: Duration::from_secs(args.startup_timeout_secs),
+    };
+    let mut children = Vec::new();
+    let outcome = tokio::select! {
+        r = gateway::run(&plan, &api, &gateway_bin, &db.url, &args.redis_url, &run_id, &mut children, figure) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
+    for child in children {
+        server::stop(child).await;
+    }
     if let Err(err) = db.drop_database().await {
         eprintln!("kiln-bench: warning: {err:#}");
     }

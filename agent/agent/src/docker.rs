@@ -26,7 +26,8 @@
 //! * Docker's event stream (start, die, oom, destroy of this node's containers) wakes the
 //!   agent's observed-state report ([`DockerRuntime::changes`]), so a crash reaches the control
 //!   plane at once rather than at the next periodic report.
-//! * Each observation carries how long the last converge spent in Docker (`runtime_ms`).
+//! * Each observation carries how long the agent spent in Docker calls for it (`runtime_ms`: the
+//!   last converge's pull/network/create/start, plus the observation's own inspect).
 //! * A reconcile loop (at start and every [`DockerSettings::reconcile_interval`]) adopts
 //!   containers of the applied generation, replaces older ones, recreates missing ones and
 //!   removes this node's containers that no assignment wants.
@@ -1143,12 +1144,14 @@ impl DockerRuntime {
             None => {}
         }
         let name = self.inner.settings.container_name(id);
-        match self
+        let inspect_started = Instant::now();
+        let inspected = self
             .inner
             .docker
             .inspect_container(&name, None::<InspectContainerOptions>)
-            .await
-        {
+            .await;
+        let inspect_ms = u64::try_from(inspect_started.elapsed().as_millis()).unwrap_or(0);
+        match inspected {
             Ok(c) => {
                 let generation = c
                     .config
@@ -1179,7 +1182,8 @@ impl DockerRuntime {
                     .expect("not poisoned")
                     .get(id)
                     .filter(|(g, _)| *g == a.generation)
-                    .map(|(_, ms)| *ms)
+                    // The converge's Docker calls, and this observation's own inspect.
+                    .map(|(_, ms)| ms.saturating_add(inspect_ms))
                     .unwrap_or(0);
                 o
             }

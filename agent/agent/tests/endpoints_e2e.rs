@@ -3,125 +3,51 @@
 //! Docker. A tenant deploys the demo model, calls it through the gateway with an API key —
 //! plain and streaming — and other callers are refused; deleting it stops the calls.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln_scheduler::{Scheduler, SchedulerConfig};
 use kiln_testkit::TestApp;
-use kiln_testkit::fleet;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 mod common;
 
-use common::{Agent, containers_of, until};
+use common::{ControlPlane, containers_of, demo_image, start_agent, until};
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgPool) {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let built = Command::new(format!("{root}/scripts/build-images.sh"))
-        .output()
-        .expect("scripts/build-images.sh");
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let image = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let image = demo_image();
 
     let app = TestApp::spawn(pool).await;
     let store = app.store().clone();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let config = SchedulerConfig {
-        fleet_listen: fleet_listener.local_addr().unwrap(),
-        ops_listen: ops_listener.local_addr().unwrap(),
-        database_url: String::new(),
-        db_max_connections: 8,
-        liveness_database_url: None,
-        heartbeat_interval_ms: 500,
-        node_unreachable_after_ms: 10_000,
-        node_lost_after_ms: 60_000,
-        lifecycle_tick_ms: 200,
-        placement_tick_ms: 200,
-        node_credential_cache_ms: 60_000,
-        redis_url: None,
-        redis_namespace: "kiln".into(),
-        secrets_key: app.config().secrets_key.clone(),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let scheduler = tokio::spawn(
-        Scheduler {
-            store: store.clone(),
-            config,
-            fleet_listener,
-            ops_listener,
-        }
-        .run(async {
-            let _ = stop_rx.await;
-        }),
-    );
+    let control = ControlPlane::start(&app).await;
     let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = format!("http://{}", gw_listener.local_addr().unwrap());
+    let namespace = app.config().redis_namespace.clone();
+    let meter = kiln_gateway::metering::Meter::connect(&kiln_testkit::redis_url(), &namespace)
+        .await
+        .unwrap();
+    let ingester = kiln_gateway::metering::Ingester::new(
+        store.clone(),
+        &kiln_testkit::redis_url(),
+        &namespace,
+    )
+    .unwrap();
+    tokio::spawn(ingester.run());
     tokio::spawn(async move {
         axum::serve(
             gw_listener,
-            kiln_gateway::app(kiln_gateway::GatewayState::new(store.clone())),
+            kiln_gateway::app(kiln_gateway::GatewayState::new(store.clone()).with_meter(meter)),
         )
         .await
         .unwrap();
     });
     let store = app.store().clone();
-
     let dir = tempfile::tempdir().unwrap();
-    let token = fleet::bootstrap_token(&store, Duration::from_secs(600)).await;
     let hostname = format!("ep-e2e-{}", std::process::id());
-    let inventory =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../inventory/inventories/l40s-2x.toml");
-    let log = dir.path().join("agent.log");
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-            .args([
-                "--control-plane",
-                &url,
-                "--nvml",
-                "disabled",
-                "--docker",
-                "auto",
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--simulated-inventory")
-            .arg(&inventory)
-            .args(["--hostname", &hostname, "--public-address", "127.0.0.1"])
-            .env_remove("KILN_AGENT_CONFIG")
-            .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start kiln-agent"),
-    );
-    let node = until(
-        "the node to register",
-        Duration::from_secs(30),
-        async || {
-            let nodes = store
-                .node_list(kiln_store::PageRequest {
-                    limit: 10,
-                    after: None,
-                })
-                .await
-                .ok()?;
-            let n = nodes.items.into_iter().find(|n| n.hostname == hostname)?;
-            (n.registered_at.is_some()).then_some(n.id)
-        },
-    )
-    .await;
+    let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
 
     let ada = app.user("ada").await;
     let (_, key) = app.api_key(&ada, &ada.org_id, "member").await;
@@ -264,6 +190,33 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // Metered: one event per call that got an answer (the two above), with its tokens; the
+    // refused calls were never metered.
+    let events: Vec<(i32, Option<i64>, Option<i64>, i64)> = until(
+        "the usage events to be ingested",
+        Duration::from_secs(20),
+        async || {
+            let rows: Vec<(i32, Option<i64>, Option<i64>, i64)> = sqlx::query_as(
+                "SELECT status, prompt_tokens, completion_tokens, response_bytes
+                 FROM usage_events ORDER BY occurred_at",
+            )
+            .fetch_all(store.pool())
+            .await
+            .ok()?;
+            (rows.len() >= 2).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].0, 200);
+    assert_eq!((events[0].1, events[0].2), (Some(3), Some(3)));
+    assert_eq!(
+        (events[1].1, events[1].2),
+        (Some(3), Some(3)),
+        "streamed usage counted"
+    );
+    assert!(events.iter().all(|e| e.3 > 0));
+
     // Deleted: calls are 404 at once, and the replica's container goes.
     let (status, gone) = app
         .call(
@@ -292,6 +245,5 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
     let _ = Command::new("docker")
         .args(["network", "rm", &format!("kiln-org-{}", ada.org_id)])
         .output();
-    let _ = stop_tx.send(());
-    scheduler.await.unwrap().unwrap();
+    control.stop().await;
 }

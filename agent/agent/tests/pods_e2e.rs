@@ -4,20 +4,17 @@
 //! started, reachable on the port the API reports, and deleting it frees the GPU and removes
 //! the container.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use kiln_scheduler::{Scheduler, SchedulerConfig};
 use kiln_testkit::TestApp;
-use kiln_testkit::fleet;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 mod common;
 
-use common::{Agent, containers_of, until};
+use common::{ControlPlane, containers_of, demo_image, start_agent, until};
 
 /// The assignment a pod is placed as (its container is `kiln-<assignment>`).
 async fn running_assignment(store: &kiln_store::Store, pod: &str) -> String {
@@ -32,98 +29,14 @@ async fn running_assignment(store: &kiln_store::Store, pod: &str) -> String {
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
-    // The image the local stack builds (cached after the first build).
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let built = Command::new(format!("{root}/scripts/build-images.sh"))
-        .output()
-        .expect("scripts/build-images.sh");
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let image = String::from_utf8_lossy(&built.stdout).trim().to_owned();
+    let image = demo_image();
 
     let app = TestApp::spawn(pool).await;
     let store = app.store().clone();
-    let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", fleet_listener.local_addr().unwrap());
-    let config = SchedulerConfig {
-        fleet_listen: fleet_listener.local_addr().unwrap(),
-        ops_listen: ops_listener.local_addr().unwrap(),
-        database_url: String::new(),
-        db_max_connections: 8,
-        liveness_database_url: None,
-        heartbeat_interval_ms: 500,
-        node_unreachable_after_ms: 10_000,
-        node_lost_after_ms: 60_000,
-        lifecycle_tick_ms: 200,
-        placement_tick_ms: 200,
-        node_credential_cache_ms: 60_000,
-        // The API's Redis namespace (logs) and secrets key (secret env values).
-        redis_url: Some(kiln_testkit::redis_url()),
-        redis_namespace: app.config().redis_namespace.clone(),
-        secrets_key: app.config().secrets_key.clone(),
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let scheduler = tokio::spawn(
-        Scheduler {
-            store: store.clone(),
-            config,
-            fleet_listener,
-            ops_listener,
-        }
-        .run(async {
-            let _ = stop_rx.await;
-        }),
-    );
-
+    let control = ControlPlane::start(&app).await;
     let dir = tempfile::tempdir().unwrap();
-    let token = fleet::bootstrap_token(&store, Duration::from_secs(600)).await;
     let hostname = format!("e2e-{}", std::process::id());
-    let inventory =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../inventory/inventories/l40s-2x.toml");
-    let log = dir.path().join("agent.log");
-    let _agent = Agent(
-        Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-            .args([
-                "--control-plane",
-                &url,
-                "--nvml",
-                "disabled",
-                "--docker",
-                "auto",
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--simulated-inventory")
-            .arg(&inventory)
-            .args(["--hostname", &hostname, "--public-address", "127.0.0.1"])
-            .env_remove("KILN_AGENT_CONFIG")
-            .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start kiln-agent"),
-    );
-    let node = until(
-        "the node to register its GPUs",
-        Duration::from_secs(30),
-        async || {
-            let nodes = store
-                .node_list(kiln_store::PageRequest {
-                    limit: 10,
-                    after: None,
-                })
-                .await
-                .ok()?;
-            let n = nodes.items.into_iter().find(|n| n.hostname == hostname)?;
-            (n.registered_at.is_some()).then_some(n.id)
-        },
-    )
-    .await;
+    let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
 
     let ada = app.user("ada").await;
     let pods = format!("/v1/orgs/{}/pods", ada.org_id);
@@ -297,6 +210,5 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     let _ = Command::new("docker")
         .args(["network", "rm", &org_net])
         .output();
-    let _ = stop_tx.send(());
-    scheduler.await.unwrap().unwrap();
+    control.stop().await;
 }

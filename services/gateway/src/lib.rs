@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -28,7 +29,10 @@ use kiln_auth::{ApiKeySecret, SecretDigest};
 use kiln_domain::EndpointId;
 use kiln_store::ReadyReplica;
 use kiln_store::Store;
+use time::OffsetDateTime;
 use uuid::Uuid;
+
+pub mod metering;
 
 #[derive(Debug, Clone, Args)]
 pub struct GatewayConfig {
@@ -45,6 +49,12 @@ pub struct GatewayConfig {
     /// Maximum PostgreSQL connections in this process's pool.
     #[arg(long, env = "KILN_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// Redis: the usage stream every completed call is metered into.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of this deployment's Redis keys (the API's and scheduler's too).
+    #[arg(long, env = "KILN_REDIS_NAMESPACE", default_value = "kiln")]
+    pub redis_namespace: String,
 }
 
 /// The largest request body forwarded to a replica.
@@ -57,6 +67,7 @@ pub struct GatewayState {
     pub store: Store,
     upstream: reqwest::Client,
     in_flight: InFlight,
+    meter: Option<metering::Meter>,
 }
 
 impl GatewayState {
@@ -71,7 +82,14 @@ impl GatewayState {
             store,
             upstream,
             in_flight: InFlight::default(),
+            meter: None,
         }
+    }
+
+    /// Meter completed calls into `meter`'s stream (without one, calls are not metered).
+    pub fn with_meter(mut self, meter: metering::Meter) -> Self {
+        self.meter = Some(meter);
+        self
     }
 }
 
@@ -265,6 +283,8 @@ async fn endpoint_call(
             method,
             Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE
         );
+    let started = std::time::Instant::now();
+    let request_bytes = Arc::new(AtomicU64::new(0));
     let mut body = Some(body);
     let mut tried = Vec::new();
     loop {
@@ -289,10 +309,38 @@ async fn endpoint_call(
             }
         }
         if let Some(b) = body.take().filter(|_| !replayable) {
-            req = req.body(reqwest::Body::wrap_stream(b.into_data_stream()));
+            let counted = request_bytes.clone();
+            let stream = b.into_data_stream().map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    counted.fetch_add(c.len() as u64, Ordering::Relaxed);
+                }
+                chunk
+            });
+            req = req.body(reqwest::Body::wrap_stream(stream));
         }
         match req.send().await {
-            Ok(resp) => return relay(resp, guard),
+            Ok(resp) => {
+                let metered = state.meter.clone().map(|meter| Metered {
+                    meter,
+                    started,
+                    request_bytes: request_bytes.clone(),
+                    event: metering::UsageEvent {
+                        id: Uuid::now_v7(),
+                        endpoint_id: endpoint.as_uuid(),
+                        org_id: route.org_id,
+                        api_key_id: Some(key.key_id.as_uuid()),
+                        replica_id: Some(replica.workload_id),
+                        status: resp.status().as_u16(),
+                        duration_ms: 0,
+                        request_bytes: 0,
+                        response_bytes: 0,
+                        prompt_tokens: None,
+                        completion_tokens: None,
+                        at_unix_ms: 0,
+                    },
+                });
+                return relay(resp, guard, metered);
+            }
             Err(e) if e.is_connect() && replayable => {
                 tracing::warn!(replica = %replica.workload_id, error = %e, "replica unreachable; trying another");
                 continue;
@@ -309,10 +357,29 @@ async fn endpoint_call(
     }
 }
 
+/// What is needed to meter one call once its answer is done.
+struct Metered {
+    meter: metering::Meter,
+    started: std::time::Instant,
+    request_bytes: Arc<AtomicU64>,
+    event: metering::UsageEvent,
+}
+
+/// The relay's state: the replica's stream, the chunk held back, what is counted.
+struct Relay {
+    upstream: futures::stream::BoxStream<'static, Result<bytes::Bytes, reqwest::Error>>,
+    held: Option<bytes::Bytes>,
+    response_bytes: u64,
+    scan: Vec<u8>,
+    metered: Option<Metered>,
+    _guard: InFlightGuard,
+}
+
 /// The replica's answer, streamed through as it comes (chunked bodies and server-sent events
-/// are not buffered); the replica's in-flight count drops when the body is done or the caller
-/// goes away.
-fn relay(resp: reqwest::Response, guard: InFlightGuard) -> Response {
+/// are not buffered), one chunk behind: when the replica's answer ends, the call's usage event
+/// is made durable, and only then is the last chunk sent (see [`metering`]). The replica's
+/// in-flight count drops when the body is done or the caller goes away.
+fn relay(resp: reqwest::Response, guard: InFlightGuard, metered: Option<Metered>) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::new();
     for (name, value) in resp.headers() {
@@ -320,9 +387,53 @@ fn relay(resp: reqwest::Response, guard: InFlightGuard) -> Response {
             headers.append(name.clone(), value.clone());
         }
     }
-    let stream = resp.bytes_stream().map(move |chunk| {
-        let _held = &guard;
-        chunk
+    let relay = Relay {
+        upstream: resp.bytes_stream().boxed(),
+        held: None,
+        response_bytes: 0,
+        scan: Vec::new(),
+        metered,
+        _guard: guard,
+    };
+    let stream = futures::stream::unfold(relay, |mut r| async move {
+        loop {
+            match r.upstream.next().await {
+                Some(Ok(chunk)) => {
+                    r.response_bytes += chunk.len() as u64;
+                    if r.metered.is_some() && r.scan.len() < metering::USAGE_SCAN_BYTES {
+                        let room = metering::USAGE_SCAN_BYTES - r.scan.len();
+                        r.scan.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    if let Some(previous) = r.held.replace(chunk) {
+                        return Some((Ok::<_, std::io::Error>(previous), r));
+                    }
+                }
+                Some(Err(e)) => {
+                    // Cut off: not a completed call, so not metered.
+                    r.metered = None;
+                    r.held = None;
+                    return Some((Err(std::io::Error::other(e)), r));
+                }
+                None => {
+                    if let Some(m) = r.metered.take() {
+                        let mut event = m.event;
+                        event.duration_ms = m.started.elapsed().as_millis() as u64;
+                        event.request_bytes = m.request_bytes.load(Ordering::Relaxed);
+                        event.response_bytes = r.response_bytes;
+                        (event.prompt_tokens, event.completion_tokens) =
+                            metering::usage_of(&r.scan);
+                        event.at_unix_ms =
+                            OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
+                        if let Err(e) = m.meter.record(&event).await {
+                            // The caller still gets the answer; the event is lost and said so.
+                            tracing::error!(error = %e, event = %event.id, "a usage event could not be recorded");
+                            metrics::counter!("kiln_gateway_usage_events_lost_total").increment(1);
+                        }
+                    }
+                    return r.held.take().map(|last| (Ok(last), r));
+                }
+            }
+        }
     });
     let mut out = Response::new(Body::from_stream(stream));
     *out.status_mut() = status;

@@ -1,6 +1,7 @@
 //! `kiln-gateway` binary.
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Parser;
 use kiln_gateway::{GatewayConfig, GatewayState};
 
@@ -22,8 +23,27 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-gateway listening");
-    axum::serve(listener, kiln_gateway::app(GatewayState::new(store)))
-        .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
-        .await?;
+    let meter = kiln_gateway::metering::Meter::connect(&config.redis_url, &config.redis_namespace)
+        .await
+        .context("connecting to Redis (REDIS_URL)")?;
+    let ingester = kiln_gateway::metering::Ingester::new(
+        store.clone(),
+        &config.redis_url,
+        &config.redis_namespace,
+    )?;
+    tokio::spawn(ingester.run());
+    // Answers are streamed in several writes (headers, then chunks): without TCP_NODELAY, Nagle
+    // holds each small write until the caller's delayed ACK (~40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(
+        listener,
+        kiln_gateway::app(GatewayState::new(store).with_meter(meter)),
+    )
+    .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
+    .await?;
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod orgs;
 pub mod quotas;
 pub mod scheduling;
 pub mod scope;
+pub mod usage;
 pub mod users;
 pub mod wakers;
 pub mod workloads;
@@ -56,6 +57,7 @@ pub use scheduling::{
     SchedFleet, SchedGpu, SchedNode, WorkloadRecord,
 };
 pub use scope::{AuthzError, OrgScope, Principal};
+pub use usage::UsageEventRow;
 pub use users::{Me, MembershipView, RefreshOutcome, UserRecord};
 pub use wakers::Wakers;
 pub use workloads::TenantWorkloadRecord;

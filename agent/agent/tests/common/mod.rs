@@ -41,3 +41,132 @@ pub fn containers_of(node: &str) -> usize {
         .expect("docker ps");
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+/// The demo model image the local stack builds (cached after the first build).
+pub fn demo_image() -> String {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let built = Command::new(format!("{root}/scripts/build-images.sh"))
+        .output()
+        .expect("scripts/build-images.sh");
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    String::from_utf8_lossy(&built.stdout).trim().to_owned()
+}
+
+/// A `kiln-scheduler` in process beside `app` (its Redis namespace and secrets key), with
+/// quick ticks; stops when the returned sender is dropped or sent to.
+pub struct ControlPlane {
+    /// Where agents dial in.
+    pub fleet_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ControlPlane {
+    pub async fn start(app: &kiln_testkit::TestApp) -> Self {
+        let fleet_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fleet_url = format!("http://{}", fleet_listener.local_addr().unwrap());
+        let config = kiln_scheduler::SchedulerConfig {
+            fleet_listen: fleet_listener.local_addr().unwrap(),
+            ops_listen: ops_listener.local_addr().unwrap(),
+            database_url: String::new(),
+            db_max_connections: 8,
+            liveness_database_url: None,
+            heartbeat_interval_ms: 500,
+            node_unreachable_after_ms: 10_000,
+            node_lost_after_ms: 60_000,
+            lifecycle_tick_ms: 200,
+            placement_tick_ms: 200,
+            node_credential_cache_ms: 60_000,
+            // The API's Redis namespace (logs) and secrets key (secret env values).
+            redis_url: Some(kiln_testkit::redis_url()),
+            redis_namespace: app.config().redis_namespace.clone(),
+            secrets_key: app.config().secrets_key.clone(),
+        };
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(
+            kiln_scheduler::Scheduler {
+                store: app.store().clone(),
+                config,
+                fleet_listener,
+                ops_listener,
+            }
+            .run(async {
+                let _ = stop_rx.await;
+            }),
+        );
+        Self {
+            fleet_url,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stop the scheduler and wait for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A `kiln-agent` process with a simulated 2× L40S inventory and the Docker runtime, joined to
+/// `fleet_url` as `hostname` (public address 127.0.0.1), once it has registered: the agent and
+/// its node id. Its log is in `dir`.
+pub async fn start_agent(
+    store: &kiln_store::Store,
+    fleet_url: &str,
+    hostname: &str,
+    dir: &std::path::Path,
+) -> (Agent, kiln_domain::NodeId) {
+    let token = kiln_testkit::fleet::bootstrap_token(store, Duration::from_secs(600)).await;
+    let inventory = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../inventory/inventories/l40s-2x.toml");
+    let agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+            .args([
+                "--control-plane",
+                fleet_url,
+                "--nvml",
+                "disabled",
+                "--docker",
+                "auto",
+            ])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--simulated-inventory")
+            .arg(&inventory)
+            .args(["--hostname", hostname, "--public-address", "127.0.0.1"])
+            .env_remove("KILN_AGENT_CONFIG")
+            .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .expect("start kiln-agent"),
+    );
+    let node = until(
+        "the node to register its GPUs",
+        Duration::from_secs(30),
+        async || {
+            let nodes = store
+                .node_list(kiln_store::PageRequest {
+                    limit: 10,
+                    after: None,
+                })
+                .await
+                .ok()?;
+            let n = nodes.items.into_iter().find(|n| n.hostname == hostname)?;
+            n.registered_at.is_some().then_some(n.id)
+        },
+    )
+    .await;
+    (agent, node)
+}

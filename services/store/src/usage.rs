@@ -1,0 +1,62 @@
+//! Usage events of inference calls, ingested from the gateway's stream idempotently.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::{Store, StoreResult};
+
+/// One completed call through the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEventRow {
+    pub id: Uuid,
+    pub endpoint_id: Uuid,
+    pub org_id: Uuid,
+    pub api_key_id: Option<Uuid>,
+    pub replica_id: Option<Uuid>,
+    pub status: i32,
+    pub duration_ms: i64,
+    pub request_bytes: i64,
+    pub response_bytes: i64,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub occurred_at: OffsetDateTime,
+}
+
+impl Store {
+    /// Insert events; an id already there is skipped (so redelivery never counts twice).
+    /// Answers how many were new.
+    pub async fn usage_events_insert(&self, rows: &[UsageEventRow]) -> StoreResult<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let col = |f: fn(&UsageEventRow) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
+        let done = sqlx::query(
+            "INSERT INTO usage_events (id, endpoint_id, org_id, api_key_id, replica_id, status,
+                 duration_ms, request_bytes, response_bytes, prompt_tokens, completion_tokens,
+                 occurred_at)
+             SELECT u.* FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[],
+                 $6::int[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
+                 $12::timestamptz[])
+                 AS u(id, endpoint_id, org_id, api_key_id, replica_id, status, duration_ms,
+                      request_bytes, response_bytes, prompt_tokens, completion_tokens, occurred_at)
+             -- An endpoint removed for good takes its events with it (instead of failing the batch).
+             WHERE EXISTS (SELECT 1 FROM endpoints e WHERE e.id = u.endpoint_id)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(rows.iter().map(|r| r.id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.endpoint_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.org_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.api_key_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.replica_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.status).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.request_bytes).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.response_bytes).collect::<Vec<_>>())
+        .bind(col(|r| r.prompt_tokens))
+        .bind(col(|r| r.completion_tokens))
+        .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
