@@ -15,7 +15,7 @@ SERVICES_ENV = set -a; eval "$$(scripts/services.sh env)"; set +a
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  make %-6s %s\n", $$1, $$2 }'
 
-up: ## Start the local stack (PostgreSQL, Redis, kiln-api :8080, kiln-gateway :8090); writes .kiln/env
+up: ## Start the local stack (PostgreSQL, Redis, kiln-api :8080, kiln-gateway :8090, kiln-scheduler, kiln-billing, simulated GPU hosts); writes .kiln/env
 	scripts/up.sh
 
 down: ## Stop what `make up` started

@@ -27,7 +27,7 @@ for pidfile in "$STATE"/pids/agent-*.pid; do
   rm -f "$pidfile"
 done
 
-for name in kiln-scheduler kiln-gateway kiln-api; do
+for name in kiln-billing kiln-scheduler kiln-gateway kiln-api; do
   pidfile="$STATE/pids/$name.pid"
   [ -f "$pidfile" ] || continue
   pid="$(cat "$pidfile")"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make up`: the whole local stack, natively. PostgreSQL + Redis (scripts/services.sh), then
 # kiln-api (migrated) on 127.0.0.1:8080, kiln-gateway on 127.0.0.1:8090, kiln-scheduler (node
-# control on 127.0.0.1:7070, ops on :9091) and two simulated GPU hosts (kiln-agent with the
+# control on 127.0.0.1:7070, ops on :9091), kiln-billing (ops on :9092) and two simulated GPU hosts (kiln-agent with the
 # 8x H100 and 4x A100 inventories) in the background. Writes .kiln/env. Running it again is harmless: healthy services are left running, unless
 # their binary was rebuilt since they started, in which case they are restarted.
 #
@@ -20,6 +20,8 @@ GATEWAY_ADDR=127.0.0.1:8090
 FLEET_ADDR=127.0.0.1:7070
 SCHEDULER_OPS_ADDR=127.0.0.1:9091
 SCHEDULER_URL="http://$SCHEDULER_OPS_ADDR"
+BILLING_OPS_ADDR=127.0.0.1:9092
+BILLING_URL="http://$BILLING_OPS_ADDR"
 # Simulated GPU hosts: NAME:INVENTORY (agent/inventory/inventories/INVENTORY.toml).
 AGENTS="sim-h100-0:h100-sxm-8x sim-a100-0:a100-40gb-4x"
 API_URL="http://$API_ADDR"
@@ -68,6 +70,15 @@ if [ -f "$STATE/env" ]; then
 fi
 if [ "${#SECRETS_KEY}" -lt 40 ]; then
   SECRETS_KEY="$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
+fi
+
+# 3c. The secret the payment provider signs billing webhooks with: generated once, then kept.
+WEBHOOK_SECRET=""
+if [ -f "$STATE/env" ]; then
+  WEBHOOK_SECRET="$(sed -n 's/^KILN_BILLING_WEBHOOK_SECRET=//p' "$STATE/env" | tail -n1)"
+fi
+if [ "${#WEBHOOK_SECRET}" -lt 32 ]; then
+  WEBHOOK_SECRET="$(head -c 32 /dev/urandom | base64 | tr '+/' 'xy' | tr -d '=\n')"
 fi
 
 # 4. Schema.
@@ -154,6 +165,7 @@ start_service kiln-api "$API_URL" serve \
   KILN_ADMIN_EMAIL="$ADMIN_EMAIL" \
   KILN_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
   KILN_SECRETS_KEY="$SECRETS_KEY" \
+  KILN_BILLING_WEBHOOK_SECRET="$WEBHOOK_SECRET" \
   KILN_GATEWAY_URL="$GATEWAY_URL"
 start_service kiln-gateway "$GATEWAY_URL" "" \
   RUST_LOG="$RUST_LOG" \
@@ -167,9 +179,14 @@ start_service kiln-scheduler "$SCHEDULER_URL" "" \
   DATABASE_URL="$DATABASE_URL" \
   REDIS_URL="$REDIS_URL" \
   KILN_SECRETS_KEY="$SECRETS_KEY"
+start_service kiln-billing "$BILLING_URL" "" \
+  RUST_LOG="$RUST_LOG" \
+  KILN_BILLING_OPS_LISTEN="$BILLING_OPS_ADDR" \
+  DATABASE_URL="$DATABASE_URL"
 wait_healthy kiln-api "$API_URL"
 wait_healthy kiln-gateway "$GATEWAY_URL"
 wait_healthy kiln-scheduler "$SCHEDULER_URL"
+wait_healthy kiln-billing "$BILLING_URL"
 
 # 6. Simulated GPU hosts. Each keeps its node credential in .kiln/agents/NAME; only a host
 # without one asks the API (as the operator) for a one-time bootstrap token.
@@ -246,6 +263,7 @@ DATABASE_URL=$DATABASE_URL
 REDIS_URL=$REDIS_URL
 KILN_DEMO_IMAGE=$DEMO_IMAGE
 KILN_SECRETS_KEY=$SECRETS_KEY
+KILN_BILLING_WEBHOOK_SECRET=$WEBHOOK_SECRET
 # KILN_DEMO_VM_IMAGE arrives with the instances issue.
 EOF
 mv "$STATE/env.tmp" "$STATE/env"
@@ -257,6 +275,7 @@ Kiln is up.
   API      $API_URL   (GraphQL at $API_URL/graphql)
   gateway  $GATEWAY_URL
   fleet    http://$FLEET_ADDR (agents dial in here; ops at $SCHEDULER_URL)
+  billing  rates usage every 15 s (ops at $BILLING_URL)
   agents   $(for spec in $AGENTS; do printf '%s ' "${spec%%:*}"; done)(simulated GPU hosts; see $API_URL/admin/fleet)
   operator $ADMIN_EMAIL / $ADMIN_PASSWORD
 Log in at the console with that email and password, or from a shell:

@@ -11,6 +11,8 @@
 //!   how long it takes to notice one that stops (see `fleet.rs`).
 //! * `scheduler.e2e.*` — a real `kiln-scheduler` placing pods committed to Postgres, in a burst
 //!   and at a steady rate (see `scheduling.rs`; `--only scheduling`).
+//! * `billing.*` — postings per second, rating lag under 10,000 running workloads and a month
+//!   closed for 10,000 orgs, in process with `kiln-billing` (see `billing.rs`; `--only billing`).
 //! * `scheduler.core.*`, `scheduler.packing.*` — the placement core alone, in process, on
 //!   10,000 nodes × 8 GPUs and on a seeded trace (see `placement.rs`; `--only placement`).
 //!
@@ -26,6 +28,7 @@
 //! The child and the database are removed at the end, also on failure, Ctrl-C or SIGTERM.
 //! The load targets only the child on 127.0.0.1 and is bounded in time and request count.
 
+mod billing;
 mod fleet;
 mod gateway;
 mod load;
@@ -171,6 +174,26 @@ pub struct Args {
     /// Measured best-fit and first-fit decisions of the placement-core benchmark.
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
     placement_decisions: u32,
+
+    /// Charges posted for `billing.postings_per_s`.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1_000..=10_000_000))]
+    billing_postings: u32,
+
+    /// Running workloads rated for `billing.rating.*`.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+    billing_workloads: u32,
+
+    /// Seconds the rater ticks while `billing.rating.lag_s` is sampled.
+    #[arg(long, default_value_t = 40)]
+    billing_lag_secs: u64,
+
+    /// The rater's tick (`KILN_RATING_TICK_MS`) during the lag measurement.
+    #[arg(long, default_value_t = 15_000)]
+    billing_tick_ms: u64,
+
+    /// Orgs whose month is closed for `billing.invoice_run_s`.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    billing_invoice_orgs: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -180,6 +203,7 @@ enum Only {
     Fleet,
     Placement,
     Scheduling,
+    Billing,
     Pods,
     Gateway,
 }
@@ -231,6 +255,9 @@ async fn run(args: &Args) -> Result<()> {
             seed: 0x6b696c6e,
         };
         placement::run(&plan, figure);
+    }
+    if matches!(args.only, Only::All | Only::Billing) {
+        run_billing(args).await?;
     }
     Ok(())
 }
@@ -303,6 +330,26 @@ async fn run_scheduling(args: &Args) -> Result<()> {
     if let Some(child) = child {
         server::stop(child).await;
     }
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_billing(args: &Args) -> Result<()> {
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let plan = billing::BillingPlan {
+        postings: args.billing_postings,
+        workloads: args.billing_workloads,
+        lag_secs: args.billing_lag_secs,
+        tick_ms: args.billing_tick_ms,
+        invoice_orgs: args.billing_invoice_orgs,
+    };
+    let outcome = tokio::select! {
+        r = billing::run(&plan, &db.url, figure) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
     if let Err(err) = db.drop_database().await {
         eprintln!("kiln-bench: warning: {err:#}");
     }

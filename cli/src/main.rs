@@ -1,5 +1,6 @@
 //! `kiln`: the command-line client for the Kiln GPU cloud.
 
+mod billing;
 mod client;
 mod config;
 mod endpoints;
@@ -87,8 +88,13 @@ enum Command {
         #[command(subcommand)]
         command: Option<endpoints::EndpointsCommand>,
     },
-    /// GPU types with their MIG profiles and what is free of each right now.
+    /// GPU types with their MIG profiles, prices and what is free of each right now.
     GpuTypes,
+    /// The org's balance, usage, ledger and invoices [default: balance].
+    Billing {
+        #[command(subcommand)]
+        command: Option<billing::BillingCommand>,
+    },
     /// Operator commands (your account must be the deployment's operator).
     Admin {
         #[command(subcommand)]
@@ -118,6 +124,33 @@ enum AdminCommand {
     Quotas {
         #[command(subcommand)]
         command: QuotasCommand,
+    },
+    /// The price catalog's versions [default: list].
+    Prices {
+        #[command(subcommand)]
+        command: Option<billing::PricesCommand>,
+    },
+    /// Credit an org (idempotent on --reference).
+    Credit {
+        #[arg(value_name = "ORG")]
+        org_id: String,
+        /// In USD, e.g. 25 or 12.50.
+        #[arg(value_name = "AMOUNT_USD")]
+        amount: String,
+        /// Your reference (invoice or transfer number): the same one credits once.
+        #[arg(long)]
+        reference: String,
+    },
+    /// Show or set an org's credit limit and monthly budget.
+    Billing {
+        #[arg(value_name = "ORG")]
+        org_id: String,
+        /// How far the balance may go below zero, in USD.
+        #[arg(long)]
+        credit_limit: Option<String>,
+        /// Monthly budget for alerts, in USD, or `none`.
+        #[arg(long)]
+        budget: Option<String>,
     },
 }
 
@@ -332,6 +365,13 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::GpuTypes => gpu_types(&mut ctx).await,
+        Command::Billing { command } => {
+            billing::run(
+                &mut ctx,
+                command.unwrap_or(billing::BillingCommand::Balance),
+            )
+            .await
+        }
         Command::Admin { command } => match command {
             AdminCommand::NodeToken { ttl_secs, note } => {
                 admin_node_token(&mut ctx, ttl_secs, note).await
@@ -346,6 +386,19 @@ async fn run(cli: Cli) -> Result<()> {
                 NodesCommand::Drain { node } => admin_node_set(&mut ctx, &node, "drain").await,
             },
             AdminCommand::Capacity => admin_capacity(&mut ctx).await,
+            AdminCommand::Prices { command } => {
+                billing::prices(&mut ctx, command.unwrap_or(billing::PricesCommand::List)).await
+            }
+            AdminCommand::Credit {
+                org_id,
+                amount,
+                reference,
+            } => billing::credit(&mut ctx, &org_id, &amount, &reference).await,
+            AdminCommand::Billing {
+                org_id,
+                credit_limit,
+                budget,
+            } => billing::settings(&mut ctx, &org_id, credit_limit, budget).await,
             AdminCommand::Quotas { command } => match command {
                 QuotasCommand::List { org_id } => admin_quotas(&mut ctx, &org_id).await,
                 QuotasCommand::Set {

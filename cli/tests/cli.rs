@@ -1093,3 +1093,71 @@ async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
         "deleted endpoints are not listed"
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn operators_credit_orgs_and_tenants_see_their_balance(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let hash = app.state.hasher.hash("operator password 123").unwrap();
+    let email = kiln_domain::Email::parse("email", "ops@example.com").unwrap();
+    app.store()
+        .user_ensure_operator(&email, &hash)
+        .await
+        .unwrap();
+    let ops = Kiln::new(&app);
+    ops.login("ops@example.com", "operator password 123")
+        .await
+        .ok();
+    let tenant_user = app.user("tenant").await;
+    let org = tenant_user.org_id.clone();
+
+    ops.run(&["admin", "credit", &org, "12.50", "--reference", "wire-1"])
+        .await
+        .ok();
+    // The same reference again credits nothing more.
+    ops.run(&["admin", "credit", &org, "12.50", "--reference", "wire-1"])
+        .await
+        .ok();
+    let set = ops
+        .run(&[
+            "admin",
+            "billing",
+            &org,
+            "--credit-limit",
+            "5",
+            "--budget",
+            "40",
+            "--output",
+            "json",
+        ])
+        .await
+        .ok();
+    assert_eq!(set.json()["credit_limit"]["amount_micros"], 5_000_000);
+    assert_eq!(set.json()["monthly_budget"]["amount_micros"], 40_000_000);
+    let prices = ops.run(&["admin", "prices"]).await.ok();
+    assert!(
+        prices.stdout.contains("default catalog"),
+        "{}",
+        prices.stdout
+    );
+
+    let tenant = Kiln::new(&app);
+    tenant
+        .login("tenant@example.com", "tenant-correct-horse-battery")
+        .await
+        .ok();
+    let balance = tenant
+        .run(&["billing", "balance", "--output", "json"])
+        .await
+        .ok();
+    assert_eq!(balance.json()["balance"]["amount_micros"], 12_500_000);
+    assert_eq!(balance.json()["available"]["amount_micros"], 17_500_000);
+    let table = tenant.run(&["billing"]).await.ok();
+    assert!(table.stdout.contains("12.500000 USD"), "{}", table.stdout);
+    let ledger = tenant.run(&["billing", "ledger"]).await.ok();
+    assert!(ledger.stdout.contains("top_up"), "{}", ledger.stdout);
+    // Tenants cannot credit themselves.
+    let refused = tenant
+        .run(&["admin", "credit", &org, "100", "--reference", "free-money"])
+        .await;
+    assert_eq!(refused.code, 1);
+}

@@ -75,6 +75,14 @@ pub struct ApiConfig {
     /// refused; a malformed value stops start-up.
     #[arg(long, env = "KILN_SECRETS_KEY", hide_env_values = true)]
     pub secrets_key: Option<String>,
+    /// The shared secret the payment provider signs webhooks with (HMAC-SHA256). Without it,
+    /// `POST /v1/billing/webhook` answers 404.
+    #[arg(long, env = "KILN_BILLING_WEBHOOK_SECRET", hide_env_values = true)]
+    pub billing_webhook_secret: Option<String>,
+    /// How long after a month ends its invoices become final (kiln-billing's setting of the
+    /// same name; on-demand invoices before then are drafts).
+    #[arg(long, env = "KILN_INVOICE_CLOSE_DELAY_MS", default_value_t = 3_600_000)]
+    pub invoice_close_delay_ms: u64,
     /// The gateway's public base URL: endpoints' URLs are `<this>/v1/endpoints/<id>`.
     #[arg(
         long,
@@ -109,7 +117,13 @@ impl ApiConfig {
             max_body_bytes: 1024 * 1024,
             // A fixed key for tests only (32 bytes of 0x6b, base64).
             secrets_key: Some("a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=".into()),
+            billing_webhook_secret: Some("test-webhook-secret".into()),
+            invoice_close_delay_ms: 3_600_000,
             gateway_url: "http://127.0.0.1:8090".into(),
         }
+    }
+
+    pub fn invoice_close_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.invoice_close_delay_ms)
     }
 }

@@ -61,6 +61,9 @@ pub enum ApiError {
     PayloadTooLarge,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The org is out of credit (402).
+    #[error("payment required: {0}")]
+    PaymentRequired(String),
     /// A dependency is down for a moment (e.g. the log store); retrying later may work.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -93,6 +96,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -112,6 +116,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::MethodNotAllowed => "method-not-allowed",
+            ApiError::PaymentRequired(_) => "payment-required",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -154,6 +159,7 @@ impl ApiError {
                 "this resource does not support that method".to_owned(),
                 vec![],
             ),
+            ApiError::PaymentRequired(d) => ("Payment required", d.clone(), vec![]),
             ApiError::Unavailable(d) => ("Service unavailable", d.clone(), vec![]),
             ApiError::PayloadTooLarge => (
                 "Payload too large",

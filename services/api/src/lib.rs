@@ -12,6 +12,7 @@ pub mod fanout;
 pub mod graphql;
 pub mod live;
 pub mod ops;
+pub mod pdf;
 pub mod rest;
 pub mod state;
 pub mod views;

@@ -658,7 +658,8 @@ pub struct PodView {
     pub restart_policy: String,
     pub created_at: String,
     pub updated_at: String,
-    /// Always null for now: billing has not landed.
+    /// What it has been charged so far (`{amount_micros, currency}`), current to within a
+    /// billing tick.
     #[schema(value_type = Option<Object>)]
     pub cost_so_far: Option<async_graphql::Json<serde_json::Value>>,
 }

@@ -168,6 +168,79 @@ impl Posting {
         )
     }
 
+    /// Promotional credit for `org` (its own account per `grant`, so each grant has its own
+    /// expiry), idempotent on the grant.
+    pub fn promo_grant(
+        org: Uuid,
+        grant: &str,
+        amount: Money,
+        at: Timestamp,
+    ) -> Result<Self, PostingError> {
+        if amount.micros <= 0 {
+            return Err(PostingError::NonPositiveAmount);
+        }
+        let account = Account::OrgPromo {
+            org,
+            grant: grant.to_string(),
+        };
+        let neg = Money::from_micros(-amount.micros);
+        Self::new(
+            format!("promo:{org}:{grant}"),
+            at,
+            vec![(Account::ExpensePromotions, neg), (account, amount)],
+        )
+    }
+
+    /// The unspent `remaining` of an expired promo account, posted back out to
+    /// `expense:promotions` at its expiry; one per account.
+    pub fn promo_expiry(
+        account: Account,
+        remaining: Money,
+        expired_at: Timestamp,
+    ) -> Result<Self, PostingError> {
+        if remaining.micros <= 0 {
+            return Err(PostingError::NonPositiveAmount);
+        }
+        Self::new(
+            format!("promo-expiry:{account}"),
+            expired_at,
+            vec![
+                (account, Money::from_micros(-remaining.micros)),
+                (Account::ExpensePromotions, remaining),
+            ],
+        )
+    }
+
+    /// The posting of a charge: `promos` (the org's promotional accounts usable at the charge's
+    /// start with their positive balances, soonest expiry first) are spent first, the rest is
+    /// drawn from the paid balance (which may go negative: the credit limit is enforced by
+    /// [`crate::limits`], not by refusing to record what was used). The revenue account of the
+    /// product receives the whole amount. A ledger kept elsewhere (a database) calls this with
+    /// the promos it read under the org's lock; [`Ledger::post_charge`] with its own.
+    pub fn for_charge(charge: &Charge, promos: &[(Account, Money)]) -> Result<Self, LedgerError> {
+        if charge.amount.micros <= 0 {
+            return Err(PostingError::NonPositiveAmount.into());
+        }
+        let mut remaining = charge.amount;
+        let mut lines = Vec::new();
+        for (account, balance) in promos {
+            if remaining.is_zero() {
+                break;
+            }
+            if balance.micros <= 0 || account.org() != Some(charge.org) {
+                continue;
+            }
+            let take = (*balance).min(remaining);
+            remaining = remaining.checked_sub(take)?;
+            lines.push((account.clone(), take.checked_neg()?));
+        }
+        if !remaining.is_zero() {
+            lines.push((Account::OrgBalance(charge.org), remaining.checked_neg()?));
+        }
+        lines.push((Account::revenue_for(charge.product), charge.amount));
+        Ok(Self::new(charge.key.clone(), charge.start, lines)?)
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -309,27 +382,16 @@ impl Ledger {
         expires_at: Timestamp,
         at: Timestamp,
     ) -> Result<Posted, LedgerError> {
-        if amount.micros <= 0 {
-            return Err(PostingError::NonPositiveAmount.into());
-        }
         let account = Account::OrgPromo {
             org,
             grant: grant.to_string(),
         };
-        let key = format!("promo:{org}:{grant}");
+        let posting = Posting::promo_grant(org, grant, amount, at)?;
         if let Some(&known) = self.promo_expiry.get(&account)
             && known != expires_at
         {
-            return Err(LedgerError::KeyConflict(key));
+            return Err(LedgerError::KeyConflict(posting.key));
         }
-        let posting = Posting::new(
-            key,
-            at,
-            vec![
-                (Account::ExpensePromotions, amount.checked_neg()?),
-                (account.clone(), amount),
-            ],
-        )?;
         let posted = self.post(posting)?;
         self.promo_expiry.insert(account, expires_at);
         Ok(posted)
@@ -370,21 +432,8 @@ impl Ledger {
         if charge.amount.is_zero() {
             return Ok(Posted::Nothing);
         }
-        let mut remaining = charge.amount;
-        let mut lines = Vec::new();
-        for (account, balance) in self.usable_promos(charge.org, charge.start) {
-            if remaining.is_zero() {
-                break;
-            }
-            let take = balance.min(remaining);
-            remaining = remaining.checked_sub(take)?;
-            lines.push((account, take.checked_neg()?));
-        }
-        if !remaining.is_zero() {
-            lines.push((Account::OrgBalance(charge.org), remaining.checked_neg()?));
-        }
-        lines.push((Account::revenue_for(charge.product), charge.amount));
-        self.post(Posting::new(charge.key.clone(), charge.start, lines)?)
+        let promos = self.usable_promos(charge.org, charge.start);
+        self.post(Posting::for_charge(charge, &promos)?)
     }
 
     /// Posts the unspent remainder of every promo grant expired by `now` back out to
@@ -399,17 +448,9 @@ impl Ledger {
             .collect();
         let mut keys = Vec::new();
         for (account, expires, balance) in expired {
-            let key = format!("promo-expiry:{account}");
-            let posting = Posting::new(
-                key.clone(),
-                expires,
-                vec![
-                    (account, balance.checked_neg()?),
-                    (Account::ExpensePromotions, balance),
-                ],
-            )?;
+            let posting = Posting::promo_expiry(account, balance, expires)?;
+            keys.push(posting.key.clone());
             self.post(posting)?;
-            keys.push(key);
         }
         Ok(keys)
     }

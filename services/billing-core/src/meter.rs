@@ -1,7 +1,8 @@
 //! Metering: a workload's state history into billable intervals.
 //!
-//! Compute is billable from `running` to the first of stopped/terminated/failed/lost after it
-//! (`stopping` is still billed); a workload may run several times. A stopped instance's disk is
+//! Compute is billable from `running` to the first of stopped/terminated/failed/lost after it,
+//! or `pending` when the workload was handed back to the queue (`stopping` is still billed); a
+//! workload may run several times. A stopped instance's disk is
 //! billed as storage from `stopped` until it runs again or is terminated/failed/lost.
 
 use std::str::FromStr;
@@ -108,6 +109,9 @@ pub fn meter(history: &[Transition], storage: bool) -> Vec<BillableInterval> {
                 close(IntervalKind::Compute, &mut compute, t.at);
                 close(IntervalKind::Storage, &mut stored, t.at);
             }
+            // Handed back to the queue (its node was lost or drained): it holds nothing until
+            // it runs again.
+            State::Pending => close(IntervalKind::Compute, &mut compute, t.at),
             _ => {}
         }
     }
@@ -171,6 +175,20 @@ mod tests {
             ("starting", 25),
             ("running", 30),
             ("running", 35),
+        ]);
+        assert_eq!(
+            meter(&hist, false),
+            vec![iv(Compute, 10, Some(20)), iv(Compute, 30, None)]
+        );
+    }
+
+    #[test]
+    fn a_run_handed_back_to_the_queue_stops_billing_until_it_runs_again() {
+        let hist = h(&[
+            ("running", 10),
+            ("pending", 20),
+            ("scheduled", 25),
+            ("running", 30),
         ]);
         assert_eq!(
             meter(&hist, false),

@@ -72,6 +72,22 @@ impl Product {
             Self::InferenceCompletionTokens => "inference_completion_tokens",
         }
     }
+
+    pub const ALL: [Product; 8] = [
+        Self::InstanceGpu,
+        Self::PodGpu,
+        Self::MigSlice,
+        Self::GpuShare,
+        Self::Storage,
+        Self::InferenceRequests,
+        Self::InferencePromptTokens,
+        Self::InferenceCompletionTokens,
+    ];
+
+    /// The product a [`code`](Self::code) names.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.code() == code)
+    }
 }
 
 /// The unit a charge's quantity is counted in.
@@ -85,6 +101,34 @@ pub enum Unit {
     GibSeconds,
     Requests,
     Tokens,
+}
+
+impl Unit {
+    pub const ALL: [Unit; 6] = [
+        Self::GpuSeconds,
+        Self::SliceSeconds,
+        Self::MibSeconds,
+        Self::GibSeconds,
+        Self::Requests,
+        Self::Tokens,
+    ];
+
+    /// As stored and shown: `gpu_seconds`, `slice_seconds`, `mib_seconds`, `gib_seconds`,
+    /// `requests`, `tokens`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::GpuSeconds => "gpu_seconds",
+            Self::SliceSeconds => "slice_seconds",
+            Self::MibSeconds => "mib_seconds",
+            Self::GibSeconds => "gib_seconds",
+            Self::Requests => "requests",
+            Self::Tokens => "tokens",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|u| u.code() == code)
+    }
 }
 
 /// One rated amount: what was charged, for what, at which price version.

@@ -106,6 +106,13 @@ typed_id!(/// A tenant's pod: a workload of kind `pod`, with the same UUID as it
 typed_id!(/// A tenant's endpoint: a model server behind the gateway, run as replicas.
     EndpointId, "ep", "endpoint");
 
+typed_id!(/// One posting of the billing ledger (a charge, a top-up, a promotional grant …).
+    PostingId, "txn", "ledger posting");
+typed_id!(/// A monthly invoice of an org.
+    InvoiceId, "inv", "invoice");
+typed_id!(/// A version of the price catalog.
+    PriceVersionId, "prc", "price version");
+
 impl From<PodId> for WorkloadId {
     fn from(p: PodId) -> Self {
         WorkloadId::from_uuid(p.as_uuid())

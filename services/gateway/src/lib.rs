@@ -3,7 +3,8 @@
 //! A call is authenticated by an API key of the endpoint's org (401 for a missing, invalid,
 //! expired or revoked key; another org's endpoint is a 404, like an unknown one), then sent to
 //! the ready replica with the fewest calls in flight on this gateway and streamed back as it
-//! comes. No ready replica: 503 with `Retry-After`. A body-less idempotent call whose replica
+//! comes. An org out of credit gets 402 (the billing core's decision on the ledger, as the API
+//! refuses new work), after the key check. No ready replica: 503 with `Retry-After`. A body-less idempotent call whose replica
 //! cannot be reached is tried on another. Not here yet (the endpoints issue continues): the API
 //! key and route caches with pushed revocation, rate limits, metering, the autoscaler and
 //! holding calls during a cold start.
@@ -227,6 +228,9 @@ async fn endpoint_call(
             return unavailable("the gateway cannot reach its database; retry shortly");
         }
     };
+    if let Some(refusal) = out_of_credit(&state, key.org_id.as_uuid()).await {
+        return refusal;
+    }
     let not_found = || problem(StatusCode::NOT_FOUND, "Not found", "endpoint not found");
     let raw = params
         .iter()
@@ -442,6 +446,35 @@ fn unavailable(detail: &str) -> Response {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     r
+}
+
+/// 402 when the caller's org is out of credit (503 when that cannot be told).
+async fn out_of_credit(state: &GatewayState, org: Uuid) -> Option<Response> {
+    let standing = match state.store.pool().acquire().await {
+        Ok(mut conn) => kiln_billing::limits::standing(
+            &state.store,
+            &mut conn,
+            org,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match standing {
+        Ok(None) => None,
+        Ok(Some(_)) => Some(problem(
+            StatusCode::PAYMENT_REQUIRED,
+            "Payment required",
+            "the endpoint's org is out of credit; calls resume after a top-up",
+        )),
+        Err(error) => {
+            tracing::error!(%error, "credit check failed");
+            Some(unavailable(
+                "the gateway cannot check the org's credit; retry shortly",
+            ))
+        }
+    }
 }
 
 async fn fallback() -> Response {

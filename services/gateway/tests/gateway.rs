@@ -35,6 +35,7 @@ async fn keys_are_checked_before_anything_else(pool: PgPool) {
             .await
             .unwrap();
     }
+    let pool2 = pool.clone();
     let url = spawn(pool).await;
     let http = reqwest::Client::new();
     let call = |token: Option<String>| {
@@ -61,6 +62,23 @@ async fn keys_are_checked_before_anything_else(pool: PgPool) {
         call(Some(live.expose().to_owned())).await.unwrap().status(),
         404,
         "no endpoints exist yet"
+    );
+    // Out of credit (no balance, no credit limit): calls are refused with 402 until a top-up.
+    sqlx::query("UPDATE billing_settings SET credit_limit_micros = 0 WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool2)
+        .await
+        .unwrap();
+    let r = call(Some(live.expose().to_owned())).await.unwrap();
+    assert_eq!(r.status(), 402);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        call(Some(revoked.expose().to_owned()))
+            .await
+            .unwrap()
+            .status(),
+        401,
+        "the key is checked first"
     );
     assert_eq!(
         http.get(format!("{url}/healthz"))

@@ -11,6 +11,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod billing;
 pub mod catalog;
 pub mod endpoints;
 pub mod fleet;
@@ -31,6 +32,12 @@ use uuid::Uuid;
 
 pub use api_keys::{ApiKeyAuth, ApiKeyRecord, NewApiKey};
 pub use audit::{AuditEvent, AuditRecord};
+pub use billing::{
+    BillingSettingsRecord, ChargeDetail, ChargeRecord, EntryRecord, FundsRecord, GpuPriceRecord,
+    HistoryRow, InvoiceLineRecord, InvoiceRecord, NewEntry, NewPosting, NewPriceVersion,
+    PostingRecord, PriceVersionDelete, PriceVersionRecord, PromoBalance, RatingWork,
+    SuspendableWorkload, UsageGroup, UsageRow,
+};
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use endpoints::{
     EndpointRecord, EndpointRoute, NewEndpoint, ReadyReplica, ReplicaShortfall, ReplicaTemplate,

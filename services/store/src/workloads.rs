@@ -36,6 +36,8 @@ pub struct TenantWorkloadRecord {
     /// What the agent last reported for its current assignment (`[{port, protocol,
     /// host_port}]`), or `None` before any report.
     pub observed_ports: Option<serde_json::Value>,
+    /// What its charges in the billing ledger add up to so far, in micro-units.
+    pub cost_micros: i64,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
 }
@@ -48,6 +50,8 @@ pub(crate) const TENANT_COLUMNS: &str = "w.id, w.kind, w.name, w.state, w.state_
            WHERE a.workload_id = w.id ORDER BY g.idx, a.gpu_uuid) AS gpus, \
      (SELECT o.ports FROM node_observed o \
       WHERE o.assignment_id = w.assignment_id AND o.node_id = w.node_id) AS observed_ports, \
+     COALESCE((SELECT sum(p.amount_micros) FROM ledger_postings p \
+               WHERE p.workload_id = w.id), 0)::int8 AS cost_micros, \
      w.created_at, w.updated_at";
 
 /// The public id of a workload of `kind`, as lists hand out cursors.

@@ -20,6 +20,7 @@
 
 mod audit;
 mod auth;
+mod billing;
 mod fleet;
 mod keys;
 mod orgs;
@@ -75,6 +76,15 @@ pub fn router() -> Router<AppState> {
         .route("/orgs/{org}/api-keys", get(keys::list).post(keys::create))
         .route("/orgs/{org}/api-keys/{key}/revoke", post(keys::revoke))
         .route("/orgs/{org}/audit-log", get(audit::list))
+        .route("/orgs/{org}/billing", get(billing::page))
+        .route(
+            "/orgs/{org}/billing/invoices/{invoice}",
+            get(billing::invoice_page),
+        )
+        .route(
+            "/orgs/{org}/billing/invoices/{invoice}/{format}",
+            get(billing::invoice_download),
+        )
         .route("/admin/fleet", get(fleet::page))
         .route("/admin/fleet/{node}/{action}", post(fleet::act))
         .route("/static/{file}", get(asset))

@@ -12,13 +12,14 @@
 //!
 //! The checked-in `schema.graphql` is [`schema_sdl`]'s output; a test fails when they drift.
 
+mod billing;
 mod error;
 mod mutation;
 mod query;
 mod subscription;
 
 use async_graphql::http::{GraphQLPlaygroundConfig, playground_source};
-use async_graphql::{Context, Schema};
+use async_graphql::{Context, MergedObject, Schema};
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -41,14 +42,26 @@ pub const MAX_DEPTH: usize = 15;
 /// The most fields one query may select (aliases count), so one request stays cheap.
 pub const MAX_COMPLEXITY: usize = 500;
 
-pub type KilnSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
+/// Every read: the identity, workload and fleet fields and billing's.
+#[derive(MergedObject)]
+pub struct Query(QueryRoot, billing::BillingQuery);
+
+/// Every write.
+#[derive(MergedObject)]
+pub struct Mutation(MutationRoot, billing::BillingMutation);
+
+pub type KilnSchema = Schema<Query, Mutation, SubscriptionRoot>;
 
 /// Build the schema. Introspection stays on: the schema is public (and checked in).
 pub fn schema() -> KilnSchema {
-    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
-        .limit_depth(MAX_DEPTH)
-        .limit_complexity(MAX_COMPLEXITY)
-        .finish()
+    Schema::build(
+        Query(QueryRoot, billing::BillingQuery),
+        Mutation(MutationRoot, billing::BillingMutation),
+        SubscriptionRoot,
+    )
+    .limit_depth(MAX_DEPTH)
+    .limit_complexity(MAX_COMPLEXITY)
+    .finish()
 }
 
 /// The schema in SDL, as checked in at `services/api/schema.graphql`.

@@ -37,8 +37,11 @@ pub struct GpuTypeView {
     /// types without MIG.
     #[schema(example = json!(["1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb"]))]
     pub mig_profiles: Vec<String>,
-    /// Prices per product (`{instance, pod, …}`). Always `null` for now: billing has not landed,
-    /// and the object's shape is fixed when it does.
+    /// Prices in effect now (`null` when the catalog does not price this type), each
+    /// `{amount_micros, currency}` per hour: `instance` and `pod` per GPU-hour, `mig` per
+    /// slice-hour by profile, `share_gib` per GiB-hour of a share's memory cap, spot discount
+    /// in basis points, `storage_gib_month` for stopped instances' disks, `endpoint` per request
+    /// and per 1000 prompt/completion tokens, and the `price_version` they come from.
     #[schema(value_type = Option<Object>)]
     pub prices: Option<async_graphql::Json<serde_json::Value>>,
     pub available: GpuAvailabilityView,
@@ -107,7 +110,12 @@ pub struct GpuTypeList {
 /// Every GPU type with its live availability. Any signed-in caller.
 pub async fn list(state: &AppState, _caller: &Caller) -> Result<GpuTypeList, ApiError> {
     let rows = state.store.gpu_catalog().await?;
-    Ok(catalog(&rows, Policy::default().share_tenants_per_gpu))
+    let mut list = catalog(&rows, Policy::default().share_tenants_per_gpu);
+    let mut prices = super::billing::current_prices(state).await?;
+    for item in &mut list.items {
+        item.prices = prices.remove(&item.id).map(async_graphql::Json);
+    }
+    Ok(list)
 }
 
 /// The catalog from the store's rows (pure; the scheduler uses `Policy::default()` too).

@@ -89,6 +89,7 @@ pub async fn create(
         .store
         .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
         .await?;
+    super::billing::ensure_in_credit(state, conn, &scope).await?;
     let mut checks = Checks::default();
     let port_ok = (1..=65535).contains(&input.port);
     if !port_ok {

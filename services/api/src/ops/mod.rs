@@ -6,6 +6,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod billing;
 pub mod catalog;
 pub mod endpoints;
 pub mod fleet;

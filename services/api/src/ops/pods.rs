@@ -95,6 +95,7 @@ pub async fn create(
         .store
         .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
         .await?;
+    super::billing::ensure_in_credit(state, conn, &scope).await?;
     let pod = validate(state, conn, &scope, input).await?;
     let record = state
         .store
@@ -853,6 +854,8 @@ pub fn view(w: &TenantWorkloadRecord) -> PodView {
         spot: w.tier == "spot",
         created_at: ts(w.created_at),
         updated_at: ts(w.updated_at),
-        cost_so_far: None,
+        cost_so_far: Some(async_graphql::Json(serde_json::json!(
+            super::billing::money(w.cost_micros)
+        ))),
     }
 }

@@ -12,7 +12,7 @@ use crate::state::AppState;
 /// The GPU catalog with live availability.
 ///
 /// Every GPU type Kiln can place, sorted by id: its marketing name and memory, its MIG
-/// profiles, prices (`null` until billing lands) and what is free of it right now — whole GPUs,
+/// profiles, the prices in effect now and what is free of it right now — whole GPUs,
 /// per MIG profile how many more instances of that profile alone would fit, time-sliced share
 /// room, and the total and unhealthy GPU counts. Lists every type present in the fleet and every
 /// MIG-capable type (A100 40GB/80GB, H100 80GB) even with none present (all zero). Computed at

@@ -38,7 +38,7 @@ pub async fn list(
 /// ready.
 #[utoipa::path(post, path = "/v1/orgs/{org}/endpoints", tag = "endpoints", request_body = CreateEndpointInput,
     params(("org" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Replays the first answer for the same key and body")),
-    responses((status = 202, body = EndpointView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    responses((status = 202, body = EndpointView), (status = 402, body = Problem, description = "The org is out of credit"), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
     security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,

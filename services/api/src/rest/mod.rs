@@ -1,6 +1,7 @@
 //! The REST surface (`/v1/…`) and its OpenAPI document.
 
 mod admin;
+mod billing;
 mod catalog;
 mod endpoints;
 pub mod extract;
@@ -89,7 +90,41 @@ pub fn router() -> Router<AppState> {
             "/v1/admin/orgs/{org}/quotas/{gpu_type}/{product}",
             delete(quotas::remove),
         )
+        .merge(billing_routes())
         .route("/openapi.json", get(openapi_json))
+}
+
+/// Balance, credits, usage, ledger, invoices; operators' prices and credit terms; the payment
+/// webhook.
+fn billing_routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/orgs/{org}/balance", get(billing::balance))
+        .route("/v1/orgs/{org}/credits", post(billing::add_credits))
+        .route("/v1/orgs/{org}/usage", get(billing::usage))
+        .route("/v1/orgs/{org}/ledger", get(billing::ledger))
+        .route("/v1/orgs/{org}/invoices", get(billing::invoices))
+        .route("/v1/orgs/{org}/invoices/{invoice}", get(billing::invoice))
+        .route(
+            "/v1/admin/prices",
+            get(billing::prices_list).post(billing::price_create),
+        )
+        .route(
+            "/v1/admin/prices/{version}",
+            get(billing::price_get).delete(billing::price_delete),
+        )
+        .route(
+            "/v1/admin/orgs/{org}/billing",
+            get(billing::settings_get).put(billing::settings_set),
+        )
+        .route(
+            "/v1/admin/orgs/{org}/promotional-credits",
+            post(billing::promo_grant),
+        )
+        .route(
+            "/v1/admin/orgs/{org}/invoices",
+            post(billing::invoice_generate),
+        )
+        .route("/v1/billing/webhook", post(billing::webhook))
 }
 
 /// Answer for unknown paths: a problem, not an empty 404.
@@ -175,6 +210,11 @@ where
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
         quotas::admin_list, quotas::set, quotas::remove,
+        billing::balance, billing::add_credits, billing::usage, billing::ledger,
+        billing::invoices, billing::invoice, billing::webhook,
+        billing::prices_list, billing::price_create, billing::price_get, billing::price_delete,
+        billing::settings_get, billing::settings_set, billing::promo_grant,
+        billing::invoice_generate,
     ),
     components(schemas(Problem, FieldError, crate::views::LogLineView)),
     modifiers(&BearerAuth),
@@ -184,6 +224,7 @@ where
         (name = "pods", description = "GPU containers: create, watch, delete"),
         (name = "endpoints", description = "Model servers behind the gateway: deploy, watch, delete"),
         (name = "catalog", description = "GPU types, their MIG profiles and live availability"),
+        (name = "billing", description = "Balance, credits, usage, the ledger and invoices; the payment webhook"),
         (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),
     )
 )]

@@ -13,7 +13,7 @@ fn tenant_routes(
     org: &str,
     member: &str,
     key: &str,
-    (pod, endpoint): &(String, String),
+    (pod, endpoint, invoice): &(String, String, String),
 ) -> Vec<(Method, String, Option<Value>)> {
     vec![
         (Method::GET, format!("/v1/orgs/{org}"), None),
@@ -76,6 +76,20 @@ fn tenant_routes(
             format!("/v1/orgs/{org}/endpoints/{endpoint}"),
             None,
         ),
+        (Method::GET, format!("/v1/orgs/{org}/balance"), None),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/credits"),
+            Some(json!({"amount_micros": 1_000_000, "currency": "USD", "reference": "stolen"})),
+        ),
+        (Method::GET, format!("/v1/orgs/{org}/usage"), None),
+        (Method::GET, format!("/v1/orgs/{org}/ledger"), None),
+        (Method::GET, format!("/v1/orgs/{org}/invoices"), None),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/invoices/{invoice}"),
+            None,
+        ),
     ]
 }
 
@@ -88,7 +102,7 @@ fn the_walk_covers_every_tenant_scoped_route() {
         "{org}",
         "{user}",
         "{key}",
-        &("{pod}".into(), "{endpoint}".into()),
+        &("{pod}".into(), "{endpoint}".into(), "{invoice}".into()),
     )
     .into_iter()
     .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
@@ -106,7 +120,7 @@ fn the_walk_covers_every_tenant_scoped_route() {
     }
 }
 
-async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String), String) {
+async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String, String), String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
     app.add_member(&victim, &victim.org_id, &member, "member")
@@ -128,9 +142,25 @@ async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String), 
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{endpoint}");
+    // An invoice of the victim's (what kiln-billing writes at month close).
+    let victim_org: kiln_domain::OrgId = victim.org_id.parse().unwrap();
+    let mut conn = app.store().pool().acquire().await.unwrap();
+    let invoice = app
+        .store()
+        .invoice_put(
+            &mut conn,
+            victim_org.as_uuid(),
+            time::macros::date!(2026 - 10 - 01),
+            "final",
+            0,
+            &[],
+        )
+        .await
+        .unwrap();
     let pod_id = (
         pod["id"].as_str().unwrap().to_owned(),
         endpoint["id"].as_str().unwrap().to_owned(),
+        kiln_domain::InvoiceId::from_uuid(invoice.id).to_string(),
     );
     let attacker = app.user("mallory").await;
     (
@@ -149,7 +179,8 @@ async fn fingerprint(app: &TestApp) -> Value {
             'keys', (SELECT json_agg(json_build_array(id, revoked_at) ORDER BY id) FROM api_keys),
             'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs),
             'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads),
-            'endpoints', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM endpoints))",
+            'endpoints', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM endpoints),
+            'postings', (SELECT count(*) FROM ledger_postings))",
     )
     .fetch_one(app.store().pool())
     .await

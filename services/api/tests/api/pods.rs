@@ -73,7 +73,11 @@ async fn a_pod_is_accepted_pending_then_scheduled_with_a_node_and_gpus(pool: PgP
     );
     assert_eq!(pod["command"], json!(["python", "-m", "server"]));
     assert_eq!(pod["spot"], false);
-    assert_eq!(pod["cost_so_far"], Value::Null);
+    assert_eq!(
+        pod["cost_so_far"],
+        json!({"amount_micros": 0, "currency": "USD"}),
+        "nothing charged before it runs"
+    );
 
     let node = fleet::registered_node(app.store(), "gpu-a", 8, false).await;
     schedule(&app).await;
