@@ -32,8 +32,7 @@ pub struct GatewayPlan {
 
 pub async fn run(
     plan: &GatewayPlan,
-    api_bin: &Path,
-    gateway_bin: &Path,
+    (api_bin, gateway_bin): (&Path, &Path),
     db_url: &str,
     redis_url: &str,
     run_id: &str,

@@ -369,7 +369,7 @@ async fn run_gateway(args: &Args) -> Result<()> {
     };
     let mut children = Vec::new();
     let outcome = tokio::select! {
-        r = gateway::run(&plan, &api, &gateway_bin, &db.url, &args.redis_url, &run_id, &mut children, figure) => r,
+        r = gateway::run(&plan, (&api, &gateway_bin), &db.url, &args.redis_url, &run_id, &mut children, figure) => r,
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
     for child in children {
