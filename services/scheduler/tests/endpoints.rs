@@ -89,6 +89,38 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
         0
     );
 
+    // Out of credit: billing stopped the org's work, and the controller does not bring it back
+    // until the mark is lifted.
+    sqlx::query("UPDATE billing_settings SET credit_exhausted_at = now() WHERE org_id = $1")
+        .bind(scope.org_id().as_uuid())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let replicas = live(&store, ep.id).await;
+    let mut tx = store.begin().await.unwrap();
+    store
+        .workload_release(
+            &mut tx,
+            WorkloadId::from_uuid(replicas[0].0),
+            "stopped",
+            "out of credit",
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let controller = EndpointController::new(store.clone());
+    assert_eq!(
+        controller.pass().await.unwrap(),
+        0,
+        "not while out of credit"
+    );
+    sqlx::query("UPDATE billing_settings SET credit_exhausted_at = NULL WHERE org_id = $1")
+        .bind(scope.org_id().as_uuid())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(controller.pass().await.unwrap(), 1);
+
     // Deleted: its replicas end and nothing replaces them.
     let mut tx = store.begin().await.unwrap();
     assert!(

@@ -112,6 +112,11 @@ pub struct ReplicaShortfall {
 const ENDPOINT_COLUMNS: &str = "id, org_id, name, state, spec, port, health_path, min_replicas, \
      max_replicas, desired_replicas, created_at, updated_at";
 
+/// Whether the endpoint `e`'s org is out of credit: kiln-billing has stopped its work, so no
+/// replica is added until a top-up lifts the mark (billing then resumes what it stopped).
+const OUT_OF_CREDIT: &str = "EXISTS (SELECT 1 FROM billing_settings b
+     WHERE b.org_id = e.org_id AND b.credit_exhausted_at IS NOT NULL)";
+
 /// Replica states that count as live (not ended).
 const LIVE: &str = "('pending', 'scheduled', 'starting', 'running', 'stopping')";
 
@@ -330,13 +335,13 @@ impl Store {
     }
 
     /// Live endpoints with fewer live replicas than they should have (a replica failed, was
-    /// lost with its node, or was deleted behind the endpoint's back).
+    /// lost with its node, or was deleted behind the endpoint's back), of orgs that can pay.
     pub async fn endpoint_replica_shortfalls(&self) -> StoreResult<Vec<ReplicaShortfall>> {
         Ok(sqlx::query_as(&format!(
             "SELECT e.id AS endpoint_id,
                     e.desired_replicas - count(w.id) FILTER (WHERE w.state IN {LIVE}) AS missing
              FROM endpoints e LEFT JOIN workloads w ON w.endpoint_id = e.id
-             WHERE e.state = 'active'
+             WHERE e.state = 'active' AND NOT {OUT_OF_CREDIT}
              GROUP BY e.id
              HAVING e.desired_replicas > count(w.id) FILTER (WHERE w.state IN {LIVE})"
         ))
@@ -349,7 +354,8 @@ impl Store {
     pub async fn endpoint_top_up(&self, id: Uuid) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
         let row: Option<EndpointRecord> = sqlx::query_as(&format!(
-            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = $1 AND state = 'active' FOR UPDATE"
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e WHERE id = $1 AND state = 'active'
+             AND NOT {OUT_OF_CREDIT} FOR UPDATE"
         ))
         .bind(id)
         .fetch_optional(&mut *tx)
