@@ -14,6 +14,9 @@ log() { echo "build-vm-image: $*" >&2; }
 
 out="${KILN_VM_IMAGE_DIR:-${TMPDIR:-/tmp}/kiln-vm-image}"
 mkdir -p "$out"
+# Concurrent callers (parallel tests) wait for one build instead of racing on the same files.
+exec 9>"$out/.lock"
+flock 9
 
 for c in apt-get apt-cache dpkg depmod cpio gzip ldd; do
   command -v "$c" >/dev/null || { log "missing $c (run scripts/ensure-packages.sh all)"; exit 1; }
@@ -45,7 +48,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-vm-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 log "downloading $kpkg $kver_pkg"
-(cd "$work" && apt-get download -qq "$kpkg" >&2)
+(cd "$work" && apt-get download -qq -o APT::Sandbox::User=root "$kpkg" >&2)
 dpkg -x "$work"/linux-image-*.deb "$work/kernel"
 kver=$(ls "$work/kernel/lib/modules" | head -n1)
 moddir="$work/kernel/lib/modules/$kver"
