@@ -11,7 +11,16 @@ case "$want" in
     need redis-server redis-server
     need curl curl
     need ip iproute2   # network namespaces for the fleet's network-cut test
-    [ -x /bin/busybox ] || pkgs+=(busybox-static)   # the agent's Docker tests' tiny image
+    [ -x /bin/busybox ] || pkgs+=(busybox-static)   # the agent's Docker tests' tiny image and the VM guest's init
+    # The VM guest image (scripts/build-vm-image.sh) and its boot test (images/vm).
+    need qemu-system-x86_64 qemu-system-x86
+    need ssh openssh-client
+    need ssh-keygen openssh-client
+    need depmod kmod
+    need cpio cpio
+    need dropbear dropbear-bin
+    need genisoimage genisoimage
+    need mke2fs e2fsprogs
     ;;&
   browser|all)
     need chromium chromium
