@@ -73,11 +73,6 @@ impl LogShipper {
         self.rx.lock().expect("not poisoned").take()
     }
 
-    /// Lines dropped because the channel was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// Tail `container` (running, for `assignment_id`) unless it is already tailed.
     pub fn follow(&self, docker: &Docker, assignment_id: &str, container: &str) {
         let since_ns = {
