@@ -19,7 +19,7 @@ pub mod node {
 
         /// The protocol version this build speaks. Bump `minor` for every additive change to
         /// `kiln.node.v1`; a breaking change is a new package, never a new major here.
-        pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
+        pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
 
         impl ProtocolVersion {
             /// Whether a peer speaking `other` can talk to one speaking `self`: the same major

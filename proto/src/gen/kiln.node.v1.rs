@@ -378,17 +378,18 @@ pub struct PodSpec {
         ::prost::alloc::string::String,
     >,
 }
-/// A virtual machine with whole GPUs passed through (IaaS). A placeholder kept small on purpose:
-/// the instances issue extends it with new field numbers (cloud-init, volumes, ...).
+/// A virtual machine with whole GPUs passed through (IaaS): QEMU on the node, a copy-on-write
+/// overlay of the catalog's base disk per instance, a NoCloud seed with the tenant's keys.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct InstanceSpec {
-    /// The boot image's name.
+    /// The boot image's catalog name.
     #[prost(string, tag = "1")]
     pub image: ::prost::alloc::string::String,
     #[prost(uint32, tag = "2")]
     pub cpu_millis: u32,
     #[prost(uint64, tag = "3")]
     pub memory_mib: u64,
+    /// The size of the instance's own disk (its overlay's virtual size), GiB.
     #[prost(uint64, tag = "4")]
     pub disk_gib: u64,
     /// The GPUs passed through, by UUID (each with its whole IOMMU group).
@@ -397,8 +398,46 @@ pub struct InstanceSpec {
     /// OpenSSH public keys for the default user.
     #[prost(string, repeated, tag = "6")]
     pub ssh_authorized_keys: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Guest ports to make reachable on the host (22 for SSH is always added by the agent).
     #[prost(message, repeated, tag = "7")]
     pub ports: ::prost::alloc::vec::Vec<PortSpec>,
+    /// The guest's hostname (the tenant's name for the instance). Added in minor 4.
+    #[prost(string, tag = "8")]
+    pub hostname: ::prost::alloc::string::String,
+    /// Whether the VM should run or be powered off with its disk kept. Added in minor 4.
+    #[prost(enumeration = "PowerState", tag = "9")]
+    pub power: i32,
+    /// Counts the reboots the tenant asked for; the agent reboots a running VM when this grows
+    /// past the count it last applied. Added in minor 4.
+    #[prost(uint64, tag = "10")]
+    pub reboot_count: u64,
+    /// The owning org, for per-org networking and labelling. Added in minor 4.
+    #[prost(string, tag = "11")]
+    pub org_id: ::prost::alloc::string::String,
+    /// Where the node finds the image's files. Added in minor 4.
+    #[prost(message, optional, tag = "12")]
+    pub image_source: ::core::option::Option<VmImage>,
+}
+/// A catalog VM image as a node reads it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct VmImage {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Files on the node: absolute paths, or paths relative to the agent's --vm-image-dir.
+    /// `kernel` and `initrd` empty: boot the disk's own boot loader.
+    #[prost(string, tag = "2")]
+    pub kernel: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub initrd: ::prost::alloc::string::String,
+    /// The base disk the instance's qcow2 overlay backs onto (qcow2 or raw); empty: a blank disk.
+    #[prost(string, tag = "4")]
+    pub disk: ::prost::alloc::string::String,
+    /// The kernel command line when `kernel` is set.
+    #[prost(string, tag = "5")]
+    pub kernel_args: ::prost::alloc::string::String,
+    /// The user the tenant logs in as over SSH.
+    #[prost(string, tag = "6")]
+    pub login_user: ::prost::alloc::string::String,
 }
 /// GPU capacity placed for a pod: one of the sharing modes the scheduler understands.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -656,6 +695,37 @@ impl RestartPolicy {
             "RESTART_POLICY_ON_FAILURE" => Some(Self::OnFailure),
             "RESTART_POLICY_ALWAYS" => Some(Self::Always),
             "RESTART_POLICY_NEVER" => Some(Self::Never),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum PowerState {
+    /// Treated as RUNNING.
+    Unspecified = 0,
+    Running = 1,
+    /// Powered off (ACPI powerdown with a timeout, then quit); the overlay is kept for a start.
+    Stopped = 2,
+}
+impl PowerState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "POWER_STATE_UNSPECIFIED",
+            Self::Running => "POWER_STATE_RUNNING",
+            Self::Stopped => "POWER_STATE_STOPPED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "POWER_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "POWER_STATE_RUNNING" => Some(Self::Running),
+            "POWER_STATE_STOPPED" => Some(Self::Stopped),
             _ => None,
         }
     }

@@ -129,5 +129,5 @@ fn same_major_versions_are_compatible_whatever_the_minor() {
     assert!(PROTOCOL_VERSION.is_compatible_with(&newer));
     assert!(newer.is_compatible_with(&PROTOCOL_VERSION));
     assert!(!PROTOCOL_VERSION.is_compatible_with(&next_major));
-    assert_eq!(PROTOCOL_VERSION.to_string(), "1.3");
+    assert_eq!(PROTOCOL_VERSION.to_string(), "1.4");
 }
