@@ -704,6 +704,10 @@ pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
             gpu_uuids,
             ssh_authorized_keys: strings("ssh_public_keys"),
             ports,
+            hostname: w.name.clone(),
+            org_id: kiln_domain::OrgId::from_uuid(w.org_id).to_string(),
+            // The instances issue fills the power state, reboots and the image's files in.
+            ..Default::default()
         })
     } else {
         let gpus = match &p.gpus {
