@@ -21,9 +21,11 @@
 //! charge for `[x, y)` is `F(y) - F(x)`. Charges therefore telescope: however an interval is cut —
 //! at price versions, month boundaries, or by rating every minute — the sum of its charges is
 //! exactly `floor(N(end) / D)`, the charge for the whole interval, never more than the exact
-//! amount and less by under one micro-unit per interval. Usage events are rated per event,
-//! each component (requests, prompt tokens, completion tokens) rounded down to a micro.
+//! amount and less by under one micro-unit per interval. Endpoint calls are rated in aggregates
+//! ([`calls`]): each component (requests, prompt tokens, completion tokens) of an aggregate is
+//! rounded down to a micro once.
 
+pub mod calls;
 pub mod invoice;
 pub mod ledger;
 pub mod limits;
@@ -33,6 +35,7 @@ pub mod price;
 pub mod rate;
 pub mod time;
 
+pub use calls::{MeteredCall, RatedCalls, is_billable, rate_calls};
 pub use invoice::{Invoice, InvoiceLine, invoice, ledger_charged_in_month};
 pub use ledger::{
     Account, Ledger, LedgerError, OrgFunds, Posted, Posting, PostingError, fold_balances, post,

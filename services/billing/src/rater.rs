@@ -12,13 +12,16 @@
 //! Workloads the core cannot rate (no price for their GPU type) keep their cursor: they are
 //! rated, from where they were, once the catalog prices them. Never silently free.
 //!
-//! Endpoint calls (the gateway's `usage_events`) are not rated yet: `kiln_billing_core::
-//! rate_usage` is ready for them.
+//! Endpoint calls (the gateway's `usage_events`) are rated in the same pass ([`Rater::calls`]):
+//! unrated calls are claimed `SKIP LOCKED`, grouped by the core into aggregates
+//! ([`kiln_billing_core::rate_calls`]: one org, endpoint, GPU type, price version and month
+//! each), the aggregates' charges posted and every call marked with the key of the aggregate
+//! that charged it, in one transaction. A call is charged once however many raters run.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use kiln_billing_core::{Charge, PriceBook, rate_until};
+use kiln_billing_core::{Charge, MeteredCall, PriceBook, rate_calls, rate_until};
 use kiln_store::Store;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -36,6 +39,10 @@ pub struct RatingReport {
     pub postings: usize,
     /// Workloads that could not be rated (unpriced or malformed); their cursors stay.
     pub unrated: usize,
+    /// Endpoint calls rated (charged, or free for a server error).
+    pub calls: usize,
+    /// Endpoint calls that could not be rated yet (their endpoint's GPU type is not priced).
+    pub calls_unrated: usize,
     /// Orgs that were charged (their credit needs a look).
     pub charged_orgs: BTreeSet<Uuid>,
 }
@@ -45,7 +52,7 @@ pub struct Rater {
     store: Store,
     /// How far behind now rating stops, so state changes still committing are seen.
     pub settle: Duration,
-    /// Cursors per transaction.
+    /// Cursors (and endpoint calls) per transaction.
     pub batch: i64,
 }
 
@@ -72,6 +79,7 @@ impl Rater {
                 break;
             }
         }
+        self.calls(&book, until, &mut report).await?;
         metrics::counter!("kiln_billing_postings_total").increment(report.postings as u64);
         Ok(report)
     }
@@ -136,6 +144,75 @@ impl Rater {
         tx.commit().await.map_err(kiln_store::StoreError::from)?;
         report.workloads += rated.len();
         Ok(work.len())
+    }
+}
+
+impl Rater {
+    /// Rate every unrated endpoint call that happened before `until`, a batch per transaction.
+    pub async fn calls(
+        &self,
+        book: &PriceBook,
+        until: OffsetDateTime,
+        report: &mut RatingReport,
+    ) -> Result<(), BillingError> {
+        // Endpoints whose calls cannot be rated yet: left for a later pass, not re-claimed now.
+        let mut skip: Vec<Uuid> = Vec::new();
+        loop {
+            let mut tx = self.store.begin().await?;
+            let claimed = self
+                .store
+                .usage_calls_claim(&mut tx, until, self.batch, &skip)
+                .await?;
+            if claimed.is_empty() {
+                return Ok(());
+            }
+            let calls: Vec<MeteredCall> = claimed
+                .iter()
+                .map(|c| MeteredCall {
+                    id: c.id,
+                    org: c.org_id,
+                    endpoint: c.endpoint_id,
+                    gpu_type: c.gpu_type.clone(),
+                    at: ts(c.occurred_at),
+                    status: u16::try_from(c.status).unwrap_or(u16::MAX),
+                    prompt_tokens: c.prompt_tokens.unwrap_or(0),
+                    completion_tokens: c.completion_tokens.unwrap_or(0),
+                })
+                .collect();
+            let rated = rate_calls(&calls, book);
+            if !rated.unrated.is_empty() {
+                let endpoints: BTreeSet<Uuid> = rated
+                    .unrated
+                    .iter()
+                    .filter_map(|(id, _)| calls.iter().find(|c| c.id == *id))
+                    .map(|c| c.endpoint)
+                    .collect();
+                for (id, e) in rated.unrated.iter().take(1) {
+                    tracing::warn!(call = %id, error = %e, unrated = rated.unrated.len(),
+                        "cannot rate these endpoint calls yet; they will be rated once they can be");
+                }
+                metrics::counter!("kiln_billing_calls_unrated_total")
+                    .increment(rated.unrated.len() as u64);
+                report.calls_unrated += rated.unrated.len();
+                skip.extend(endpoints);
+            }
+            let charges: Vec<(Charge, Option<&str>)> = rated
+                .charges
+                .into_iter()
+                .map(|c| (c, Some("endpoint")))
+                .collect();
+            report
+                .charged_orgs
+                .extend(charges.iter().map(|(c, _)| c.org));
+            report.postings += post_charges(&self.store, &mut tx, &charges).await?;
+            self.store.usage_calls_rated(&mut tx, &rated.rated).await?;
+            tx.commit().await.map_err(kiln_store::StoreError::from)?;
+            report.calls += rated.rated.len();
+            metrics::counter!("kiln_billing_calls_rated_total").increment(rated.rated.len() as u64);
+            if claimed.len() < self.batch as usize {
+                return Ok(());
+            }
+        }
     }
 }
 

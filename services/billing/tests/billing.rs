@@ -613,3 +613,141 @@ async fn a_stopped_instance_pays_for_its_disk_not_its_gpus(pool: PgPool) {
         ]
     );
 }
+
+/// An endpoint on `gpu_type` (or CPU-only) of `org`, as the API stores it.
+async fn endpoint(pool: &PgPool, org: Uuid, gpu_type: Option<&str>) -> Uuid {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO endpoints (id, org_id, name, spec, port, min_replicas, max_replicas,
+             desired_replicas)
+         VALUES ($1, $2, $3, $4, 8000, 0, 1, 0)",
+    )
+    .bind(id)
+    .bind(org)
+    .bind(format!("ep-{}", id.simple()))
+    .bind(serde_json::json!({ "replica": { "gpu_type": gpu_type } }))
+    .execute(pool)
+    .await
+    .unwrap();
+    id
+}
+
+/// `n` calls of `endpoint` as the gateway's ingester stores them, each with `status` and tokens.
+async fn calls(
+    pool: &PgPool,
+    org: Uuid,
+    endpoint: Uuid,
+    n: usize,
+    status: i32,
+    tokens: (i64, i64),
+    at: OffsetDateTime,
+) -> Vec<Uuid> {
+    let rows: Vec<kiln_store::UsageEventRow> = (0..n)
+        .map(|i| kiln_store::UsageEventRow {
+            id: Uuid::now_v7(),
+            endpoint_id: endpoint,
+            org_id: org,
+            api_key_id: None,
+            replica_id: None,
+            status,
+            duration_ms: 5,
+            request_bytes: 10,
+            response_bytes: 100,
+            prompt_tokens: Some(tokens.0),
+            completion_tokens: Some(tokens.1),
+            occurred_at: at + time::Duration::milliseconds(i as i64),
+        })
+        .collect();
+    Store::new(pool.clone())
+        .usage_events_insert(&rows)
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.id).collect()
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn endpoint_calls_are_charged_per_request_and_token_exactly_once(pool: PgPool) {
+    // Default catalog, H100: 100 µ$ a request, 200 µ$ per 1k prompt, 600 µ$ per 1k completion.
+    let org = org(&pool).await;
+    let ep = endpoint(&pool, org, Some("h100-80gb")).await;
+    let start = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    // Token counts whose per-call price is a whole micro, so the total does not depend on how
+    // the two racing raters split the batch into aggregates (each aggregate rounds down).
+    let ok = calls(&pool, org, ep, 25, 200, (10, 50), start).await;
+    let failed = calls(&pool, org, ep, 4, 502, (0, 0), start).await;
+    let (a, b) = (rater(&pool), rater(&pool));
+    let now = OffsetDateTime::now_utc();
+    let (ra, rb) = tokio::join!(a.pass(now), b.pass(now));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(
+        ra.calls + rb.calls,
+        29,
+        "every call rated once between the two raters"
+    );
+    let expected = 25 * 100 + 25 * (10 * 200 / 1000) + 25 * (50 * 600 / 1000);
+    assert_eq!(
+        balance(&pool, &format!("org:{org}:balance")).await,
+        -expected
+    );
+    assert_eq!(balance(&pool, "revenue:inference").await, expected);
+    // Each charged call names the posting that charged it; a 5xx is rated free.
+    let keys: Vec<(Uuid, Option<String>)> =
+        sqlx::query_as("SELECT id, charge_key FROM usage_events ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (id, key) in &keys {
+        if failed.contains(id) {
+            assert_eq!(key, &None, "a server error is not charged");
+        } else {
+            assert!(ok.contains(id));
+            let key = key.as_deref().expect("a charged call names its aggregate");
+            let (postings,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM ledger_postings WHERE idempotency_key LIKE $1 || ':%'",
+            )
+            .bind(key)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            assert!(postings >= 1, "{key} has its postings");
+        }
+    }
+    // More passes charge nothing more; a late call is charged on its own.
+    let again = a.pass(OffsetDateTime::now_utc()).await.unwrap();
+    assert_eq!((again.calls, again.postings), (0, 0));
+    calls(&pool, org, ep, 1, 200, (0, 0), start).await;
+    a.pass(OffsetDateTime::now_utc()).await.unwrap();
+    assert_eq!(
+        balance(&pool, &format!("org:{org}:balance")).await,
+        -(expected + 100)
+    );
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn calls_of_an_unpriced_endpoint_wait_and_are_never_free(pool: PgPool) {
+    let org = org(&pool).await;
+    let cpu = endpoint(&pool, org, None).await;
+    let gpu = endpoint(&pool, org, Some("a100-80gb")).await;
+    let start = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let waiting = calls(&pool, org, cpu, 3, 200, (1, 1), start).await;
+    calls(&pool, org, gpu, 2, 200, (0, 0), start).await;
+    let r = rater(&pool).pass(OffsetDateTime::now_utc()).await.unwrap();
+    assert_eq!((r.calls, r.calls_unrated), (2, 3));
+    // A100 80GB: 80 µ$ a request; the CPU endpoint's calls are still unrated, not free.
+    assert_eq!(balance(&pool, "revenue:inference").await, 160);
+    let (unrated,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM usage_events WHERE rated_at IS NULL AND id = ANY($1)")
+            .bind(&waiting)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unrated, 3);
+    assert_eq!(
+        Store::new(pool.clone())
+            .usage_calls_unrated()
+            .await
+            .unwrap()
+            .0,
+        3
+    );
+}

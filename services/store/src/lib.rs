@@ -57,7 +57,7 @@ pub use scheduling::{
     SchedFleet, SchedGpu, SchedNode, WorkloadRecord,
 };
 pub use scope::{AuthzError, OrgScope, Principal};
-pub use usage::UsageEventRow;
+pub use usage::{CallToRate, UsageEventRow};
 pub use users::{Me, MembershipView, RefreshOutcome, UserRecord};
 pub use wakers::Wakers;
 pub use workloads::TenantWorkloadRecord;

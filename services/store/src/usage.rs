@@ -60,3 +60,74 @@ impl Store {
         Ok(done.rows_affected())
     }
 }
+
+/// An unrated call, with what rating it needs: its endpoint's GPU type.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CallToRate {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub endpoint_id: Uuid,
+    pub gpu_type: Option<String>,
+    pub status: i32,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub occurred_at: OffsetDateTime,
+}
+
+impl Store {
+    /// Lock up to `limit` unrated calls that happened before `before`, oldest first, skipping
+    /// the ones another rater holds and those of `skip` endpoints (ones that cannot be rated
+    /// yet). The lock lasts until the caller's transaction ends.
+    pub async fn usage_calls_claim(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        before: OffsetDateTime,
+        limit: i64,
+        skip: &[Uuid],
+    ) -> StoreResult<Vec<CallToRate>> {
+        Ok(sqlx::query_as(
+            "SELECT u.id, u.org_id, u.endpoint_id, e.spec -> 'replica' ->> 'gpu_type' AS gpu_type,
+                    u.status, u.prompt_tokens, u.completion_tokens, u.occurred_at
+             FROM usage_events u JOIN endpoints e ON e.id = u.endpoint_id
+             WHERE u.rated_at IS NULL AND u.occurred_at < $1 AND NOT (u.endpoint_id = ANY($3))
+             ORDER BY u.occurred_at, u.id
+             LIMIT $2
+             FOR UPDATE OF u SKIP LOCKED",
+        )
+        .bind(before)
+        .bind(limit)
+        .bind(skip)
+        .fetch_all(&mut *conn)
+        .await?)
+    }
+
+    /// Mark calls rated, each with the key of the aggregate that charged it (`None`: free).
+    pub async fn usage_calls_rated(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        rated: &[(Uuid, Option<String>)],
+    ) -> StoreResult<u64> {
+        if rated.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "UPDATE usage_events u SET rated_at = now(), charge_key = r.key
+             FROM unnest($1::uuid[], $2::text[]) AS r(id, key)
+             WHERE u.id = r.id AND u.rated_at IS NULL",
+        )
+        .bind(rated.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+        .bind(rated.iter().map(|(_, k)| k.clone()).collect::<Vec<_>>())
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// How many calls wait to be rated, and the oldest one's time (the rating lag's source).
+    pub async fn usage_calls_unrated(&self) -> StoreResult<(i64, Option<OffsetDateTime>)> {
+        Ok(sqlx::query_as(
+            "SELECT count(*), min(occurred_at) FROM usage_events WHERE rated_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}
