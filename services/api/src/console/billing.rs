@@ -48,6 +48,8 @@ struct BillingPage {
     credit_limit: String,
     spent: String,
     budget: Option<String>,
+    /// This month's highest budget alert (percent of the budget spent), if one was raised.
+    budget_alert: Option<i32>,
     burn: String,
     out_of_credit: bool,
     since: Option<String>,
@@ -103,6 +105,7 @@ pub(super) async fn page(ctx: Ctx, Path(org): Path<String>) -> Response {
                 credit_limit: usd(b.credit_limit.amount_micros),
                 spent: usd(b.spent_this_month.amount_micros),
                 budget: b.monthly_budget.map(|m| usd(m.amount_micros)),
+                budget_alert: b.budget_alert_percent,
                 burn: usd(b.burn_rate_per_hour.amount_micros),
                 out_of_credit: b.out_of_credit,
                 since: b.out_of_credit_since.as_deref().map(when),

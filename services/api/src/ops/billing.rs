@@ -75,6 +75,9 @@ pub struct BalanceView {
     pub spent_this_month: MoneyView,
     /// The monthly budget alerts are raised against (50/80/100 %), if set.
     pub monthly_budget: Option<MoneyView>,
+    /// The highest budget alert raised this month (50, 80 or 100: percent of the budget
+    /// spent), if any. Each is also in the audit log as `billing.budget_alert`.
+    pub budget_alert_percent: Option<i32>,
     /// Charges accrued in the last hour: what running work costs per hour now.
     pub burn_rate_per_hour: MoneyView,
     /// New work is refused (402) because credit ran out.
@@ -537,8 +540,16 @@ pub async fn ensure_in_credit(
 // ---------------------------------------------------------------------------------------------
 // Tenant reads
 
-fn balance_view(f: &FundsRecord, spent: i64, burn: i64) -> BalanceView {
+fn balance_view(f: &FundsRecord, spent: i64, burn: i64, now: OffsetDateTime) -> BalanceView {
     let available = f.paid_micros + f.promo_micros + f.credit_limit_micros;
+    // An alert of an earlier month is history (the audit log keeps it), not this month's state.
+    let this_month = kiln_billing::convert::odt(Month::of(kiln_billing::convert::ts(now)).start());
+    let budget_alert_percent = match (f.budget_alert_month, f.budget_alert_percent) {
+        (Some(m), Some(p)) if m == this_month.date() && f.monthly_budget_micros.is_some() => {
+            Some(p)
+        }
+        _ => None,
+    };
     BalanceView {
         balance: money(f.paid_micros),
         credit_limit: money(f.credit_limit_micros),
@@ -546,6 +557,7 @@ fn balance_view(f: &FundsRecord, spent: i64, burn: i64) -> BalanceView {
         available: money(available),
         spent_this_month: money(spent),
         monthly_budget: f.monthly_budget_micros.map(money),
+        budget_alert_percent,
         burn_rate_per_hour: money(burn),
         out_of_credit: available <= 0,
         out_of_credit_since: f.credit_exhausted_at.map(ts),
@@ -590,7 +602,7 @@ pub async fn balance(
         .await?
         .first()
         .map_or(0, |(_, s)| *s);
-    Ok(balance_view(&f, spent, burn))
+    Ok(balance_view(&f, spent, burn, now))
 }
 
 /// The org's ledger postings, newest first.

@@ -566,3 +566,73 @@ async fn the_console_billing_page_shows_balance_usage_and_invoices(pool: PgPool)
         .unwrap();
     assert_eq!(theirs.status(), StatusCode::NOT_FOUND);
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn budget_alerts_show_in_the_balance_and_on_the_console_billing_page(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let op = operator(&app).await;
+    let u = app.user("ada").await;
+    let org = u.org_id.clone();
+    credit(&app, &op, &org, 10_000_000, "first").await;
+    // A 1 USD monthly budget; an H100 pod costs 2.99 USD an hour.
+    let (status, body) = app
+        .call(
+            Method::PUT,
+            &format!("/v1/admin/orgs/{org}/billing"),
+            Some(&op),
+            Some(json!({"credit_limit_micros": 0, "monthly_budget_micros": 1_000_000})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(balance(&app, &u).await["budget_alert_percent"], Value::Null);
+    running_pod(&app, &u, "trainer").await;
+    let cookies = format!(
+        "kiln_access={}; kiln_refresh={}",
+        u.access_token, u.refresh_token
+    );
+    let console = |cookies: String| {
+        let (client, url) = (
+            app.client.clone(),
+            format!("{}/orgs/{org}/billing", app.url),
+        );
+        async move {
+            let page = client
+                .get(url)
+                .header("cookie", cookies)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(page.status(), StatusCode::OK);
+            page.text().await.unwrap()
+        }
+    };
+    assert!(
+        !console(cookies.clone())
+            .await
+            .contains("id=\"budget-alert\"")
+    );
+
+    // Fifteen minutes in: 0.75 USD, past half the budget.
+    let now = OffsetDateTime::now_utc();
+    bill(&app, now + time::Duration::minutes(15)).await;
+    assert_eq!(balance(&app, &u).await["budget_alert_percent"], 50);
+    let html = console(cookies.clone()).await;
+    assert!(html.contains("id=\"budget-alert\""), "{html}");
+    assert!(html.contains("passed 50% of the monthly budget"), "{html}");
+
+    // Twenty-five minutes in: 1.25 USD, over it. Work keeps running (a budget only alerts).
+    let report = bill(&app, now + time::Duration::minutes(25)).await;
+    assert!(report.enforcement.stopped.is_empty());
+    let b = balance(&app, &u).await;
+    assert_eq!(b["budget_alert_percent"], 100, "{b}");
+    assert_eq!(b["out_of_credit"], false, "{b}");
+    let html = console(cookies).await;
+    assert!(html.contains("reached the monthly budget"), "{html}");
+
+    // Another org sees none of it.
+    let eve = app.user("eve").await;
+    assert_eq!(
+        balance(&app, &eve).await["budget_alert_percent"],
+        Value::Null
+    );
+}
