@@ -751,3 +751,70 @@ async fn calls_of_an_unpriced_endpoint_wait_and_are_never_free(pool: PgPool) {
         3
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_instance_out_of_credit_is_stopped_with_its_disk_kept_and_resumes(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let org = org(&pool).await;
+    sqlx::query("UPDATE billing_settings SET credit_limit_micros = 1000000 WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let start = t0();
+    let vm = running_pod(&pool, org, 8, start).await;
+    sqlx::query("UPDATE workloads SET kind = 'instance', gpu_mode = 'passthrough', disk_gib = 500 WHERE id = $1")
+        .bind(vm)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let enforcer = Enforcer::new(store.clone(), Duration::ZERO);
+    // 200 s of 8 H100 instance GPUs is well past 1 USD: stopped at once (no grace here).
+    let report = rater(&pool).pass(start + secs(200)).await.unwrap();
+    let e = enforcer
+        .pass(&report.charged_orgs, start + secs(200))
+        .await
+        .unwrap();
+    assert_eq!(e.stopped, vec![vm]);
+    let (state, kind, disk): (String, String, Option<i64>) =
+        sqlx::query_as("SELECT state, kind, disk_gib FROM workloads WHERE id = $1")
+            .bind(vm)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    // Stopped, not terminated: the instance and its disk are still there (only its GPUs go).
+    assert_eq!(
+        (state.as_str(), kind.as_str(), disk),
+        ("stopped", "instance", Some(500))
+    );
+
+    let mut tx = store.begin().await.unwrap();
+    ledger::top_up(
+        &store,
+        &mut tx,
+        org,
+        Money::from_micros(50_000_000),
+        "wire-vm",
+        "bank transfer",
+        start + secs(300),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let e = enforcer
+        .pass(&Default::default(), start + secs(301))
+        .await
+        .unwrap();
+    assert_eq!(e.resumed, vec![vm]);
+    let (state, disk): (String, Option<i64>) =
+        sqlx::query_as("SELECT state, disk_gib FROM workloads WHERE id = $1")
+            .bind(vm)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), disk),
+        ("pending", Some(500)),
+        "the same instance, queued again"
+    );
+}
