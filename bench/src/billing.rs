@@ -4,6 +4,9 @@
 //! * `billing.postings_per_s` — charges posted through [`kiln_billing::ledger::post_charges`]
 //!   (org locks, promotional credit read, the core's split, bulk insert, the balance check at
 //!   commit), 1,000 per transaction over 1,000 orgs: postings per second.
+//! * `billing.calls_rated_per_s` — endpoint calls (the gateway's `usage_events`, 100 H100
+//!   endpoints) rated by one pass of the rater: claimed, aggregated, charged and marked, 1,000
+//!   per transaction: calls per second.
 //! * `billing.rating.pass_s` — one rating pass over N running workloads (every one has a
 //!   new window to rate): seconds.
 //! * `billing.rating.lag_s` — with N workloads running and the rater ticking every
@@ -25,6 +28,7 @@ use uuid::Uuid;
 
 pub struct BillingPlan {
     pub postings: u32,
+    pub calls: u32,
     pub workloads: u32,
     pub lag_secs: u64,
     pub tick_ms: u64,
@@ -91,6 +95,48 @@ pub async fn run(
         "billing.postings_per_s",
         format!("{:.0}", posted as f64 / secs),
         "postings/s",
+    );
+
+    // Endpoint calls, before any workload runs (so the pass rates calls only).
+    let endpoints: Vec<(Uuid,)> = sqlx::query_as(
+        "INSERT INTO endpoints (id, org_id, name, spec, port, min_replicas, max_replicas,
+             desired_replicas)
+         SELECT gen_random_uuid(), ($1::uuid[])[i], 'bench-' || i,
+             '{\"replica\": {\"gpu_type\": \"h100-80gb\"}}'::jsonb, 8000, 0, 1, 0
+         FROM generate_series(1, 100) AS i RETURNING id",
+    )
+    .bind(&payers)
+    .fetch_all(&pool)
+    .await?;
+    let endpoints: Vec<Uuid> = endpoints.into_iter().map(|(e,)| e).collect();
+    sqlx::query(
+        "INSERT INTO usage_events (id, endpoint_id, org_id, status, duration_ms, request_bytes,
+             response_bytes, prompt_tokens, completion_tokens, occurred_at)
+         SELECT gen_random_uuid(), e.id, e.org_id, CASE WHEN i % 50 = 0 THEN 502 ELSE 200 END,
+             40, 200, 2000, 10 + i % 90, 50 + i % 400, now() - interval '1 minute'
+         FROM generate_series(1, $2) AS i
+         JOIN endpoints e ON e.id = ($1::uuid[])[1 + i % 100]",
+    )
+    .bind(&endpoints)
+    .bind(plan.calls as i32)
+    .execute(&pool)
+    .await?;
+    eprintln!("kiln-bench: rating {} endpoint calls", plan.calls);
+    let started = Instant::now();
+    let report = Rater::new(store.clone(), Duration::ZERO)
+        .pass(OffsetDateTime::now_utc())
+        .await?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        report.calls as u32 == plan.calls,
+        "rated {} of {} calls",
+        report.calls,
+        plan.calls
+    );
+    figure(
+        "billing.calls_rated_per_s",
+        format!("{:.0}", report.calls as f64 / secs),
+        "calls/s",
     );
 
     // Rating: N running workloads, one org each 10.

@@ -181,6 +181,10 @@ pub struct Args {
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1_000..=10_000_000))]
     billing_postings: u32,
 
+    /// Endpoint calls (usage events) rated for `billing.calls_rated_per_s`.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
+    billing_calls: u32,
+
     /// Running workloads rated for `billing.rating.*`.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
     billing_workloads: u32,
@@ -343,6 +347,7 @@ async fn run_billing(args: &Args) -> Result<()> {
     let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
     let plan = billing::BillingPlan {
         postings: args.billing_postings,
+        calls: args.billing_calls,
         workloads: args.billing_workloads,
         lag_secs: args.billing_lag_secs,
         tick_ms: args.billing_tick_ms,
