@@ -12,7 +12,7 @@ use kiln_billing::BillingConfig;
 use kiln_domain::Email;
 use kiln_testkit::TestApp;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 

@@ -4,7 +4,10 @@
 //!
 //! An invoice for a month that has not closed yet (on demand) is a `draft` and is rewritten
 //! when asked again; at month close (`close_delay` after the month ends, so the last charges
-//! are rated) kiln-billing writes every org's `final` invoice, which never changes.
+//! are rated) kiln-billing writes every org's `final` invoice, which never changes. Before the
+//! first, the month is marked closing (`billing_month_closing`, ordered against charge postings
+//! by an advisory lock): a charge for it rated after that is posted onto the next open month
+//! (`ledger::post_charges`), so every charge is on exactly one invoice.
 
 use std::collections::BTreeMap;
 
@@ -80,6 +83,9 @@ pub async fn on_demand(
     close_delay: std::time::Duration,
 ) -> Result<InvoiceRecord, BillingError> {
     let status = if closed(month, now, close_delay) {
+        // A final invoice never changes: charges for the month rated from now on go on the
+        // next open month's.
+        store.month_closing_mark(month_date(month)).await?;
         "final"
     } else {
         "draft"

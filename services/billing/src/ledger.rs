@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::BillingError;
-use crate::convert::{charge_posting, entries, odt, ts};
+use crate::convert::{charge_posting, entries, month_of_date, odt, ts};
 
 /// Post `charges` (each with its workload's kind) in `conn`'s transaction: lock their orgs,
 /// read their usable promotional credit, and let the core split each charge. Charges already
@@ -35,6 +35,12 @@ pub async fn post_charges(
         .into_iter()
         .collect();
     store.billing_orgs_lock(conn, &orgs).await?;
+    // Charges for a month whose final invoices are written (rated late: a rater down longer
+    // than the close delay, a workload priced only later) go on the next open month's invoice.
+    let open_from = store
+        .month_latest_closing(conn)
+        .await?
+        .map(|m| odt(month_of_date(m).end()));
     let earliest = charges
         .iter()
         .map(|(c, _)| c.start)
@@ -60,7 +66,20 @@ pub async fn post_charges(
             .filter(|(_, left, expires)| left.micros > 0 && ts(*expires) > charge.start)
             .map(|(a, left, _)| (a.clone(), *left))
             .collect();
-        let posting = charge_posting(charge, *kind, &usable)?;
+        let mut posting = charge_posting(charge, *kind, &usable)?;
+        if let Some(open_from) = open_from
+            && posting.at < open_from
+        {
+            posting.description = format!(
+                "{} (accrued from {}, after that month's invoice)",
+                posting.description,
+                posting
+                    .at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default()
+            );
+            posting.at = open_from;
+        }
         for entry in &posting.entries {
             if let Some((_, left, _)) = org_promos
                 .iter_mut()

@@ -92,6 +92,7 @@ pub async fn tick(
     if invoices::closed(month, now, config.invoice_close_delay())
         && !store.month_closed(convert::month_date(month)).await?
     {
+        store.month_closing_mark(convert::month_date(month)).await?;
         invoices_closed = invoices::close_month(store, month, 500).await?;
         store
             .month_close_record(convert::month_date(month), invoices_closed as i64)

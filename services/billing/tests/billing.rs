@@ -818,3 +818,57 @@ async fn an_instance_out_of_credit_is_stopped_with_its_disk_kept_and_resumes(poo
         "the same instance, queued again"
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_charge_rated_after_its_months_final_invoice_goes_on_the_next_one(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let org = org(&pool).await;
+    let now = OffsetDateTime::now_utc();
+    let last = invoices::previous_month(now);
+    let end = odt(last.end());
+    // An H100 pod ran the last two hours of last month but half an hour of it: 22:00–23:30.
+    let pod = running_pod(&pool, org, 1, end - time::Duration::hours(2)).await;
+    set_state(&pool, pod, "stopped", end - time::Duration::minutes(30)).await;
+    let r = rater(&pool);
+    // Rating reached only 23:00 when the month closed (the rater was down, say).
+    r.pass(end - time::Duration::hours(1)).await.unwrap();
+    store
+        .month_closing_mark(kiln_billing::convert::month_date(last))
+        .await
+        .unwrap();
+    assert_eq!(invoices::close_month(&store, last, 10).await.unwrap(), 1);
+    // The rest is rated late: onto this month's invoice, the closed one untouched.
+    r.pass(now).await.unwrap();
+    let closed = invoices::on_demand(&store, org, last, now, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        (closed.status.as_str(), closed.total_micros),
+        ("final", H100_POD_HOUR)
+    );
+    let this = Month::of(ts(now));
+    let open = invoices::on_demand(&store, org, this, now, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        (open.status.as_str(), open.total_micros),
+        ("draft", H100_POD_HOUR / 2)
+    );
+    // Every charge on exactly one invoice: the two add up to the ledger.
+    let mut conn = pool.acquire().await.unwrap();
+    let charged = store
+        .ledger_org_charged(&mut conn, org, odt(last.start()), odt(this.end()))
+        .await
+        .unwrap();
+    assert_eq!(closed.total_micros + open.total_micros, charged);
+    assert_eq!(charged, H100_POD_HOUR * 3 / 2);
+    let (late,): (String,) = sqlx::query_as(
+        "SELECT description FROM ledger_postings WHERE workload_id = $1 AND at = $2",
+    )
+    .bind(pod)
+    .bind(odt(this.start()))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(late.contains("after that month's invoice"), "{late}");
+}

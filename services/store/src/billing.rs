@@ -1098,6 +1098,44 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// The advisory lock that orders posting charges (shared) against a month starting to
+    /// close (exclusive).
+    const MONTH_CLOSE_LOCK: i64 = 0x6b69_6c6e_6269_6c6c; // "kilnbill"
+
+    /// Mark `month` as closing, once every charge-posting transaction in flight has committed
+    /// (they hold the shared lock): from this commit on, new charges for it or any earlier
+    /// month go onto the next open month's invoice.
+    pub async fn month_closing_mark(&self, month: Date) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(Self::MONTH_CLOSE_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO billing_month_closing (month) VALUES ($1) ON CONFLICT (month) DO NOTHING",
+        )
+        .bind(month)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The latest month whose final invoices are being or have been written, read under the
+    /// shared lock held to the end of `conn`'s transaction (so that month cannot start closing
+    /// before the charges this transaction posts are committed).
+    pub async fn month_latest_closing(&self, conn: &mut PgConnection) -> StoreResult<Option<Date>> {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(Self::MONTH_CLOSE_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        let (month,): (Option<Date>,) =
+            sqlx::query_as("SELECT max(month) FROM billing_month_closing")
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok(month)
+    }
+
     /// Record that `month` is closed with `invoices` written.
     pub async fn month_close_record(&self, month: Date, invoices: i64) -> StoreResult<()> {
         sqlx::query(
