@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 mod common;
 
-use common::{ControlPlane, containers_of, demo_image, start_agent, until};
+use common::{ControlPlane, containers_of, demo_image, start_agent, start_gateway, until};
 
 async fn bill(app: &TestApp, at: OffsetDateTime) -> kiln_billing::TickReport {
     kiln_billing::tick(app.store(), &BillingConfig::for_tests(String::new()), at)
@@ -32,28 +32,7 @@ async fn an_org_out_of_credit_is_stopped_refused_and_resumed_by_a_top_up(pool: P
     let app = TestApp::spawn(pool).await;
     let store = app.store().clone();
     let control = ControlPlane::start(&app).await;
-    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = format!("http://{}", gw_listener.local_addr().unwrap());
-    let namespace = app.config().redis_namespace.clone();
-    let meter = kiln_gateway::metering::Meter::connect(&kiln_testkit::redis_url(), &namespace)
-        .await
-        .unwrap();
-    let ingester = kiln_gateway::metering::Ingester::new(
-        store.clone(),
-        &kiln_testkit::redis_url(),
-        &namespace,
-    )
-    .unwrap();
-    tokio::spawn(ingester.run());
-    let gw_store = store.clone();
-    tokio::spawn(async move {
-        axum::serve(
-            gw_listener,
-            kiln_gateway::app(kiln_gateway::GatewayState::new(gw_store).with_meter(meter)),
-        )
-        .await
-        .unwrap();
-    });
+    let gateway = start_gateway(&app).await;
     let dir = tempfile::tempdir().unwrap();
     let hostname = format!("bill-e2e-{}", std::process::id());
     let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 
 mod common;
 
-use common::{ControlPlane, containers_of, demo_image, start_agent, until};
+use common::{ControlPlane, containers_of, demo_image, start_agent, start_gateway, until};
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgPool) {
@@ -23,28 +23,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
     let app = TestApp::spawn(pool).await;
     let store = app.store().clone();
     let control = ControlPlane::start(&app).await;
-    let gw_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = format!("http://{}", gw_listener.local_addr().unwrap());
-    let namespace = app.config().redis_namespace.clone();
-    let meter = kiln_gateway::metering::Meter::connect(&kiln_testkit::redis_url(), &namespace)
-        .await
-        .unwrap();
-    let ingester = kiln_gateway::metering::Ingester::new(
-        store.clone(),
-        &kiln_testkit::redis_url(),
-        &namespace,
-    )
-    .unwrap();
-    tokio::spawn(ingester.run());
-    tokio::spawn(async move {
-        axum::serve(
-            gw_listener,
-            kiln_gateway::app(kiln_gateway::GatewayState::new(store.clone()).with_meter(meter)),
-        )
-        .await
-        .unwrap();
-    });
-    let store = app.store().clone();
+    let gateway = start_gateway(&app).await;
     let dir = tempfile::tempdir().unwrap();
     let hostname = format!("ep-e2e-{}", std::process::id());
     let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;

@@ -117,6 +117,29 @@ impl ControlPlane {
     }
 }
 
+/// A `kiln-gateway` in process beside `app` (its store and Redis namespace), metering into
+/// Redis with its ingester running: the base URL callers use.
+pub async fn start_gateway(app: &kiln_testkit::TestApp) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let namespace = app.config().redis_namespace.clone();
+    let meter = kiln_gateway::metering::Meter::connect(&kiln_testkit::redis_url(), &namespace)
+        .await
+        .unwrap();
+    let ingester = kiln_gateway::metering::Ingester::new(
+        app.store().clone(),
+        &kiln_testkit::redis_url(),
+        &namespace,
+    )
+    .unwrap();
+    tokio::spawn(ingester.run());
+    let state = kiln_gateway::GatewayState::new(app.store().clone()).with_meter(meter);
+    tokio::spawn(async move {
+        axum::serve(listener, kiln_gateway::app(state)).await.unwrap();
+    });
+    url
+}
+
 /// A `kiln-agent` process with a simulated 2× L40S inventory and the Docker runtime, joined to
 /// `fleet_url` as `hostname` (public address 127.0.0.1), once it has registered: the agent and
 /// its node id. Its log is in `dir`.
