@@ -296,36 +296,45 @@ impl Store {
     /// (running, with the endpoint's port published), and how many more are on their way.
     /// `None` for an unknown or deleted endpoint.
     pub async fn endpoint_route(&self, id: Uuid) -> StoreResult<Option<EndpointRoute>> {
-        let head: Option<(Uuid, i32)> =
-            sqlx::query_as("SELECT org_id, port FROM endpoints WHERE id = $1 AND state = 'active'")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some((org_id, port)) = head else {
-            return Ok(None);
-        };
-        let ready: Vec<ReadyReplica> = sqlx::query_as(
-            "SELECT w.id AS workload_id, COALESCE(NULLIF(n.public_address, ''), n.hostname) AS host,
-                    (p->>'host_port')::int AS host_port
-             FROM workloads w
-             JOIN nodes n ON n.id = w.node_id
-             JOIN node_observed o ON o.assignment_id = w.assignment_id AND o.node_id = w.node_id
-             CROSS JOIN LATERAL jsonb_array_elements(o.ports) AS p
-             WHERE w.endpoint_id = $1 AND w.state = 'running'
-               AND (p->>'port')::int = $2 AND (p->>'host_port')::int > 0
-             ORDER BY w.id",
+        // One statement (the gateway runs it per call): no row for an unknown or deleted
+        // endpoint, one row without a replica when none is ready, else a row per ready replica.
+        type Row = (Uuid, i64, Option<Uuid>, Option<String>, Option<i32>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT e.org_id,
+                    (SELECT count(*) FROM workloads
+                     WHERE endpoint_id = e.id AND state IN ('pending', 'scheduled', 'starting')),
+                    r.workload_id, r.host, r.host_port
+             FROM endpoints e
+             LEFT JOIN LATERAL (
+                 SELECT w.id AS workload_id,
+                        COALESCE(NULLIF(n.public_address, ''), n.hostname) AS host,
+                        (p->>'host_port')::int AS host_port
+                 FROM workloads w
+                 JOIN nodes n ON n.id = w.node_id
+                 JOIN node_observed o ON o.assignment_id = w.assignment_id AND o.node_id = w.node_id
+                 CROSS JOIN LATERAL jsonb_array_elements(o.ports) AS p
+                 WHERE w.endpoint_id = e.id AND w.state = 'running'
+                   AND (p->>'port')::int = e.port AND (p->>'host_port')::int > 0
+             ) r ON true
+             WHERE e.id = $1 AND e.state = 'active'
+             ORDER BY r.workload_id",
         )
         .bind(id)
-        .bind(port)
         .fetch_all(&self.pool)
         .await?;
-        let (coming,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM workloads
-             WHERE endpoint_id = $1 AND state IN ('pending', 'scheduled', 'starting')",
-        )
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await?;
+        let Some(&(org_id, coming, ..)) = rows.first() else {
+            return Ok(None);
+        };
+        let ready = rows
+            .into_iter()
+            .filter_map(|(_, _, workload_id, host, host_port)| {
+                Some(ReadyReplica {
+                    workload_id: workload_id?,
+                    host: host?,
+                    host_port: host_port?,
+                })
+            })
+            .collect();
         Ok(Some(EndpointRoute {
             id,
             org_id,

@@ -135,7 +135,9 @@ pub async fn start_gateway(app: &kiln_testkit::TestApp) -> String {
     tokio::spawn(ingester.run());
     let state = kiln_gateway::GatewayState::new(app.store().clone()).with_meter(meter);
     tokio::spawn(async move {
-        axum::serve(listener, kiln_gateway::app(state)).await.unwrap();
+        axum::serve(listener, kiln_gateway::app(state))
+            .await
+            .unwrap();
     });
     url
 }
