@@ -28,6 +28,16 @@ use uuid::Uuid;
 use crate::BillingError;
 use crate::convert::{month_date, odt, ts};
 
+/// The highest budget alert (percent) raised in the month `now` is in, if any: an alert of an
+/// earlier month is history (the audit log keeps it), not this month's state.
+pub fn budget_alert_this_month(f: &FundsRecord, now: OffsetDateTime) -> Option<i32> {
+    let this_month = month_date(Month::of(ts(now)));
+    match (f.budget_alert_month, f.budget_alert_percent) {
+        (Some(m), Some(p)) if m == this_month && f.monthly_budget_micros.is_some() => Some(p),
+        _ => None,
+    }
+}
+
 /// The reason a workload stopped for credit carries.
 pub const STOPPED_REASON: &str = "stopped: the org is out of credit (its balance reached its credit limit); \
      it starts again after a top-up";
@@ -257,10 +267,7 @@ impl Enforcer {
                 .first()
                 .map_or(0, |(_, s)| *s);
             let this_month = month_date(month);
-            let already = match (f.budget_alert_month, f.budget_alert_percent) {
-                (Some(m), Some(p)) if m == this_month => level(p),
-                _ => None,
-            };
+            let already = budget_alert_this_month(&f, now).and_then(level);
             if let Decision::Alert(level) = budget_decision(
                 Money::from_micros(spent),
                 Some(Money::from_micros(budget)),

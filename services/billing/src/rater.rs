@@ -187,7 +187,7 @@ impl Rater {
                     .filter_map(|(id, _)| calls.iter().find(|c| c.id == *id))
                     .map(|c| c.endpoint)
                     .collect();
-                for (id, e) in rated.unrated.iter().take(1) {
+                if let Some((id, e)) = rated.unrated.first() {
                     tracing::warn!(call = %id, error = %e, unrated = rated.unrated.len(),
                         "cannot rate these endpoint calls yet; they will be rated once they can be");
                 }

@@ -542,14 +542,6 @@ pub async fn ensure_in_credit(
 
 fn balance_view(f: &FundsRecord, spent: i64, burn: i64, now: OffsetDateTime) -> BalanceView {
     let available = f.paid_micros + f.promo_micros + f.credit_limit_micros;
-    // An alert of an earlier month is history (the audit log keeps it), not this month's state.
-    let this_month = kiln_billing::convert::odt(Month::of(kiln_billing::convert::ts(now)).start());
-    let budget_alert_percent = match (f.budget_alert_month, f.budget_alert_percent) {
-        (Some(m), Some(p)) if m == this_month.date() && f.monthly_budget_micros.is_some() => {
-            Some(p)
-        }
-        _ => None,
-    };
     BalanceView {
         balance: money(f.paid_micros),
         credit_limit: money(f.credit_limit_micros),
@@ -557,7 +549,7 @@ fn balance_view(f: &FundsRecord, spent: i64, burn: i64, now: OffsetDateTime) -> 
         available: money(available),
         spent_this_month: money(spent),
         monthly_budget: f.monthly_budget_micros.map(money),
-        budget_alert_percent,
+        budget_alert_percent: kiln_billing::limits::budget_alert_this_month(f, now),
         burn_rate_per_hour: money(burn),
         out_of_credit: available <= 0,
         out_of_credit_since: f.credit_exhausted_at.map(ts),
