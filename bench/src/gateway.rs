@@ -18,11 +18,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
-use kiln_auth::ApiKeySecret;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, sleep, sleep_until};
-use uuid::Uuid;
 
 pub struct GatewayPlan {
     pub rate: u32,
@@ -182,73 +180,19 @@ pub async fn run(
 }
 
 /// An org, an API key, a node and a running replica of one endpoint whose port 8000 is
-/// published at `replica`: answers the endpoint's public id and the key.
+/// published at `replica`, with limits no benchmark reaches: answers the endpoint's public id
+/// and the key.
 async fn seed(pool: &sqlx::PgPool, replica: SocketAddr) -> Result<(String, String)> {
-    let (org, node, endpoint, workload, assignment) = (
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-        Uuid::now_v7(),
-    );
-    let key = ApiKeySecret::generate();
-    let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'gateway-bench')")
-        .bind(org)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO api_keys (id, org_id, name, prefix, secret_hash, role)
-         VALUES ($1, $2, 'bench', $3, $4, 'member')",
-    )
-    .bind(Uuid::now_v7())
-    .bind(org)
-    .bind(key.visible_prefix())
-    .bind(key.digest().as_bytes().to_vec())
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO nodes (id, hostname, agent_version, credential_hash, public_address)
-         VALUES ($1, 'bench-host', 'bench', $2, '127.0.0.1')",
-    )
-    .bind(node)
-    .bind(Uuid::new_v4().as_bytes().to_vec())
-    .execute(&mut *tx)
-    .await?;
-    let spec = serde_json::json!({"replica": {
-        "tier": "on_demand", "gpu_mode": "none", "gpu_type": null, "gpu_count": 0,
-        "mig_profile": null, "share_memory_mib": null, "cpu_millis": 100, "memory_mib": 128,
-        "disk_gib": 1, "spec": {"image": "kiln/demo-model:1", "ports": [8000]}}});
-    sqlx::query(
-        "INSERT INTO endpoints (id, org_id, name, spec, port, min_replicas, max_replicas,
-             desired_replicas) VALUES ($1, $2, 'bench', $3, 8000, 1, 1, 1)",
-    )
-    .bind(endpoint)
-    .bind(org)
-    .bind(&spec)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO workloads (id, org_id, kind, name, state, gpu_mode, cpu_millis, memory_mib,
-             node_id, assignment_id, endpoint_id)
-         VALUES ($1, $2, 'endpoint_replica', 'bench-0', 'running', 'none', 100, 128, $3, $4, $5)",
-    )
-    .bind(workload)
-    .bind(org)
-    .bind(node)
-    .bind(assignment)
-    .bind(endpoint)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO node_observed (assignment_id, node_id, generation, state, ports, observed_at)
-         VALUES ($1, $2, 1, 'running', $3, now())",
-    )
-    .bind(assignment)
-    .bind(node)
-    .bind(serde_json::json!([{"port": 8000, "protocol": "tcp", "host_port": replica.port()}]))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok((format!("ep_{}", endpoint.simple()), key.expose().to_owned()))
+    let unlimited = kiln_store::RateLimit {
+        per_second: 100_000.0,
+        burst: 100_000,
+    };
+    let limits = kiln_store::EndpointLimits {
+        per_key_rate: unlimited,
+        per_key_concurrency: 100_000,
+        total_rate: None,
+        total_concurrency: None,
+    };
+    let seeded = kiln_testkit::gateway::seed_running_endpoint(pool, replica, &limits).await?;
+    Ok((seeded.endpoint, seeded.key.expose().to_owned()))
 }

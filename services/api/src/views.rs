@@ -699,6 +699,39 @@ pub struct CreateEndpointInput {
     pub command: Option<Vec<String>>,
     /// Run replicas on spot capacity. Default false.
     pub spot: Option<bool>,
+    /// What callers may do, enforced by the gateway (429 with `Retry-After` beyond it).
+    /// Default: per key 50 requests/s, burst 100, 32 in flight; no limit in total.
+    pub limits: Option<EndpointLimitsSpec>,
+}
+
+/// One caller's (or all callers') allowance: a token bucket and calls in flight.
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, SimpleObject, InputObject,
+)]
+#[graphql(input_name = "CallLimitInput")]
+#[serde(default)]
+pub struct CallLimit {
+    /// Sustained requests per second (the bucket's refill rate).
+    #[schema(example = 50.0)]
+    pub requests_per_second: Option<f64>,
+    /// Requests allowed at once after a quiet spell. Default: twice the rate.
+    #[schema(example = 100)]
+    pub burst: Option<i64>,
+    /// Calls in flight at most.
+    #[schema(example = 32)]
+    pub concurrent: Option<i64>,
+}
+
+/// An endpoint's limits: per API key (always bounded) and for the endpoint in total (a field
+/// left out: unlimited).
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, SimpleObject, InputObject,
+)]
+#[graphql(input_name = "EndpointLimitsInput")]
+#[serde(default)]
+pub struct EndpointLimitsSpec {
+    pub per_key: Option<CallLimit>,
+    pub total: Option<CallLimit>,
 }
 
 /// One replica of an endpoint.
@@ -729,6 +762,8 @@ pub struct EndpointView {
     pub max_replicas: i64,
     /// Replicas the endpoint should have now.
     pub desired_replicas: i64,
+    /// What callers may do (enforced by the gateway).
+    pub limits: EndpointLimitsSpec,
     /// `ready` (a replica takes calls), `starting`, `idle` (scaled to zero) or `deleted`.
     pub state: String,
     /// Live replicas, oldest first.

@@ -5,9 +5,10 @@
 //! the ready replica with the fewest calls in flight on this gateway and streamed back as it
 //! comes. An org out of credit gets 402 (the billing core's decision on the ledger, as the API
 //! refuses new work), after the key check. No ready replica: 503 with `Retry-After`. A body-less idempotent call whose replica
-//! cannot be reached is tried on another. Not here yet (the endpoints issue continues): the API
-//! key and route caches with pushed revocation, rate limits, metering, the autoscaler and
-//! holding calls during a cold start.
+//! cannot be reached is tried on another. Keys, standing and routes come from [`cache`]
+//! (invalidated by Postgres notices, so a revoked key stops at once). Not here yet (the
+//! endpoints issue continues): rate limits, the autoscaler and holding calls during a cold
+//! start.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,7 +33,11 @@ use kiln_store::Store;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+pub mod cache;
 pub mod metering;
+
+use cache::{CacheTtls, Caches};
+use kiln_ratelimit::admission::{Admission, Bucket, CallLimits, Permit, Verdict};
 
 #[derive(Debug, Clone, Args)]
 pub struct GatewayConfig {
@@ -68,22 +73,40 @@ pub struct GatewayState {
     upstream: reqwest::Client,
     in_flight: InFlight,
     meter: Option<metering::Meter>,
+    admission: Option<Admission>,
+    caches: Caches,
 }
 
 impl GatewayState {
+    /// A gateway over `store` with the default cache lifetimes; starts the cache's
+    /// invalidation listener (so it must be called inside a Tokio runtime).
     pub fn new(store: Store) -> Self {
+        Self::with_cache_ttls(store, CacheTtls::default())
+    }
+
+    pub fn with_cache_ttls(store: Store, ttls: CacheTtls) -> Self {
         let upstream = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(CALL_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .expect("an HTTP client with default TLS settings");
+        let caches = Caches::new(ttls);
+        caches.spawn_listener(store.pool().clone());
         Self {
             store,
             upstream,
             in_flight: InFlight::default(),
             meter: None,
+            admission: None,
+            caches,
         }
+    }
+
+    /// Enforce endpoints' rate and concurrency limits with `admission` (without it, none are).
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// Meter completed calls into `meter`'s stream (without one, calls are not metered).
@@ -210,9 +233,10 @@ async fn endpoint_call(
             "send `Authorization: Bearer kiln_…` with an API key",
         );
     };
+    let digest = SecretDigest::of(&token);
     let key = match state
-        .store
-        .api_key_authenticate(&SecretDigest::of(&token))
+        .caches
+        .key(digest.0, state.store.api_key_authenticate(&digest))
         .await
     {
         Ok(Some(key)) => key,
@@ -240,7 +264,19 @@ async fn endpoint_call(
     let Ok(endpoint) = raw.parse::<EndpointId>() else {
         return not_found();
     };
-    let route = match state.store.endpoint_route(endpoint.as_uuid()).await {
+    let route = match state
+        .caches
+        .route(endpoint.as_uuid(), async {
+            Ok::<_, kiln_store::StoreError>(
+                state
+                    .store
+                    .endpoint_route(endpoint.as_uuid())
+                    .await?
+                    .map(Arc::new),
+            )
+        })
+        .await
+    {
         Ok(Some(route)) if route.org_id == key.org_id.as_uuid() => route,
         // Another org's endpoint is as unknown as a made-up one.
         Ok(_) => return not_found(),
@@ -260,6 +296,24 @@ async fn endpoint_call(
             &format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
         );
     }
+    // Over a limit: refused here, before any replica is woken or called.
+    let permit = match &state.admission {
+        Some(admission) => match admission
+            .admit(
+                &endpoint.to_string(),
+                &key.key_id.to_string(),
+                &call_limits(&route.limits),
+            )
+            .await
+        {
+            Verdict::Admitted(permit) => permit,
+            Verdict::Refused { by, retry_after } => {
+                metrics::counter!("kiln_gateway_calls_limited_total").increment(1);
+                return too_many_requests(by.describe(), retry_after);
+            }
+        },
+        None => Permit::unchecked(),
+    };
     if route.ready.is_empty() {
         let detail = if route.coming > 0 {
             "no replica of this endpoint is ready yet; retry shortly"
@@ -339,7 +393,7 @@ async fn endpoint_call(
                         at_unix_ms: 0,
                     },
                 });
-                return relay(resp, guard, metered);
+                return relay(resp, (guard, permit), metered);
             }
             Err(e) if e.is_connect() && replayable => {
                 tracing::warn!(replica = %replica.workload_id, error = %e, "replica unreachable; trying another");
@@ -372,14 +426,19 @@ struct Relay {
     response_bytes: u64,
     scan: Vec<u8>,
     metered: Option<Metered>,
-    _guard: InFlightGuard,
+    /// The replica's in-flight count and the call's admission slot, held to the end.
+    _held: (InFlightGuard, Permit),
 }
 
 /// The replica's answer, streamed through as it comes (chunked bodies and server-sent events
 /// are not buffered), one chunk behind: when the replica's answer ends, the call's usage event
 /// is made durable, and only then is the last chunk sent (see [`metering`]). The replica's
 /// in-flight count drops when the body is done or the caller goes away.
-fn relay(resp: reqwest::Response, guard: InFlightGuard, metered: Option<Metered>) -> Response {
+fn relay(
+    resp: reqwest::Response,
+    held: (InFlightGuard, Permit),
+    metered: Option<Metered>,
+) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::new();
     for (name, value) in resp.headers() {
@@ -393,7 +452,7 @@ fn relay(resp: reqwest::Response, guard: InFlightGuard, metered: Option<Metered>
         response_bytes: 0,
         scan: Vec::new(),
         metered,
-        _guard: guard,
+        _held: held,
     };
     let stream = futures::stream::unfold(relay, |mut r| async move {
         loop {
@@ -441,6 +500,34 @@ fn relay(resp: reqwest::Response, guard: InFlightGuard, metered: Option<Metered>
     out
 }
 
+/// The limits a call to an endpoint with `limits` is admitted under.
+pub fn call_limits(limits: &kiln_store::EndpointLimits) -> CallLimits {
+    let bucket = |r: kiln_store::RateLimit| Bucket {
+        per_second: r.per_second,
+        burst: u32::try_from(r.burst).unwrap_or(1),
+    };
+    CallLimits {
+        caller_rate: Some(bucket(limits.per_key_rate)),
+        caller_concurrency: u32::try_from(limits.per_key_concurrency).ok(),
+        total_rate: limits.total_rate.map(bucket),
+        total_concurrency: limits.total_concurrency.and_then(|n| u32::try_from(n).ok()),
+    }
+}
+
+/// 429 with `Retry-After` in whole seconds (at least 1), rounded up.
+fn too_many_requests(detail: &str, retry_after: Duration) -> Response {
+    let secs = retry_after.as_millis().div_ceil(1000).max(1);
+    let mut r = problem(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests",
+        &format!("{detail}; retry after {secs} s"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 fn unavailable(detail: &str) -> Response {
     let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", detail);
     r.headers_mut()
@@ -450,20 +537,21 @@ fn unavailable(detail: &str) -> Response {
 
 /// 402 when the caller's org is out of credit (503 when that cannot be told).
 async fn out_of_credit(state: &GatewayState, org: Uuid) -> Option<Response> {
-    let standing = match state.store.pool().acquire().await {
-        Ok(mut conn) => kiln_billing::limits::standing(
-            &state.store,
-            &mut conn,
-            org,
-            time::OffsetDateTime::now_utc(),
-        )
-        .await
-        .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
+    let load = async {
+        let mut conn = state
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        kiln_billing::limits::standing(&state.store, &mut conn, org, OffsetDateTime::now_utc())
+            .await
+            .map(|s| s.is_some())
+            .map_err(|e| e.to_string())
     };
-    match standing {
-        Ok(None) => None,
-        Ok(Some(_)) => Some(problem(
+    match state.caches.out_of_credit(org, load).await {
+        Ok(false) => None,
+        Ok(true) => Some(problem(
             StatusCode::PAYMENT_REQUIRED,
             "Payment required",
             "the endpoint's org is out of credit; calls resume after a top-up",
@@ -487,9 +575,18 @@ async fn fallback() -> Response {
 
 pub fn app(state: GatewayState) -> Router {
     let store = state.store.clone();
+    let caches = state.caches.clone();
     let health: kiln_telemetry::HealthCheck = Arc::new(move || {
         let store = store.clone();
-        Box::pin(async move { store.ping().await.map_err(|e| format!("postgres: {e}")) })
+        let listening = caches.listening();
+        Box::pin(async move {
+            store.ping().await.map_err(|e| format!("postgres: {e}"))?;
+            if listening {
+                Ok(())
+            } else {
+                Err("not listening for cache invalidations (revocations would be late)".into())
+            }
+        })
     });
     Router::new()
         .route("/v1/endpoints/{endpoint}", any(endpoint_call))

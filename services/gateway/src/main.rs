@@ -32,6 +32,10 @@ async fn main() -> anyhow::Result<()> {
         &config.redis_namespace,
     )?;
     tokio::spawn(ingester.run());
+    let admission =
+        kiln_ratelimit::admission::Admission::connect(&config.redis_url, &config.redis_namespace)
+            .await
+            .context("connecting to Redis for rate limits (REDIS_URL)")?;
     // Answers are streamed in several writes (headers, then chunks): without TCP_NODELAY, Nagle
     // holds each small write until the caller's delayed ACK (~40 ms on Linux).
     let listener = listener.tap_io(|tcp| {
@@ -41,7 +45,11 @@ async fn main() -> anyhow::Result<()> {
     });
     axum::serve(
         listener,
-        kiln_gateway::app(GatewayState::new(store).with_meter(meter)),
+        kiln_gateway::app(
+            GatewayState::new(store)
+                .with_meter(meter)
+                .with_admission(admission),
+        ),
     )
     .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
     .await?;

@@ -1,17 +1,151 @@
 //! The gateway's front door over real HTTP: API keys are checked against the shared store.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
 use kiln_auth::ApiKeySecret;
+use kiln_gateway::cache::CacheTtls;
 use kiln_gateway::{GatewayState, app};
+use kiln_ratelimit::admission::Admission;
 use kiln_store::Store;
+use kiln_store::{EndpointLimits, RateLimit};
 use sqlx::PgPool;
 
 async fn spawn(pool: PgPool) -> String {
+    spawn_with(pool, CacheTtls::default()).await
+}
+
+/// A gateway on a real socket, once it is healthy (listening for cache invalidations).
+async fn spawn_with(pool: PgPool, ttls: CacheTtls) -> String {
+    serve(GatewayState::with_cache_ttls(Store::new(pool), ttls)).await
+}
+
+/// A gateway enforcing endpoints' limits in Redis (its own namespace).
+async fn spawn_limited(pool: PgPool) -> String {
+    let admission = Admission::connect(&kiln_testkit::redis_url(), &format!("test-{}", uuid_v7()))
+        .await
+        .expect("redis must be running (make test starts it)");
+    serve(GatewayState::new(Store::new(pool)).with_admission(admission)).await
+}
+
+async fn serve(state: GatewayState) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        let _ = axum::serve(listener, app(GatewayState::new(Store::new(pool)))).await;
+        let _ = axum::serve(listener, app(state)).await;
     });
+    let healthy = format!("{url}/healthz");
+    eventually("the gateway is healthy", || async {
+        reqwest::get(&healthy)
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
     url
+}
+
+/// Poll `check` until it holds; panics with `what` after a generous deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lifetimes so long that only a pushed notice can make a cached answer change in a test.
+const FOREVER: CacheTtls = CacheTtls {
+    key: Duration::from_secs(3600),
+    unknown_key: Duration::from_secs(3600),
+    standing: Duration::from_secs(3600),
+    route: Duration::from_secs(3600),
+};
+
+async fn org_with_key(pool: &PgPool) -> (sqlx::types::Uuid, ApiKeySecret) {
+    let org = uuid_v7();
+    sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, $2)")
+        .bind(org)
+        .bind(format!("org-{org}"))
+        .execute(pool)
+        .await
+        .unwrap();
+    let key = ApiKeySecret::generate();
+    insert_key(pool, org, &key).await;
+    (org, key)
+}
+
+async fn insert_key(pool: &PgPool, org: sqlx::types::Uuid, key: &ApiKeySecret) {
+    sqlx::query("INSERT INTO api_keys (id, org_id, name, prefix, secret_hash, role) VALUES ($1, $2, 'k', 'p', $3, 'member')")
+        .bind(uuid_v7())
+        .bind(org)
+        .bind(key.digest().as_bytes())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn status(url: &str, key: &ApiKeySecret) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/endpoints/ep_0123/v1/completions"))
+        .bearer_auth(key.expose())
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn revocations_and_new_keys_are_pushed_to_the_gateway(pool: PgPool) {
+    let (org, key) = org_with_key(&pool).await;
+    let url = spawn_with(pool.clone(), FOREVER).await;
+    // Past the key check (404: no such endpoint), so the key is cached now, for an hour.
+    assert_eq!(status(&url, &key).await, 404);
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("the revoked key is refused", || async {
+        status(&url, &key).await == 401
+    })
+    .await;
+
+    // A key unknown when first tried (cached as unknown, for an hour) works once created.
+    let later = ApiKeySecret::generate();
+    assert_eq!(status(&url, &later).await, 401);
+    insert_key(&pool, org, &later).await;
+    eventually("the new key is accepted", || async {
+        status(&url, &later).await == 404
+    })
+    .await;
+
+    // Out of credit, then topped up: both reach the cached standing without waiting for it.
+    assert_eq!(status(&url, &later).await, 404);
+    sqlx::query("UPDATE billing_settings SET credit_limit_micros = 0 WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("the org is refused for credit", || async {
+        status(&url, &later).await == 402
+    })
+    .await;
+    sqlx::query("UPDATE billing_settings SET credit_limit_micros = 100000000 WHERE org_id = $1")
+        .bind(org)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("the org may call again", || async {
+        status(&url, &later).await == 404
+    })
+    .await;
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
@@ -69,8 +203,12 @@ async fn keys_are_checked_before_anything_else(pool: PgPool) {
         .execute(&pool2)
         .await
         .unwrap();
+    eventually("the org is refused for credit", || async {
+        call(Some(live.expose().to_owned())).await.unwrap().status() == 402
+    })
+    .await;
     let r = call(Some(live.expose().to_owned())).await.unwrap();
-    assert_eq!(r.status(), 402);
+    assert_eq!(r.status(), 402, "and stays refused");
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     assert_eq!(
         call(Some(revoked.expose().to_owned()))
@@ -98,6 +236,129 @@ async fn keys_are_checked_before_anything_else(pool: PgPool) {
             .unwrap()
             .contains("kiln_http_requests_total")
     );
+}
+
+/// A replica: counts the calls it gets; `/slow` answers only when `release` is notified.
+#[derive(Clone, Default)]
+struct Replica {
+    calls: Arc<AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl Replica {
+    async fn serve(&self) -> std::net::SocketAddr {
+        let me = self.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let me = me.clone();
+            async move {
+                me.calls.fetch_add(1, Ordering::SeqCst);
+                if uri.path() == "/slow" {
+                    me.release.notified().await;
+                }
+                "ok"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn call(url: &str, endpoint: &str, path: &str, key: &ApiKeySecret) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("{url}/v1/endpoints/{endpoint}/{path}"))
+        .bearer_auth(key.expose())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn over_its_rate_a_key_gets_429_with_retry_after_and_the_replica_is_not_called(pool: PgPool) {
+    let replica = Replica::default();
+    let addr = replica.serve().await;
+    let limits = EndpointLimits {
+        // A burst of 3, then one call every 10 s.
+        per_key_rate: RateLimit {
+            per_second: 0.1,
+            burst: 3,
+        },
+        ..EndpointLimits::default()
+    };
+    let ep = kiln_testkit::gateway::seed_running_endpoint(&pool, addr, &limits)
+        .await
+        .unwrap();
+    let url = spawn_limited(pool.clone()).await;
+    for _ in 0..3 {
+        assert_eq!(
+            call(&url, &ep.endpoint, "v1/models", &ep.key)
+                .await
+                .status(),
+            200
+        );
+    }
+    let r = call(&url, &ep.endpoint, "v1/models", &ep.key).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        replica.calls(),
+        3,
+        "the refused call never reached the replica"
+    );
+    // Another key of the same org has its own bucket.
+    let other = ApiKeySecret::generate();
+    insert_key(&pool, ep.org_id, &other).await;
+    assert_eq!(
+        call(&url, &ep.endpoint, "v1/models", &other).await.status(),
+        200
+    );
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_key_with_its_calls_in_flight_waits_for_one_to_end(pool: PgPool) {
+    let replica = Replica::default();
+    let addr = replica.serve().await;
+    let limits = EndpointLimits {
+        per_key_concurrency: 1,
+        ..EndpointLimits::default()
+    };
+    let ep = kiln_testkit::gateway::seed_running_endpoint(&pool, addr, &limits)
+        .await
+        .unwrap();
+    let url = spawn_limited(pool.clone()).await;
+    let slow = tokio::spawn({
+        let (url, endpoint, key) = (url.clone(), ep.endpoint.clone(), ep.key.clone());
+        async move { call(&url, &endpoint, "slow", &key).await.status() }
+    });
+    eventually("the slow call reached the replica", || async {
+        replica.calls() == 1
+    })
+    .await;
+    let r = call(&url, &ep.endpoint, "v1/models", &ep.key).await;
+    assert_eq!(r.status(), 429, "one call in flight is this key's limit");
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(replica.calls(), 1);
+    replica.release.notify_one();
+    assert_eq!(slow.await.unwrap(), 200);
+    // The slot is freed as the slow call ends.
+    eventually("the key may call again", || async {
+        call(&url, &ep.endpoint, "v1/models", &ep.key)
+            .await
+            .status()
+            == 200
+    })
+    .await;
 }
 
 fn uuid_v7() -> sqlx::types::Uuid {

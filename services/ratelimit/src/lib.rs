@@ -1,10 +1,15 @@
-//! Rate limits in Redis: fixed windows counted with `INCR` and expired with `EXPIRE … NX` in one
+//! Rate limits in Redis. Fixed windows here (sign-in and API limits); token buckets and
+//! concurrency for calls that hold a slot in [`admission`] (the gateway's).
+//!
+//! The fixed windows are counted with `INCR` and expired with `EXPIRE … NX` in one
 //! transaction, so every replica of a service shares the same counters.
 //!
 //! Redis holds only what may be lost: when it is unreachable the limiter fails open (and logs),
 //! so an outage of Redis degrades protection but never availability.
 
 use std::time::Duration;
+
+pub mod admission;
 
 use redis::aio::ConnectionManager;
 

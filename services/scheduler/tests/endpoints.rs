@@ -51,6 +51,7 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
                 health_path: "/health",
                 min_replicas: 2,
                 max_replicas: 4,
+                limits: Default::default(),
                 replica: template(),
             },
         )

@@ -29,6 +29,8 @@ pub struct ApiKeyAuth {
     pub org_id: OrgId,
     pub role: Role,
     pub created_by: Option<UserId>,
+    /// When the key stops working on its own (a cache of this answer must still honour it).
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 pub struct NewApiKey<'a> {
@@ -165,8 +167,16 @@ impl Store {
         &self,
         digest: &SecretDigest,
     ) -> StoreResult<Option<ApiKeyAuth>> {
-        let row: Option<(Uuid, Uuid, String, Option<Uuid>, bool)> = sqlx::query_as(
-            "SELECT id, org_id, role, created_by,
+        type Row = (
+            Uuid,
+            Uuid,
+            String,
+            Option<Uuid>,
+            Option<OffsetDateTime>,
+            bool,
+        );
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT id, org_id, role, created_by, expires_at,
                     last_used_at IS NULL OR last_used_at < now() - interval '60 seconds'
              FROM api_keys
              WHERE secret_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
@@ -174,7 +184,7 @@ impl Store {
         .bind(digest.as_bytes())
         .fetch_optional(&self.pool)
         .await?;
-        let Some((id, org, role, created_by, stale)) = row else {
+        let Some((id, org, role, created_by, expires_at, stale)) = row else {
             return Ok(None);
         };
         if stale {
@@ -191,6 +201,7 @@ impl Store {
             org_id: OrgId::from_uuid(org),
             role,
             created_by: created_by.map(UserId::from_uuid),
+            expires_at,
         }))
     }
 }

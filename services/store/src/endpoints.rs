@@ -58,7 +58,57 @@ pub struct NewEndpoint<'a> {
     pub health_path: &'a str,
     pub min_replicas: i32,
     pub max_replicas: i32,
+    pub limits: EndpointLimits,
     pub replica: ReplicaTemplate,
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: i32,
+}
+
+/// What an endpoint lets its callers do (enforced by the gateways).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EndpointLimits {
+    pub per_key_rate: RateLimit,
+    pub per_key_concurrency: i32,
+    pub total_rate: Option<RateLimit>,
+    pub total_concurrency: Option<i32>,
+}
+
+impl EndpointLimits {
+    /// From the `endpoints` columns: `key_*` and `total_*` (rate per second, burst, concurrency).
+    fn from_columns(key: (f64, i32, i32), total: (Option<f64>, Option<i32>, Option<i32>)) -> Self {
+        Self {
+            per_key_rate: RateLimit {
+                per_second: key.0,
+                burst: key.1,
+            },
+            per_key_concurrency: key.2,
+            total_rate: total
+                .0
+                .zip(total.1)
+                .map(|(per_second, burst)| RateLimit { per_second, burst }),
+            total_concurrency: total.2,
+        }
+    }
+}
+
+impl Default for EndpointLimits {
+    /// The database's defaults.
+    fn default() -> Self {
+        Self {
+            per_key_rate: RateLimit {
+                per_second: 50.0,
+                burst: 100,
+            },
+            per_key_concurrency: 32,
+            total_rate: None,
+            total_concurrency: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -75,9 +125,26 @@ pub struct EndpointRecord {
     pub desired_replicas: i32,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+    pub key_rate_per_s: f64,
+    pub key_burst: i32,
+    pub key_concurrency: i32,
+    pub total_rate_per_s: Option<f64>,
+    pub total_burst: Option<i32>,
+    pub total_concurrency: Option<i32>,
 }
 
 impl EndpointRecord {
+    pub fn limits(&self) -> EndpointLimits {
+        EndpointLimits::from_columns(
+            (self.key_rate_per_s, self.key_burst, self.key_concurrency),
+            (
+                self.total_rate_per_s,
+                self.total_burst,
+                self.total_concurrency,
+            ),
+        )
+    }
+
     /// What each replica asks for.
     pub fn replica(&self) -> Option<ReplicaTemplate> {
         serde_json::from_value(self.spec.get("replica")?.clone()).ok()
@@ -93,13 +160,14 @@ pub struct ReadyReplica {
 }
 
 /// What the gateway needs to route a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EndpointRoute {
     pub id: Uuid,
     pub org_id: Uuid,
     pub ready: Vec<ReadyReplica>,
     /// Replicas placed or starting: calls may wait for one instead of failing at once.
     pub coming: i64,
+    pub limits: EndpointLimits,
 }
 
 /// An endpoint short of live replicas.
@@ -110,7 +178,8 @@ pub struct ReplicaShortfall {
 }
 
 const ENDPOINT_COLUMNS: &str = "id, org_id, name, state, spec, port, health_path, min_replicas, \
-     max_replicas, desired_replicas, created_at, updated_at";
+     max_replicas, desired_replicas, created_at, updated_at, key_rate_per_s, key_burst, \
+     key_concurrency, total_rate_per_s, total_burst, total_concurrency";
 
 /// Whether the endpoint `e`'s org is out of credit: kiln-billing has stopped its work, so no
 /// replica is added until a top-up lifts the mark (billing then resumes what it stopped).
@@ -132,8 +201,9 @@ impl Store {
         let spec = serde_json::json!({ "replica": new.replica });
         let row: Option<EndpointRecord> = sqlx::query_as(&format!(
             "INSERT INTO endpoints (id, org_id, name, spec, port, health_path, min_replicas,
-                 max_replicas, desired_replicas)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7)
+                 max_replicas, desired_replicas, key_rate_per_s, key_burst, key_concurrency,
+                 total_rate_per_s, total_burst, total_concurrency)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11, $12, $13, $14)
              ON CONFLICT (org_id, name) WHERE state = 'active' DO NOTHING
              RETURNING {ENDPOINT_COLUMNS}"
         ))
@@ -145,6 +215,12 @@ impl Store {
         .bind(new.health_path)
         .bind(new.min_replicas)
         .bind(new.max_replicas)
+        .bind(new.limits.per_key_rate.per_second)
+        .bind(new.limits.per_key_rate.burst)
+        .bind(new.limits.per_key_concurrency)
+        .bind(new.limits.total_rate.map(|r| r.per_second))
+        .bind(new.limits.total_rate.map(|r| r.burst))
+        .bind(new.limits.total_concurrency)
         .fetch_optional(&mut *conn)
         .await?;
         let Some(row) = row else {
@@ -298,11 +374,27 @@ impl Store {
     pub async fn endpoint_route(&self, id: Uuid) -> StoreResult<Option<EndpointRoute>> {
         // One statement (the gateway runs it per call): no row for an unknown or deleted
         // endpoint, one row without a replica when none is ready, else a row per ready replica.
-        type Row = (Uuid, i64, Option<Uuid>, Option<String>, Option<i32>);
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            org_id: Uuid,
+            coming: i64,
+            key_rate_per_s: f64,
+            key_burst: i32,
+            key_concurrency: i32,
+            total_rate_per_s: Option<f64>,
+            total_burst: Option<i32>,
+            total_concurrency: Option<i32>,
+            workload_id: Option<Uuid>,
+            host: Option<String>,
+            host_port: Option<i32>,
+        }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT e.org_id,
                     (SELECT count(*) FROM workloads
-                     WHERE endpoint_id = e.id AND state IN ('pending', 'scheduled', 'starting')),
+                     WHERE endpoint_id = e.id AND state IN ('pending', 'scheduled', 'starting'))
+                        AS coming,
+                    e.key_rate_per_s, e.key_burst, e.key_concurrency, e.total_rate_per_s,
+                    e.total_burst, e.total_concurrency,
                     r.workload_id, r.host, r.host_port
              FROM endpoints e
              LEFT JOIN LATERAL (
@@ -322,16 +414,25 @@ impl Store {
         .bind(id)
         .fetch_all(&self.pool)
         .await?;
-        let Some(&(org_id, coming, ..)) = rows.first() else {
+        let Some(first) = rows.first() else {
             return Ok(None);
         };
+        let (org_id, coming) = (first.org_id, first.coming);
+        let limits = EndpointLimits::from_columns(
+            (first.key_rate_per_s, first.key_burst, first.key_concurrency),
+            (
+                first.total_rate_per_s,
+                first.total_burst,
+                first.total_concurrency,
+            ),
+        );
         let ready = rows
             .into_iter()
-            .filter_map(|(_, _, workload_id, host, host_port)| {
+            .filter_map(|r| {
                 Some(ReadyReplica {
-                    workload_id: workload_id?,
-                    host: host?,
-                    host_port: host_port?,
+                    workload_id: r.workload_id?,
+                    host: r.host?,
+                    host_port: r.host_port?,
                 })
             })
             .collect();
@@ -340,6 +441,7 @@ impl Store {
             org_id,
             ready,
             coming,
+            limits,
         }))
     }
 

@@ -40,7 +40,8 @@ pub use billing::{
 };
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use endpoints::{
-    EndpointRecord, EndpointRoute, NewEndpoint, ReadyReplica, ReplicaShortfall, ReplicaTemplate,
+    EndpointLimits, EndpointRecord, EndpointRoute, NewEndpoint, RateLimit, ReadyReplica,
+    ReplicaShortfall, ReplicaTemplate,
 };
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,

@@ -6,6 +6,7 @@
 //! parallel without sharing state. Talk to it over real HTTP with [`TestApp::client`].
 
 pub mod fleet;
+pub mod gateway;
 
 use std::time::Duration;
 

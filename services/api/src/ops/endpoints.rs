@@ -7,7 +7,9 @@
 //! scheduler's endpoint controller keeps that many live; deleting it terminates them.
 
 use kiln_domain::{EndpointId, OrgId, Permission};
-use kiln_store::{EndpointRecord, NewEndpoint, OrgScope, ReplicaTemplate};
+use kiln_store::{
+    EndpointLimits, EndpointRecord, NewEndpoint, OrgScope, RateLimit, ReplicaTemplate,
+};
 use sqlx::PgConnection;
 
 use super::orgs::audit;
@@ -123,6 +125,7 @@ pub async fn create(
     } else if max < min {
         checks.push("max_replicas", "must be at least min_replicas");
     }
+    let limits = limits(&mut checks, input.limits.as_ref());
     // Each replica is a pod in all but name: the same validation, the port as its one port.
     let as_pod = CreatePodInput {
         name: input.name.clone(),
@@ -162,6 +165,7 @@ pub async fn create(
                 health_path: &health_path,
                 min_replicas: min as i32,
                 max_replicas: max as i32,
+                limits,
                 replica: ReplicaTemplate {
                     tier: if pod.spot { "spot" } else { "on_demand" }.into(),
                     gpu_mode: pod.gpu.mode().into(),
@@ -195,10 +199,105 @@ pub async fn create(
             "gpu": input.gpu,
             "min_replicas": min,
             "max_replicas": max,
+            "limits": limits_view(&limits),
         }),
     );
     state.store.audit_record(conn, &event).await?;
     view(state, conn, &scope, &record).await
+}
+
+/// Most requests per second (and burst, and calls in flight) one key may be given.
+pub const MAX_PER_KEY: f64 = 100_000.0;
+/// The same for an endpoint in total.
+pub const MAX_TOTAL: f64 = 1_000_000.0;
+
+/// The endpoint's limits from the request, defaults filled in; problems go to `checks`.
+fn limits(checks: &mut Checks, input: Option<&EndpointLimitsSpec>) -> EndpointLimits {
+    let defaults = EndpointLimits::default();
+    let per_key = input.and_then(|l| l.per_key.as_ref());
+    let total = input.and_then(|l| l.total.as_ref());
+    let per_key_rate =
+        call_rate(checks, "limits.per_key", per_key, MAX_PER_KEY).unwrap_or(defaults.per_key_rate);
+    let per_key_concurrency = concurrent(checks, "limits.per_key", per_key, MAX_PER_KEY)
+        .unwrap_or(defaults.per_key_concurrency);
+    EndpointLimits {
+        per_key_rate,
+        per_key_concurrency,
+        total_rate: call_rate(checks, "limits.total", total, MAX_TOTAL),
+        total_concurrency: concurrent(checks, "limits.total", total, MAX_TOTAL),
+    }
+}
+
+fn call_rate(
+    checks: &mut Checks,
+    field: &str,
+    limit: Option<&CallLimit>,
+    max: f64,
+) -> Option<RateLimit> {
+    let limit = limit?;
+    let Some(rate) = limit.requests_per_second else {
+        if limit.burst.is_some() {
+            checks.push(
+                &format!("{field}.burst"),
+                "needs requests_per_second (the rate the burst refills at)",
+            );
+        }
+        return None;
+    };
+    if !(rate.is_finite() && rate > 0.0 && rate <= max) {
+        checks.push(
+            &format!("{field}.requests_per_second"),
+            format!("must be more than 0 and at most {max}"),
+        );
+        return None;
+    }
+    let burst = limit
+        .burst
+        .unwrap_or_else(|| ((rate * 2.0).ceil() as i64).clamp(1, max as i64));
+    if !(1..=max as i64).contains(&burst) {
+        checks.push(
+            &format!("{field}.burst"),
+            format!("must be between 1 and {max}"),
+        );
+        return None;
+    }
+    Some(RateLimit {
+        per_second: rate,
+        burst: burst as i32,
+    })
+}
+
+fn concurrent(
+    checks: &mut Checks,
+    field: &str,
+    limit: Option<&CallLimit>,
+    max: f64,
+) -> Option<i32> {
+    let n = limit?.concurrent?;
+    if !(1..=max as i64).contains(&n) {
+        checks.push(
+            &format!("{field}.concurrent"),
+            format!("must be between 1 and {max}"),
+        );
+        return None;
+    }
+    Some(n as i32)
+}
+
+/// The tenant's view of an endpoint's limits.
+pub fn limits_view(l: &EndpointLimits) -> EndpointLimitsSpec {
+    EndpointLimitsSpec {
+        per_key: Some(CallLimit {
+            requests_per_second: Some(l.per_key_rate.per_second),
+            burst: Some(i64::from(l.per_key_rate.burst)),
+            concurrent: Some(i64::from(l.per_key_concurrency)),
+        }),
+        total: (l.total_rate.is_some() || l.total_concurrency.is_some()).then(|| CallLimit {
+            requests_per_second: l.total_rate.map(|r| r.per_second),
+            burst: l.total_rate.map(|r| i64::from(r.burst)),
+            concurrent: l.total_concurrency.map(i64::from),
+        }),
+    }
 }
 
 /// Delete an endpoint: calls stop at once (404), replicas are terminated and their capacity
@@ -286,6 +385,7 @@ pub async fn view(
         min_replicas: i64::from(e.min_replicas),
         max_replicas: i64::from(e.max_replicas),
         desired_replicas: i64::from(e.desired_replicas),
+        limits: limits_view(&e.limits()),
         state: endpoint_state.into(),
         replicas: replicas
             .iter()
