@@ -46,6 +46,21 @@ pub enum EndpointsCommand {
         /// A secret environment variable, KEY=VALUE or KEY (from your environment).
         #[arg(long = "secret-env", value_name = "KEY[=VALUE]")]
         secret_env: Vec<String>,
+        /// Requests per second each API key may make [server default: 50].
+        #[arg(long, value_name = "RATE")]
+        key_rps: Option<f64>,
+        /// Requests a key may make at once after a quiet spell [server default: twice the rate].
+        #[arg(long, value_name = "N")]
+        key_burst: Option<i64>,
+        /// Calls each API key may have in flight [server default: 32].
+        #[arg(long, value_name = "N")]
+        key_concurrency: Option<i64>,
+        /// Requests per second for the endpoint in total [server default: unlimited].
+        #[arg(long, value_name = "RATE")]
+        total_rps: Option<f64>,
+        /// Calls in flight for the endpoint in total [server default: unlimited].
+        #[arg(long, value_name = "N")]
+        total_concurrency: Option<i64>,
     },
     /// One endpoint: URL, state and replicas.
     Get {
@@ -91,6 +106,11 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
             max_replicas,
             env,
             secret_env,
+            key_rps,
+            key_burst,
+            key_concurrency,
+            total_rps,
+            total_concurrency,
         } => {
             let mut body = json!({ "name": name, "image": image, "port": port });
             if let Some(g) = gpu {
@@ -108,6 +128,25 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
             let env = parse_env(&env, &secret_env, |k| std::env::var(k).ok())?;
             if !env.is_empty() {
                 body["env"] = Value::Object(env);
+            }
+            let fields = |pairs: [(&str, Option<Value>); 3]| -> serde_json::Map<String, Value> {
+                pairs
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v?)))
+                    .collect()
+            };
+            let per_key = fields([
+                ("requests_per_second", key_rps.map(|r| json!(r))),
+                ("burst", key_burst.map(|n| json!(n))),
+                ("concurrent", key_concurrency.map(|n| json!(n))),
+            ]);
+            let total = fields([
+                ("requests_per_second", total_rps.map(|r| json!(r))),
+                ("concurrent", total_concurrency.map(|n| json!(n))),
+                ("burst", None),
+            ]);
+            if !per_key.is_empty() || !total.is_empty() {
+                body["limits"] = json!({"per_key": per_key, "total": total});
             }
             let e = ctx.client.create(&base, &body).await?;
             ctx.show(&e, |e| {
@@ -131,6 +170,7 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
                     ("Image", cell(e, "image")),
                     ("Port", cell(e, "port")),
                     ("Replicas", replicas(e)),
+                    ("Limits", limits(e)),
                     ("Created", when(e, "created_at")),
                 ]);
             });
@@ -145,6 +185,27 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `per key 50/s (burst 100), 32 in flight; total unlimited`.
+fn limits(e: &Value) -> String {
+    let one = |l: &Value| {
+        let rate = match (l["requests_per_second"].as_f64(), l["burst"].as_i64()) {
+            (Some(r), Some(b)) => format!("{r}/s (burst {b})"),
+            _ => "any rate".to_owned(),
+        };
+        match l["concurrent"].as_i64() {
+            Some(n) => format!("{rate}, {n} in flight"),
+            None => rate,
+        }
+    };
+    let l = &e["limits"];
+    let total = if l["total"].is_null() {
+        "unlimited".to_owned()
+    } else {
+        one(&l["total"])
+    };
+    format!("per key {}; total {total}", one(&l["per_key"]))
 }
 
 /// `1 running / 1 of 1..2`: live replicas by state, then desired of min..max.

@@ -1041,6 +1041,10 @@ async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
             "0",
             "--max-replicas",
             "3",
+            "--key-rps",
+            "5",
+            "--key-concurrency",
+            "4",
             "-o",
             "json",
         ])
@@ -1049,6 +1053,9 @@ async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
     let ep = created.json();
     let id = ep["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("ep_"), "{ep}");
+    assert_eq!(ep["limits"]["per_key"]["requests_per_second"], 5.0);
+    assert_eq!(ep["limits"]["per_key"]["burst"], 10);
+    assert_eq!(ep["limits"]["per_key"]["concurrent"], 4);
     assert_eq!(ep["state"], "idle", "min 0: no replica yet");
     assert!(
         ep["url"]
@@ -1066,6 +1073,13 @@ async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
     );
     let shown = kiln.run(&["endpoints", "get", &id]).await.ok();
     assert!(shown.stdout.contains("/v1/endpoints/"), "{}", shown.stdout);
+    assert!(
+        shown
+            .stdout
+            .contains("per key 5/s (burst 10), 4 in flight; total unlimited"),
+        "{}",
+        shown.stdout
+    );
 
     let bad = kiln
         .run(&[

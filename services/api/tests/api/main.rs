@@ -7,6 +7,7 @@ mod auth;
 mod billing;
 mod binary;
 mod catalog;
+mod endpoints;
 mod idempotency;
 mod isolation;
 mod members;
