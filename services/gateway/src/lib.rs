@@ -60,6 +60,14 @@ pub struct GatewayConfig {
     /// Prefix of this deployment's Redis keys (the API's and scheduler's too).
     #[arg(long, env = "KILN_REDIS_NAMESPACE", default_value = "kiln")]
     pub redis_namespace: String,
+    /// Seconds a usage event may stay unacknowledged by another gateway's ingester (one that
+    /// died) before this one takes it over.
+    #[arg(
+        long,
+        env = "KILN_GATEWAY_USAGE_CLAIM_IDLE_SECS",
+        default_value_t = 30.0
+    )]
+    pub usage_claim_idle_secs: f64,
 }
 
 /// The largest request body forwarded to a replica.

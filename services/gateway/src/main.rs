@@ -26,11 +26,17 @@ async fn main() -> anyhow::Result<()> {
     let meter = kiln_gateway::metering::Meter::connect(&config.redis_url, &config.redis_namespace)
         .await
         .context("connecting to Redis (REDIS_URL)")?;
+    let idle = config.usage_claim_idle_secs;
+    anyhow::ensure!(
+        idle.is_finite() && (0.1..=3600.0).contains(&idle),
+        "--usage-claim-idle-secs must be between 0.1 and 3600"
+    );
     let ingester = kiln_gateway::metering::Ingester::new(
         store.clone(),
         &config.redis_url,
         &config.redis_namespace,
-    )?;
+    )?
+    .with_claim_idle(std::time::Duration::from_secs_f64(idle));
     tokio::spawn(ingester.run());
     let admission =
         kiln_ratelimit::admission::Admission::connect(&config.redis_url, &config.redis_namespace)

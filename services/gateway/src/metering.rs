@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 /// How much of an answer is kept to find its `usage` object (the rest is relayed, not kept).
 pub const USAGE_SCAN_BYTES: usize = 1024 * 1024;
-/// Entries pending this long with a consumer that does not acknowledge them are taken over.
+/// By default, entries pending this long with a consumer that does not acknowledge them are
+/// taken over ([`Ingester::with_claim_idle`]).
 pub const CLAIM_IDLE: Duration = Duration::from_secs(30);
 const GROUP: &str = "ingest";
 const BATCH: usize = 500;
@@ -138,6 +139,7 @@ pub struct Ingester {
     client: redis::Client,
     key: String,
     consumer: String,
+    claim_idle: Duration,
 }
 
 impl Ingester {
@@ -147,7 +149,16 @@ impl Ingester {
             client: redis::Client::open(url)?,
             key: stream_key(namespace),
             consumer: format!("gw-{}", Uuid::new_v4().simple()),
+            claim_idle: CLAIM_IDLE,
         })
+    }
+
+    /// Take over another ingester's entries once they have been pending this long (and look
+    /// for such entries this often). Shorter: a dead gateway's events land sooner; too short:
+    /// a slow but live ingester's batch is stored twice (harmless, the insert is idempotent).
+    pub fn with_claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle.max(Duration::from_millis(100));
+        self
     }
 
     /// Ingest until the process ends, reconnecting after failures.
@@ -186,7 +197,7 @@ impl Ingester {
                 self.read(&mut conn, ">", Some(1000)).await?
             };
             let _ = n;
-            if last_claim.elapsed() >= CLAIM_IDLE {
+            if last_claim.elapsed() >= self.claim_idle {
                 self.claim(&mut conn).await?;
                 last_claim = tokio::time::Instant::now();
             }
@@ -251,7 +262,7 @@ impl Ingester {
             .arg(&self.key)
             .arg(GROUP)
             .arg(&self.consumer)
-            .arg(CLAIM_IDLE.as_millis() as u64)
+            .arg(self.claim_idle.as_millis() as u64)
             .arg("0-0")
             .arg("COUNT")
             .arg(BATCH)

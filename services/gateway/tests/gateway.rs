@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_auth::ApiKeySecret;
 use kiln_gateway::cache::CacheTtls;
@@ -51,11 +51,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    kiln_testkit::eventually(what, Duration::from_secs(20), || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
 }
 
 /// Lifetimes so long that only a pushed notice can make a cached answer change in a test.
@@ -363,4 +363,139 @@ async fn a_key_with_its_calls_in_flight_waits_for_one_to_end(pool: PgPool) {
 
 fn uuid_v7() -> sqlx::types::Uuid {
     sqlx::types::Uuid::now_v7()
+}
+
+/// A `kiln-gateway` process over the test's database and Redis namespace, once healthy.
+struct GatewayProcess {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl GatewayProcess {
+    async fn start(database_url: &str, namespace: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln-gateway"))
+            .env("DATABASE_URL", database_url)
+            .env("REDIS_URL", kiln_testkit::redis_url())
+            .env("KILN_REDIS_NAMESPACE", namespace)
+            .env("KILN_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            // A dead gateway's events are taken over after 1 s instead of 30.
+            .env("KILN_GATEWAY_USAGE_CLAIM_IDLE_SECS", "1")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the kiln-gateway binary runs");
+        let url = format!("http://127.0.0.1:{port}");
+        let healthy = format!("{url}/healthz");
+        eventually("the gateway process is healthy", || async {
+            reqwest::get(&healthy)
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        Self { child, url }
+    }
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_gateway_killed_mid_burst_loses_no_answered_call_and_counts_none_twice(pool: PgPool) {
+    let replica = Replica::default();
+    let addr = replica.serve().await;
+    let roomy = RateLimit {
+        per_second: 100_000.0,
+        burst: 100_000,
+    };
+    let limits = EndpointLimits {
+        per_key_rate: roomy,
+        per_key_concurrency: 100_000,
+        ..EndpointLimits::default()
+    };
+    let ep = kiln_testkit::gateway::seed_running_endpoint(&pool, addr, &limits)
+        .await
+        .unwrap();
+    let database_url = kiln_testkit::database_url(&pool).await;
+    let namespace = format!("test-{}", uuid_v7());
+    let mut doomed = GatewayProcess::start(&database_url, &namespace).await;
+    // The survivor's ingester takes over what the doomed one had read but not stored.
+    let _survivor = GatewayProcess::start(&database_url, &namespace).await;
+
+    const CALLERS: usize = 8;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| {
+            let (url, endpoint, key) = (doomed.url.clone(), ep.endpoint.clone(), ep.key.clone());
+            let answered = answered.clone();
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                loop {
+                    let sent = http
+                        .get(format!("{url}/v1/endpoints/{endpoint}/v1/models"))
+                        .bearer_auth(key.expose())
+                        .send()
+                        .await;
+                    // Until the gateway dies: refused, reset or cut off mid-answer.
+                    let Ok(r) = sent else { return };
+                    assert_eq!(r.status(), 200, "before the kill every call succeeds");
+                    match r.text().await {
+                        Ok(body) if body == "ok" => answered.fetch_add(1, Ordering::SeqCst),
+                        _ => return,
+                    };
+                }
+            })
+        })
+        .collect();
+    eventually("the burst is under way", || async {
+        answered.load(Ordering::SeqCst) >= 300
+    })
+    .await;
+    doomed.child.kill().await.unwrap(); // SIGKILL
+    for c in callers {
+        c.await.unwrap();
+    }
+    let answered = answered.load(Ordering::SeqCst);
+    let reached = replica.calls();
+
+    // Every event in the stream ends up in Postgres, once.
+    let redis = redis::Client::open(kiln_testkit::redis_url()).unwrap();
+    let conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let metered = || async {
+        let (n,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM usage_events WHERE endpoint_id = $1")
+                .bind(ep.endpoint_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        n as usize
+    };
+    eventually("the stream is ingested", || {
+        let mut conn = conn.clone();
+        let stream = format!("{namespace}:usage");
+        async move {
+            let streamed: usize = redis::cmd("XLEN")
+                .arg(stream)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            metered().await == streamed
+        }
+    })
+    .await;
+    let metered = metered().await;
+    assert!(
+        metered >= answered,
+        "lost: {answered} calls were answered in full, {metered} metered"
+    );
+    assert!(
+        metered <= reached,
+        "counted twice: {metered} metered, the replica answered {reached}"
+    );
+    // The only calls metered but not answered are those cut off by the kill, one per caller.
+    assert!(
+        reached - answered <= CALLERS,
+        "{reached} reached the replica, {answered} were answered"
+    );
 }

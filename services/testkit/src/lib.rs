@@ -264,6 +264,20 @@ async fn kiln_ratelimit_connect(url: &str, namespace: &str) -> kiln_ratelimit::R
         .expect("redis must be running (make test starts it)")
 }
 
+/// The URL of `pool`'s database (sqlx::test makes one per test), for processes a test starts.
+pub async fn database_url(pool: &PgPool) -> String {
+    let (db,): (String,) = sqlx::query_as("SELECT current_database()")
+        .fetch_one(pool)
+        .await
+        .expect("the test database answers");
+    let base = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://kiln:kiln@127.0.0.1:5432/kiln".into());
+    let (prefix, _) = base
+        .rsplit_once('/')
+        .expect("DATABASE_URL names a database");
+    format!("{prefix}/{db}")
+}
+
 /// Poll `check` until it returns `Some`, or panic after `deadline`. Use instead of sleeping.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
 where

@@ -146,13 +146,7 @@ async fn a_change_reaches_the_stream_on_whichever_replica_holds_it(pool: PgPool)
 
 /// The per-test database's URL (sqlx::test makes one database per test).
 async fn database_url(store: &Store) -> String {
-    let (db,): (String,) = sqlx::query_as("SELECT current_database()")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let (prefix, _) = base.rsplit_once('/').unwrap();
-    format!("{prefix}/{db}")
+    kiln_testkit::database_url(store.pool()).await
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
