@@ -8,12 +8,15 @@
 //! * `gateway.overhead.p50_ms` / `.p99_ms` — at a fixed rate (`--gateway-rate`, alternating),
 //!   `GET /health` through the gateway and straight to the same replica, side by side in one
 //!   run; the figure is the gateway's percentile minus the direct one;
-//! * `gateway.max_rps` — closed-loop `GET /health` through the gateway from 32 connections.
+//! * `gateway.max_rps` — closed-loop `GET /health` through the gateway from 32 connections;
+//! * `gateway.metering.lost` / `.duplicated` — a gateway SIGKILLed during a burst, against the
+//!   calls answered and the calls the replica saw (see [`metering_under_a_kill`]).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -38,11 +41,19 @@ pub async fn run(
     figure: impl Fn(&str, String, &str),
 ) -> Result<()> {
     crate::server::migrate(api_bin, db_url, plan.startup).await?;
-    // The replica.
+    // The replica, counting the calls that reach it.
     let replica = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let replica_addr = replica.local_addr()?;
+    let reached = Arc::new(AtomicU64::new(0));
+    let counted = reached.clone();
+    let app = kiln_demo_model::app().layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            next.run(req)
+        },
+    ));
     tokio::spawn(async move {
-        let _ = axum::serve(replica, kiln_demo_model::app()).await;
+        let _ = axum::serve(replica, app).await;
     });
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
@@ -51,20 +62,9 @@ pub async fn run(
         .context("connecting to the bench database")?;
     let (endpoint, key) = seed(&pool, replica_addr).await?;
 
+    let namespace = format!("bench-{run_id}");
     let gw_addr = crate::server::free_port()?;
-    let gateway = Command::new(gateway_bin)
-        .env("DATABASE_URL", db_url)
-        .env("REDIS_URL", redis_url)
-        .env("KILN_REDIS_NAMESPACE", format!("bench-{run_id}"))
-        .env("KILN_GATEWAY_LISTEN", gw_addr.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kiln-gateway")?;
-    children.push(gateway);
+    children.push(start_gateway(gateway_bin, db_url, redis_url, &namespace, gw_addr)?);
     let through = format!("http://{gw_addr}/v1/endpoints/{endpoint}/health");
     let direct = format!("http://{replica_addr}/health");
     let http = reqwest::Client::builder()
@@ -175,6 +175,151 @@ pub async fn run(
         "gateway.max_rps",
         format!("{:.1}", report.ok as f64 / report.measured.as_secs_f64()),
         "req/s",
+    );
+
+    metering_under_a_kill(
+        gateway_bin,
+        (db_url, redis_url, &namespace),
+        &pool,
+        (&endpoint, &key),
+        &reached,
+        children,
+        &figure,
+    )
+    .await
+}
+
+/// A `kiln-gateway` process: a dead gateway's usage is taken over after 1 s (not 30).
+fn start_gateway(
+    bin: &Path,
+    db_url: &str,
+    redis_url: &str,
+    namespace: &str,
+    addr: SocketAddr,
+) -> Result<Child> {
+    Command::new(bin)
+        .env("DATABASE_URL", db_url)
+        .env("REDIS_URL", redis_url)
+        .env("KILN_REDIS_NAMESPACE", namespace)
+        .env("KILN_GATEWAY_LISTEN", addr.to_string())
+        .env("KILN_GATEWAY_USAGE_CLAIM_IDLE_SECS", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kiln-gateway")
+}
+
+/// `gateway.metering.lost` / `.duplicated`: a second gateway joins, a burst of 32 callers goes
+/// through a third one, which is SIGKILLed mid-burst; once the usage stream is ingested,
+/// `lost` = calls answered in full minus calls metered, `duplicated` = calls metered minus
+/// calls that reached the replica (each at least 0; both should be 0). Calls cut off by the
+/// kill reached the replica and may be metered: neither lost nor duplicated.
+async fn metering_under_a_kill(
+    gateway_bin: &Path,
+    (db_url, redis_url, namespace): (&str, &str, &str),
+    pool: &sqlx::PgPool,
+    (endpoint, key): (&str, &str),
+    reached: &AtomicU64,
+    children: &mut Vec<Child>,
+    figure: &impl Fn(&str, String, &str),
+) -> Result<()> {
+    let survivor = crate::server::free_port()?;
+    children.push(start_gateway(gateway_bin, db_url, redis_url, namespace, survivor)?);
+    let doomed_addr = crate::server::free_port()?;
+    let mut doomed = start_gateway(gateway_bin, db_url, redis_url, namespace, doomed_addr)?;
+    let http = reqwest::Client::new();
+    let call = |addr: SocketAddr| format!("http://{addr}/v1/endpoints/{endpoint}/health");
+    for addr in [survivor, doomed_addr] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http
+            .get(call(addr))
+            .bearer_auth(key)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if Instant::now() >= deadline {
+                bail!("kiln-gateway on {addr} did not route a call in time");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let metered = || async {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM usage_events")
+            .fetch_one(pool)
+            .await?;
+        Ok::<u64, sqlx::Error>(n as u64)
+    };
+    let stream_len = |conn: redis::aio::MultiplexedConnection| async move {
+        let mut conn = conn;
+        redis::cmd("XLEN")
+            .arg(format!("{namespace}:usage"))
+            .query_async::<u64>(&mut conn)
+            .await
+    };
+    let redis = redis::Client::open(redis_url)?;
+    let conn = redis.get_multiplexed_async_connection().await?;
+    // Let what came before settle: the figures count only the burst.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metered().await? != stream_len(conn.clone()).await? {
+        if Instant::now() >= deadline {
+            bail!("the usage stream was not ingested in time before the burst");
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    let (metered_before, reached_before) = (metered().await?, reached.load(Ordering::SeqCst));
+
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut callers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let (http, url, key, answered) = (
+            http.clone(),
+            call(doomed_addr),
+            key.to_owned(),
+            answered.clone(),
+        );
+        callers.spawn(async move {
+            loop {
+                let Ok(r) = http.get(&url).bearer_auth(&key).send().await else {
+                    return;
+                };
+                if !r.status().is_success() || r.bytes().await.is_err() {
+                    return;
+                }
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    sleep(Duration::from_secs(3)).await;
+    doomed.start_kill()?; // SIGKILL
+    let _ = doomed.wait().await;
+    while callers.join_next().await.is_some() {}
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metered().await? != stream_len(conn.clone()).await? {
+        if Instant::now() >= deadline {
+            bail!("the usage stream was not ingested in time after the kill");
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    let answered = answered.load(Ordering::SeqCst);
+    let metered = metered().await? - metered_before;
+    let reached = reached.load(Ordering::SeqCst) - reached_before;
+    eprintln!(
+        "kiln-bench: gateway killed mid-burst: {answered} answered, {reached} reached the replica, {metered} metered"
+    );
+    figure("gateway.metering.calls", answered.to_string(), "count");
+    figure(
+        "gateway.metering.lost",
+        answered.saturating_sub(metered).to_string(),
+        "count",
+    );
+    figure(
+        "gateway.metering.duplicated",
+        metered.saturating_sub(reached).to_string(),
+        "count",
     );
     Ok(())
 }
