@@ -64,7 +64,13 @@ pub async fn run(
 
     let namespace = format!("bench-{run_id}");
     let gw_addr = crate::server::free_port()?;
-    children.push(start_gateway(gateway_bin, db_url, redis_url, &namespace, gw_addr)?);
+    children.push(start_gateway(
+        gateway_bin,
+        db_url,
+        redis_url,
+        &namespace,
+        gw_addr,
+    )?);
     let through = format!("http://{gw_addr}/v1/endpoints/{endpoint}/health");
     let direct = format!("http://{replica_addr}/health");
     let http = reqwest::Client::builder()
@@ -227,7 +233,13 @@ async fn metering_under_a_kill(
     figure: &impl Fn(&str, String, &str),
 ) -> Result<()> {
     let survivor = crate::server::free_port()?;
-    children.push(start_gateway(gateway_bin, db_url, redis_url, namespace, survivor)?);
+    children.push(start_gateway(
+        gateway_bin,
+        db_url,
+        redis_url,
+        namespace,
+        survivor,
+    )?);
     let doomed_addr = crate::server::free_port()?;
     let mut doomed = start_gateway(gateway_bin, db_url, redis_url, namespace, doomed_addr)?;
     let http = reqwest::Client::new();

@@ -303,6 +303,7 @@ async fn agents_join_die_resume_are_cut_off_heal_and_report_gpu_faults(pool: PgP
         node_lost_after_ms: LOST_MS,
         lifecycle_tick_ms: 100,
         placement_tick_ms: 200,
+        autoscale_tick_ms: 200,
         node_credential_cache_ms: 60_000,
         redis_url: None,
         redis_namespace: "kiln".into(),

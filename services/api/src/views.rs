@@ -702,6 +702,27 @@ pub struct CreateEndpointInput {
     /// What callers may do, enforced by the gateway (429 with `Retry-After` beyond it).
     /// Default: per key 50 requests/s, burst 100, 32 in flight; no limit in total.
     pub limits: Option<EndpointLimitsSpec>,
+    /// How replicas follow the load. Default: 4 calls in flight per replica, scale down after
+    /// 60 s of less load, to zero (when `min_replicas` is 0) after 300 s without a call.
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// How an endpoint's replicas follow its load (calls in flight, as the gateways count them).
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, SimpleObject, InputObject,
+)]
+#[graphql(input_name = "AutoscalingInput")]
+#[serde(default)]
+pub struct AutoscalingSpec {
+    /// Calls in flight per replica to aim for, 1–10000.
+    #[schema(example = 4)]
+    pub target_concurrency: Option<i64>,
+    /// Seconds less load must last before replicas are removed, 0–86400.
+    #[schema(example = 60)]
+    pub scale_down_window_s: Option<i64>,
+    /// With `min_replicas` 0: seconds without a call before the last replica goes, 1–604800.
+    #[schema(example = 300)]
+    pub scale_to_zero_after_s: Option<i64>,
 }
 
 /// One caller's (or all callers') allowance: a token bucket and calls in flight.
@@ -764,6 +785,8 @@ pub struct EndpointView {
     pub desired_replicas: i64,
     /// What callers may do (enforced by the gateway).
     pub limits: EndpointLimitsSpec,
+    /// How replicas follow the load.
+    pub autoscaling: AutoscalingSpec,
     /// `ready` (a replica takes calls), `starting`, `idle` (scaled to zero) or `deleted`.
     pub state: String,
     /// Live replicas, oldest first.

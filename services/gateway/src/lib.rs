@@ -4,11 +4,12 @@
 //! expired or revoked key; another org's endpoint is a 404, like an unknown one), then sent to
 //! the ready replica with the fewest calls in flight on this gateway and streamed back as it
 //! comes. An org out of credit gets 402 (the billing core's decision on the ledger, as the API
-//! refuses new work), after the key check. No ready replica: 503 with `Retry-After`. A body-less idempotent call whose replica
-//! cannot be reached is tried on another. Keys, standing and routes come from [`cache`]
-//! (invalidated by Postgres notices, so a revoked key stops at once). Not here yet (the
-//! endpoints issue continues): rate limits, the autoscaler and holding calls during a cold
-//! start.
+//! refuses new work), after the key check. No ready replica (scaled to zero, or starting):
+//! the call is held, bounded in number and time, until one is — else 503 with `Retry-After`.
+//! A body-less idempotent call whose replica cannot be reached is tried on another. Keys, standing and routes come from [`cache`]
+//! (invalidated by Postgres notices, so a revoked key stops at once). Rate and concurrency
+//! limits per key and per endpoint are checked in Redis (`kiln_ratelimit::admission`) before
+//! any replica is woken or called.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,10 +69,21 @@ pub struct GatewayConfig {
         default_value_t = 30.0
     )]
     pub usage_claim_idle_secs: f64,
+    /// Seconds a call that finds no ready replica (a cold start) is held before 503.
+    #[arg(
+        long,
+        env = "KILN_GATEWAY_COLD_START_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
+    pub cold_start_timeout_secs: u64,
 }
 
 /// The largest request body forwarded to a replica.
 pub const MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+/// How long a call that finds no ready replica is held by default.
+pub const DEFAULT_COLD_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Calls held per endpoint on one gateway while a replica starts; more get 503 at once.
+pub const MAX_HELD_PER_ENDPOINT: usize = 256;
 /// How long one call may take end to end (model servers stream long answers).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -83,6 +95,9 @@ pub struct GatewayState {
     meter: Option<metering::Meter>,
     admission: Option<Admission>,
     caches: Caches,
+    /// Calls held per endpoint while a replica starts.
+    held: InFlight,
+    cold_start_timeout: Duration,
 }
 
 impl GatewayState {
@@ -108,7 +123,15 @@ impl GatewayState {
             meter: None,
             admission: None,
             caches,
+            held: InFlight::default(),
+            cold_start_timeout: DEFAULT_COLD_START_TIMEOUT,
         }
+    }
+
+    /// Hold a call that finds no ready replica at most this long (then 503).
+    pub fn with_cold_start_timeout(mut self, timeout: Duration) -> Self {
+        self.cold_start_timeout = timeout;
+        self
     }
 
     /// Enforce endpoints' rate and concurrency limits with `admission` (without it, none are).
@@ -136,6 +159,21 @@ impl InFlight {
             .get(&replica)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Like [`start`](Self::start), unless `id` already has `max`.
+    fn try_start(&self, id: Uuid, max: usize) -> Option<InFlightGuard> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(id).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        drop(m);
+        Some(InFlightGuard {
+            map: self.clone(),
+            replica: id,
+        })
     }
 
     fn start(&self, replica: Uuid) -> InFlightGuard {
@@ -322,14 +360,16 @@ async fn endpoint_call(
         },
         None => Permit::unchecked(),
     };
-    if route.ready.is_empty() {
-        let detail = if route.coming > 0 {
-            "no replica of this endpoint is ready yet; retry shortly"
-        } else {
-            "this endpoint has no replica running; retry shortly"
-        };
-        return unavailable(detail);
-    }
+    // No replica ready (scaled to zero, or starting): the call is held while one starts —
+    // it already counts as in flight, which is what makes the autoscaler ask for a replica.
+    let route = if route.ready.is_empty() {
+        match hold_for_replica(&state, endpoint.as_uuid(), key.org_id.as_uuid()).await {
+            Ok(route) => route,
+            Err(refusal) => return refusal,
+        }
+    } else {
+        route
+    };
 
     let path = params
         .iter()
@@ -541,6 +581,72 @@ fn unavailable(detail: &str) -> Response {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     r
+}
+
+/// Wait, bounded in number and time, until endpoint `id` has a ready replica that accepts
+/// connections (the agent reports a replica running once its container is; the server in it
+/// may take a moment more to listen). The route's changes wake the wait (Postgres notices).
+async fn hold_for_replica(
+    state: &GatewayState,
+    id: Uuid,
+    org: Uuid,
+) -> Result<Arc<kiln_store::EndpointRoute>, Response> {
+    let Some(_slot) = state.held.try_start(id, MAX_HELD_PER_ENDPOINT) else {
+        return Err(unavailable(
+            "too many calls are waiting for this endpoint to start a replica; retry shortly",
+        ));
+    };
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + state.cold_start_timeout;
+    let timed_out =
+        || unavailable("no replica of this endpoint became ready in time; retry shortly");
+    let mut changed = state.caches.watch_route(id);
+    loop {
+        let route = state
+            .caches
+            .route(id, async {
+                Ok::<_, kiln_store::StoreError>(state.store.endpoint_route(id).await?.map(Arc::new))
+            })
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "endpoint lookup failed");
+                unavailable("the gateway cannot reach its database; retry shortly")
+            })?;
+        let Some(route) = route.filter(|r| r.org_id == org) else {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "endpoint not found",
+            ));
+        };
+        if let Some(replica) = route.ready.first() {
+            let addr = (
+                replica.host.clone(),
+                u16::try_from(replica.host_port).unwrap_or(0),
+            );
+            loop {
+                if tokio::net::TcpStream::connect(addr.clone()).await.is_ok() {
+                    metrics::histogram!("kiln_gateway_cold_start_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    return Ok(route);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(timed_out());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        tokio::select! {
+            woken = changed.changed() => {
+                if woken.is_err() {
+                    changed = state.caches.watch_route(id);
+                }
+            }
+            // A lost notice costs at most this.
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep_until(deadline) => return Err(timed_out()),
+        }
+    }
 }
 
 /// 402 when the caller's org is out of credit (503 when that cannot be told).

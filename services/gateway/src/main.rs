@@ -54,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
         kiln_gateway::app(
             GatewayState::new(store)
                 .with_meter(meter)
-                .with_admission(admission),
+                .with_admission(admission)
+                .with_cold_start_timeout(std::time::Duration::from_secs(
+                    config.cold_start_timeout_secs.clamp(1, 3600),
+                )),
         ),
     )
     .with_graceful_shutdown(kiln_telemetry::shutdown_signal())

@@ -8,8 +8,8 @@
 //!   call is admitted while the set is below its limit, joins it, and leaves when it ends
 //!   ([`Permit`] drop). Leases are renewed every few seconds by the process holding them, so
 //!   the calls of a gateway that died free their slots within one lease ([`LEASE`]).
-//! * The in-flight sets are kept even without a concurrency limit: they are what the
-//!   autoscaler reads as the load on an endpoint ([`Admission::in_flight`]).
+//! * The in-flight sets are kept even without a concurrency limit, and admitted calls are
+//!   counted: that is what the autoscaler reads as the load on an endpoint ([`Admission::load`]).
 //!
 //! Time is Redis's (`TIME`), so gateways with skewed clocks agree. When Redis is unreachable
 //! calls are admitted (and the failure counted): an outage of Redis degrades protection, never
@@ -160,6 +160,8 @@ redis.call('ZADD', KEYS[1], now + lease, call)
 redis.call('PEXPIRE', KEYS[1], lease * 2)
 redis.call('ZADD', KEYS[2], now + lease, call)
 redis.call('PEXPIRE', KEYS[2], lease * 2)
+redis.call('INCR', KEYS[5])
+redis.call('PEXPIRE', KEYS[5], 86400000)
 return {0, 0}
 "#;
 
@@ -175,11 +177,22 @@ end
 return 0
 "#;
 
-const IN_FLIGHT: &str = r#"
+/// KEYS: the scope's in-flight set, its admitted counter.
+const LOAD: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+return {redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf'), tonumber(redis.call('GET', KEYS[2]) or '0')}
 "#;
+
+/// A scope's load now, across every process using this Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Load {
+    /// Calls in flight (admitted, not yet ended: served or waiting for a replica).
+    pub in_flight: u64,
+    /// Calls admitted so far (a counter: compare two readings; it restarts from 0 after a day
+    /// without calls).
+    pub admitted: u64,
+}
 
 /// Admission control over one Redis; cheap to clone (shared).
 #[derive(Clone)]
@@ -188,7 +201,7 @@ pub struct Admission {
     namespace: String,
     admit: Arc<redis::Script>,
     renew: Arc<redis::Script>,
-    in_flight: Arc<redis::Script>,
+    load: Arc<redis::Script>,
     /// This process's calls in flight: call id → the sets it is in (what renewal renews).
     leases: Arc<Mutex<HashMap<String, [String; 2]>>>,
 }
@@ -215,7 +228,7 @@ impl Admission {
             namespace: namespace.to_owned(),
             admit: Arc::new(redis::Script::new(ADMIT)),
             renew: Arc::new(redis::Script::new(RENEW)),
-            in_flight: Arc::new(redis::Script::new(IN_FLIGHT)),
+            load: Arc::new(redis::Script::new(LOAD)),
             leases: Arc::default(),
         };
         let renewer = admission.clone();
@@ -241,6 +254,10 @@ impl Admission {
             Some(c) => format!("{}:adm:{scope}:caller:{c}:in_flight", self.namespace),
             None => format!("{}:adm:{scope}:in_flight", self.namespace),
         }
+    }
+
+    fn admitted(&self, scope: &str) -> String {
+        format!("{}:adm:{scope}:admitted", self.namespace)
     }
 
     fn bucket(&self, scope: &str, caller: Option<&str>) -> String {
@@ -272,6 +289,7 @@ impl Admission {
             .key(&sets[1])
             .key(self.bucket(scope, Some(caller)))
             .key(self.bucket(scope, None))
+            .key(self.admitted(scope))
             .arg(LEASE.as_millis() as u64)
             .arg(&call)
             .arg(limits.caller_concurrency.unwrap_or(0))
@@ -315,14 +333,24 @@ impl Admission {
         }
     }
 
+    /// `scope`'s load now: what the autoscaler reads.
+    pub async fn load(&self, scope: &str) -> Result<Load, RateLimitError> {
+        let mut conn = self.conn.clone();
+        let (in_flight, admitted): (u64, u64) = self
+            .load
+            .key(self.set(scope, None))
+            .key(self.admitted(scope))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Load {
+            in_flight,
+            admitted,
+        })
+    }
+
     /// Calls in flight in `scope` now, across every process using this Redis.
     pub async fn in_flight(&self, scope: &str) -> Result<u64, RateLimitError> {
-        let mut conn = self.conn.clone();
-        Ok(self
-            .in_flight
-            .key(self.set(scope, None))
-            .invoke_async(&mut conn)
-            .await?)
+        Ok(self.load(scope).await?.in_flight)
     }
 
     async fn renew_all(&self) -> Result<(), RateLimitError> {
@@ -422,7 +450,14 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(adm.in_flight("ep").await.unwrap(), 3);
+        assert_eq!(
+            adm.load("ep").await.unwrap(),
+            Load {
+                in_flight: 3,
+                admitted: 3
+            },
+            "refusals are not counted as admitted"
+        );
         drop(a1);
         // The slot is freed in the background: poll with a deadline.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

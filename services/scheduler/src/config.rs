@@ -41,6 +41,10 @@ pub struct SchedulerConfig {
     /// How often the placer looks for pending work when nothing woke it.
     #[arg(long, env = "KILN_PLACEMENT_TICK_MS", default_value_t = 1_000)]
     pub placement_tick_ms: u64,
+    /// How often the autoscaler reads endpoints' load (a call held at zero replicas waits up
+    /// to this long before a replica is asked for).
+    #[arg(long, env = "KILN_AUTOSCALE_TICK_MS", default_value_t = 1_000)]
+    pub autoscale_tick_ms: u64,
     /// How long a verified node credential is trusted without asking Postgres again.
     /// Revocations evict at once (Postgres NOTIFY); this bounds a missed notice.
     #[arg(long, env = "KILN_NODE_CREDENTIAL_CACHE_MS", default_value_t = 60_000)]
@@ -113,6 +117,10 @@ impl SchedulerConfig {
 
     pub fn placement_tick(&self) -> Duration {
         Duration::from_millis(self.placement_tick_ms.max(10))
+    }
+
+    pub fn autoscale_tick(&self) -> Duration {
+        Duration::from_millis(self.autoscale_tick_ms.max(50))
     }
 
     pub fn credential_cache(&self) -> Duration {

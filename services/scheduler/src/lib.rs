@@ -11,6 +11,7 @@
 //!   [`kiln_placement`] core; replicas split the queue with `SKIP LOCKED` and the schema refuses
 //!   any double allocation a race would cause.
 
+pub mod autoscaler;
 pub mod config;
 pub mod endpoints;
 pub mod lifecycle;
@@ -23,6 +24,7 @@ use kiln_fleet::{FleetConfig, NodeControlService};
 use kiln_store::Store;
 use tokio::net::TcpListener;
 
+pub use autoscaler::Autoscaler;
 pub use config::SchedulerConfig;
 pub use endpoints::EndpointController;
 pub use lifecycle::LifecycleController;
@@ -89,11 +91,22 @@ impl Scheduler {
         if let Some(raw) = &config.secrets_key {
             service = service.with_secrets(kiln_auth::SecretBox::from_base64(raw)?);
         }
+        let mut autoscaler_task = None;
         if let Some(url) = &config.redis_url {
             let logs = kiln_logs::LogStore::connect(url, &config.redis_namespace)
                 .await
                 .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
             service = service.with_logs(logs);
+            // The gateways record endpoints' load in Redis; without it nothing autoscales
+            // (endpoints keep their desired replicas).
+            let admission =
+                kiln_ratelimit::admission::Admission::connect(url, &config.redis_namespace)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
+            let autoscaler = Autoscaler::new(store.clone(), admission);
+            autoscaler_task = Some(tokio::spawn(
+                autoscaler.run(config.autoscale_tick(), stopped(stop_rx.clone())),
+            ));
         }
         let placer = Placer::new(store.clone());
         let placer_stop = stopped(stop_rx.clone());
@@ -115,6 +128,9 @@ impl Scheduler {
         controller_task.await?;
         placer_task.await?;
         endpoints_task.await?;
+        if let Some(t) = autoscaler_task {
+            t.await?;
+        }
         ops_task.await??;
         Ok(())
     }

@@ -52,6 +52,7 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
                 min_replicas: 2,
                 max_replicas: 4,
                 limits: Default::default(),
+                autoscaling: Default::default(),
                 replica: template(),
             },
         )
@@ -83,12 +84,37 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
         EndpointController::new(store.clone()),
     );
     let (a, b) = tokio::join!(one.pass(), two.pass());
-    assert_eq!(a.unwrap() + b.unwrap(), 1, "replaced exactly once");
+    assert_eq!(a.unwrap().0 + b.unwrap().0, 1, "replaced exactly once");
     assert_eq!(live(&store, ep.id).await.len(), 2);
     assert_eq!(
         EndpointController::new(store.clone()).pass().await.unwrap(),
-        0
+        (0, 0)
     );
+
+    // The autoscaler asks for fewer (and never below min or above max): the surplus ends, by
+    // two controllers at once exactly once.
+    let newest = live(&store, ep.id).await.last().unwrap().0;
+    assert!(
+        !store.endpoint_set_desired(ep.id, 1).await.unwrap(),
+        "min_replicas is 2: clamped to it, so no change"
+    );
+    let (a, b) = tokio::join!(one.pass(), two.pass());
+    assert_eq!((a.unwrap(), b.unwrap()), ((0, 0), (0, 0)), "already at min");
+    sqlx::query("UPDATE endpoints SET min_replicas = 1 WHERE id = $1")
+        .bind(ep.id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert!(store.endpoint_set_desired(ep.id, 1).await.unwrap());
+    let (a, b) = tokio::join!(one.pass(), two.pass());
+    assert_eq!(a.unwrap().1 + b.unwrap().1, 1, "removed exactly once");
+    let left = live(&store, ep.id).await;
+    assert_eq!(left.len(), 1);
+    assert_ne!(left[0].0, newest, "the newest replica went");
+    assert!(store.endpoint_set_desired(ep.id, 99).await.unwrap());
+    assert_eq!(one.pass().await.unwrap(), (3, 0), "up to max_replicas, 4");
+    assert!(store.endpoint_set_desired(ep.id, 2).await.unwrap());
+    assert_eq!(one.pass().await.unwrap(), (0, 2));
 
     // Out of credit: billing stopped the org's work, and the controller does not bring it back
     // until the mark is lifted.
@@ -112,7 +138,7 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
     let controller = EndpointController::new(store.clone());
     assert_eq!(
         controller.pass().await.unwrap(),
-        0,
+        (0, 0),
         "not while out of credit"
     );
     sqlx::query("UPDATE billing_settings SET credit_exhausted_at = NULL WHERE org_id = $1")
@@ -120,7 +146,7 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
         .execute(store.pool())
         .await
         .unwrap();
-    assert_eq!(controller.pass().await.unwrap(), 1);
+    assert_eq!(controller.pass().await.unwrap(), (1, 0));
 
     // Deleted: its replicas end and nothing replaces them.
     let mut tx = store.begin().await.unwrap();
@@ -134,7 +160,7 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
     assert!(live(&store, ep.id).await.is_empty());
     assert_eq!(
         EndpointController::new(store.clone()).pass().await.unwrap(),
-        0
+        (0, 0)
     );
     let (held,): (i64,) = sqlx::query_as("SELECT count(*) FROM gpu_allocations")
         .fetch_one(store.pool())

@@ -59,7 +59,38 @@ pub struct NewEndpoint<'a> {
     pub min_replicas: i32,
     pub max_replicas: i32,
     pub limits: EndpointLimits,
+    pub autoscaling: Autoscaling,
     pub replica: ReplicaTemplate,
+}
+
+/// How an endpoint scales (see the `…_endpoint_autoscaling` migration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Autoscaling {
+    pub target_concurrency: i32,
+    pub scale_down_window_s: i32,
+    pub scale_to_zero_after_s: i32,
+}
+
+impl Default for Autoscaling {
+    /// The database's defaults.
+    fn default() -> Self {
+        Self {
+            target_concurrency: 4,
+            scale_down_window_s: 60,
+            scale_to_zero_after_s: 300,
+        }
+    }
+}
+
+/// What the autoscaler needs of one live endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ScalingTarget {
+    pub id: Uuid,
+    pub min_replicas: i32,
+    pub max_replicas: i32,
+    pub desired_replicas: i32,
+    #[sqlx(flatten)]
+    pub autoscaling: Autoscaling,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -131,6 +162,8 @@ pub struct EndpointRecord {
     pub total_rate_per_s: Option<f64>,
     pub total_burst: Option<i32>,
     pub total_concurrency: Option<i32>,
+    #[sqlx(flatten)]
+    pub autoscaling: Autoscaling,
 }
 
 impl EndpointRecord {
@@ -170,16 +203,18 @@ pub struct EndpointRoute {
     pub limits: EndpointLimits,
 }
 
-/// An endpoint short of live replicas.
+/// An endpoint whose live replicas are not as many as it should have.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
-pub struct ReplicaShortfall {
+pub struct ReplicaImbalance {
     pub endpoint_id: Uuid,
+    /// Replicas to add (negative: to remove).
     pub missing: i64,
 }
 
 const ENDPOINT_COLUMNS: &str = "id, org_id, name, state, spec, port, health_path, min_replicas, \
      max_replicas, desired_replicas, created_at, updated_at, key_rate_per_s, key_burst, \
-     key_concurrency, total_rate_per_s, total_burst, total_concurrency";
+     key_concurrency, total_rate_per_s, total_burst, total_concurrency, target_concurrency, \
+     scale_down_window_s, scale_to_zero_after_s";
 
 /// Whether the endpoint `e`'s org is out of credit: kiln-billing has stopped its work, so no
 /// replica is added until a top-up lifts the mark (billing then resumes what it stopped).
@@ -202,8 +237,10 @@ impl Store {
         let row: Option<EndpointRecord> = sqlx::query_as(&format!(
             "INSERT INTO endpoints (id, org_id, name, spec, port, health_path, min_replicas,
                  max_replicas, desired_replicas, key_rate_per_s, key_burst, key_concurrency,
-                 total_rate_per_s, total_burst, total_concurrency)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11, $12, $13, $14)
+                 total_rate_per_s, total_burst, total_concurrency, target_concurrency,
+                 scale_down_window_s, scale_to_zero_after_s)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11, $12, $13, $14, $15, $16,
+                 $17)
              ON CONFLICT (org_id, name) WHERE state = 'active' DO NOTHING
              RETURNING {ENDPOINT_COLUMNS}"
         ))
@@ -221,6 +258,9 @@ impl Store {
         .bind(new.limits.total_rate.map(|r| r.per_second))
         .bind(new.limits.total_rate.map(|r| r.burst))
         .bind(new.limits.total_concurrency)
+        .bind(new.autoscaling.target_concurrency)
+        .bind(new.autoscaling.scale_down_window_s)
+        .bind(new.autoscaling.scale_to_zero_after_s)
         .fetch_optional(&mut *conn)
         .await?;
         let Some(row) = row else {
@@ -446,27 +486,32 @@ impl Store {
     }
 
     /// Live endpoints with fewer live replicas than they should have (a replica failed, was
-    /// lost with its node, or was deleted behind the endpoint's back), of orgs that can pay.
-    pub async fn endpoint_replica_shortfalls(&self) -> StoreResult<Vec<ReplicaShortfall>> {
+    /// lost with its node, or was deleted behind the endpoint's back; the autoscaler asked for
+    /// more) — of orgs that can pay — or with more (the autoscaler asked for fewer).
+    pub async fn endpoint_replica_imbalances(&self) -> StoreResult<Vec<ReplicaImbalance>> {
         Ok(sqlx::query_as(&format!(
             "SELECT e.id AS endpoint_id,
                     e.desired_replicas - count(w.id) FILTER (WHERE w.state IN {LIVE}) AS missing
              FROM endpoints e LEFT JOIN workloads w ON w.endpoint_id = e.id
-             WHERE e.state = 'active' AND NOT {OUT_OF_CREDIT}
+             WHERE e.state = 'active'
              GROUP BY e.id
-             HAVING e.desired_replicas > count(w.id) FILTER (WHERE w.state IN {LIVE})"
+             HAVING (e.desired_replicas > count(w.id) FILTER (WHERE w.state IN {LIVE})
+                     AND NOT bool_or({OUT_OF_CREDIT}))
+                 OR e.desired_replicas < count(w.id) FILTER (WHERE w.state IN {LIVE})"
         ))
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Top up one endpoint to its desired replicas under its row lock (so two controllers
-    /// never both add the same replica); answers how many were added.
-    pub async fn endpoint_top_up(&self, id: Uuid) -> StoreResult<i64> {
+    /// Bring one endpoint to its desired replicas under its row lock (so two controllers
+    /// never both add or remove the same replica): adds what is missing (unless its org is out
+    /// of credit), or terminates the surplus — replicas not yet running first, then the
+    /// newest. Answers the change (negative: removed).
+    pub async fn endpoint_reconcile_replicas(&self, id: Uuid) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
         let row: Option<EndpointRecord> = sqlx::query_as(&format!(
             "SELECT {ENDPOINT_COLUMNS} FROM endpoints e WHERE id = $1 AND state = 'active'
-             AND NOT {OUT_OF_CREDIT} FOR UPDATE"
+             FOR UPDATE"
         ))
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -474,16 +519,70 @@ impl Store {
         let Some(endpoint) = row else {
             return Ok(0);
         };
-        let (live,): (i64,) = sqlx::query_as(&format!(
-            "SELECT count(*) FROM workloads WHERE endpoint_id = $1 AND state IN {LIVE}"
+        let (live, out_of_credit): (i64, bool) = sqlx::query_as(&format!(
+            "SELECT (SELECT count(*) FROM workloads WHERE endpoint_id = $1 AND state IN {LIVE}),
+                    EXISTS (SELECT 1 FROM billing_settings b
+                            WHERE b.org_id = $2 AND b.credit_exhausted_at IS NOT NULL)"
         ))
         .bind(id)
+        .bind(endpoint.org_id)
         .fetch_one(&mut *tx)
         .await?;
         let missing = i64::from(endpoint.desired_replicas) - live;
-        self.endpoint_add_replicas(&mut tx, &endpoint, missing)
+        let change = if missing > 0 && !out_of_credit {
+            self.endpoint_add_replicas(&mut tx, &endpoint, missing)
+                .await?;
+            missing
+        } else if missing < 0 {
+            let surplus: Vec<(Uuid,)> = sqlx::query_as(&format!(
+                "SELECT id FROM workloads WHERE endpoint_id = $1 AND state IN {LIVE}
+                 ORDER BY state = 'running', created_at DESC, id DESC LIMIT $2"
+            ))
+            .bind(id)
+            .bind(-missing)
+            .fetch_all(&mut *tx)
             .await?;
+            for (w,) in &surplus {
+                self.workload_release(
+                    &mut tx,
+                    kiln_domain::WorkloadId::from_uuid(*w),
+                    "terminated",
+                    "scaled down: the endpoint needs fewer replicas",
+                )
+                .await?;
+            }
+            -(surplus.len() as i64)
+        } else {
+            0
+        };
         tx.commit().await?;
-        Ok(missing.max(0))
+        Ok(change)
+    }
+
+    /// Every live endpoint, with what the autoscaler needs to know.
+    pub async fn endpoint_scaling_targets(&self) -> StoreResult<Vec<ScalingTarget>> {
+        Ok(sqlx::query_as(
+            "SELECT id, min_replicas, max_replicas, desired_replicas, target_concurrency,
+                    scale_down_window_s, scale_to_zero_after_s
+             FROM endpoints WHERE state = 'active'",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Set how many replicas an endpoint should have (kept within its min and max); answers
+    /// whether it changed.
+    pub async fn endpoint_set_desired(&self, id: Uuid, desired: i32) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE endpoints SET desired_replicas = GREATEST(min_replicas, LEAST(max_replicas, $2)),
+                 updated_at = now()
+             WHERE id = $1 AND state = 'active'
+               AND desired_replicas <> GREATEST(min_replicas, LEAST(max_replicas, $2))",
+        )
+        .bind(id)
+        .bind(desired)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
     }
 }

@@ -40,8 +40,8 @@ pub use billing::{
 };
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use endpoints::{
-    EndpointLimits, EndpointRecord, EndpointRoute, NewEndpoint, RateLimit, ReadyReplica,
-    ReplicaShortfall, ReplicaTemplate,
+    Autoscaling, EndpointLimits, EndpointRecord, EndpointRoute, NewEndpoint, RateLimit,
+    ReadyReplica, ReplicaImbalance, ReplicaTemplate, ScalingTarget,
 };
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,

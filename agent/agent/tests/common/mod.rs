@@ -81,6 +81,7 @@ impl ControlPlane {
             node_lost_after_ms: 60_000,
             lifecycle_tick_ms: 200,
             placement_tick_ms: 200,
+            autoscale_tick_ms: 200,
             node_credential_cache_ms: 60_000,
             // The API's Redis namespace (logs) and secrets key (secret env values).
             redis_url: Some(kiln_testkit::redis_url()),
@@ -118,7 +119,8 @@ impl ControlPlane {
 }
 
 /// A `kiln-gateway` in process beside `app` (its store and Redis namespace), metering into
-/// Redis with its ingester running: the base URL callers use.
+/// Redis with its ingester running and enforcing limits (which records the load the
+/// scheduler's autoscaler reads): the base URL callers use.
 pub async fn start_gateway(app: &kiln_testkit::TestApp) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -133,7 +135,13 @@ pub async fn start_gateway(app: &kiln_testkit::TestApp) -> String {
     )
     .unwrap();
     tokio::spawn(ingester.run());
-    let state = kiln_gateway::GatewayState::new(app.store().clone()).with_meter(meter);
+    let admission =
+        kiln_ratelimit::admission::Admission::connect(&kiln_testkit::redis_url(), &namespace)
+            .await
+            .unwrap();
+    let state = kiln_gateway::GatewayState::new(app.store().clone())
+        .with_meter(meter)
+        .with_admission(admission);
     tokio::spawn(async move {
         axum::serve(listener, kiln_gateway::app(state))
             .await

@@ -8,7 +8,7 @@
 
 use kiln_domain::{EndpointId, OrgId, Permission};
 use kiln_store::{
-    EndpointLimits, EndpointRecord, NewEndpoint, OrgScope, RateLimit, ReplicaTemplate,
+    Autoscaling, EndpointLimits, EndpointRecord, NewEndpoint, OrgScope, RateLimit, ReplicaTemplate,
 };
 use sqlx::PgConnection;
 
@@ -126,6 +126,7 @@ pub async fn create(
         checks.push("max_replicas", "must be at least min_replicas");
     }
     let limits = limits(&mut checks, input.limits.as_ref());
+    let autoscaling = autoscaling(&mut checks, input.autoscaling.as_ref());
     // Each replica is a pod in all but name: the same validation, the port as its one port.
     let as_pod = CreatePodInput {
         name: input.name.clone(),
@@ -166,6 +167,7 @@ pub async fn create(
                 min_replicas: min as i32,
                 max_replicas: max as i32,
                 limits,
+                autoscaling,
                 replica: ReplicaTemplate {
                     tier: if pod.spot { "spot" } else { "on_demand" }.into(),
                     gpu_mode: pod.gpu.mode().into(),
@@ -200,6 +202,7 @@ pub async fn create(
             "min_replicas": min,
             "max_replicas": max,
             "limits": limits_view(&limits),
+            "autoscaling": autoscaling_view(&autoscaling),
         }),
     );
     state.store.audit_record(conn, &event).await?;
@@ -282,6 +285,54 @@ fn concurrent(
         return None;
     }
     Some(n as i32)
+}
+
+/// The endpoint's autoscaling from the request, defaults filled in.
+fn autoscaling(checks: &mut Checks, input: Option<&AutoscalingSpec>) -> Autoscaling {
+    let d = Autoscaling::default();
+    let mut field =
+        |name: &str, value: Option<i64>, range: std::ops::RangeInclusive<i64>, default: i32| {
+            match value {
+                None => default,
+                Some(v) if range.contains(&v) => v as i32,
+                Some(_) => {
+                    checks.push(
+                        &format!("autoscaling.{name}"),
+                        format!("must be between {} and {}", range.start(), range.end()),
+                    );
+                    default
+                }
+            }
+        };
+    let input = input.cloned().unwrap_or_default();
+    Autoscaling {
+        target_concurrency: field(
+            "target_concurrency",
+            input.target_concurrency,
+            1..=10_000,
+            d.target_concurrency,
+        ),
+        scale_down_window_s: field(
+            "scale_down_window_s",
+            input.scale_down_window_s,
+            0..=86_400,
+            d.scale_down_window_s,
+        ),
+        scale_to_zero_after_s: field(
+            "scale_to_zero_after_s",
+            input.scale_to_zero_after_s,
+            1..=604_800,
+            d.scale_to_zero_after_s,
+        ),
+    }
+}
+
+pub fn autoscaling_view(a: &Autoscaling) -> AutoscalingSpec {
+    AutoscalingSpec {
+        target_concurrency: Some(i64::from(a.target_concurrency)),
+        scale_down_window_s: Some(i64::from(a.scale_down_window_s)),
+        scale_to_zero_after_s: Some(i64::from(a.scale_to_zero_after_s)),
+    }
 }
 
 /// The tenant's view of an endpoint's limits.
@@ -386,6 +437,7 @@ pub async fn view(
         max_replicas: i64::from(e.max_replicas),
         desired_replicas: i64::from(e.desired_replicas),
         limits: limits_view(&e.limits()),
+        autoscaling: autoscaling_view(&e.autoscaling),
         state: endpoint_state.into(),
         replicas: replicas
             .iter()

@@ -14,6 +14,36 @@ fn endpoint(limits: Value) -> Value {
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn autoscaling_is_validated_and_shown_with_its_defaults(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let u = app.user("ada").await;
+    let path = format!("/v1/orgs/{}/endpoints", u.org_id);
+    let mut bad = endpoint(Value::Null);
+    bad["autoscaling"] = json!({"target_concurrency": 0, "scale_down_window_s": -1,
+                                "scale_to_zero_after_s": 0});
+    let (status, body) = app.post(&path, &u.access_token, bad).await;
+    assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut fields = error_fields(&body);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "autoscaling.scale_down_window_s",
+            "autoscaling.scale_to_zero_after_s",
+            "autoscaling.target_concurrency",
+        ]
+    );
+    let mut good = endpoint(Value::Null);
+    good["autoscaling"] = json!({"target_concurrency": 2});
+    let (status, created) = app.post(&path, &u.access_token, good).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(
+        created["autoscaling"],
+        json!({"target_concurrency": 2, "scale_down_window_s": 60, "scale_to_zero_after_s": 300})
+    );
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn limits_are_validated_and_shown_with_their_defaults(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
     let u = app.user("ada").await;
