@@ -196,7 +196,8 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
     );
     assert!(events.iter().all(|e| e.3 > 0));
 
-    // Deleted: calls are 404 at once, and the replica's container goes.
+    // Deleted: calls are 404 as soon as the gateway hears of it (a Postgres notice), and the
+    // replica's container goes.
     let (status, gone) = app
         .call(
             Method::DELETE,
@@ -207,14 +208,88 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{gone}");
     assert_eq!(gone["state"], "deleted");
-    let r = http
-        .post(&call_url)
+    until(
+        "calls to the deleted endpoint to be refused",
+        Duration::from_secs(10),
+        async || {
+            let r = http
+                .post(&call_url)
+                .bearer_auth(&key)
+                .json(&json!({}))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == StatusCode::NOT_FOUND).then_some(())
+        },
+    )
+    .await;
+    until(
+        "the replica's container to be removed",
+        Duration::from_secs(30),
+        async || (containers_of(&node.to_string()) == 0).then_some(()),
+    )
+    .await;
+    let _ = Command::new("docker")
+        .args(["network", "rm", &format!("kiln-org-{}", ada.org_id)])
+        .output();
+    control.stop().await;
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_endpoint_at_zero_starts_on_the_first_call_and_goes_back_to_zero(pool: PgPool) {
+    let image = demo_image();
+    let app = TestApp::spawn(pool).await;
+    let store = app.store().clone();
+    let control = ControlPlane::start(&app).await;
+    let gateway = start_gateway(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let hostname = format!("ep-cold-{}", std::process::id());
+    let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
+    let ada = app.user("ada").await;
+    let (_, key) = app.api_key(&ada, &ada.org_id, "member").await;
+    let endpoints = format!("/v1/orgs/{}/endpoints", ada.org_id);
+    let (status, ep) = app
+        .post(
+            &endpoints,
+            &ada.access_token,
+            json!({"name": "cold", "image": image, "port": 8000, "min_replicas": 0,
+                   "max_replicas": 1,
+                   "autoscaling": {"scale_to_zero_after_s": 2, "scale_down_window_s": 0}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ep}");
+    assert_eq!(ep["state"], "idle");
+    let id = ep["id"].as_str().unwrap().to_owned();
+
+    // The first call finds no replica: it is held while one starts, then answered.
+    let started = std::time::Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("{gateway}/v1/endpoints/{id}/v1/completions"))
         .bearer_auth(&key)
-        .json(&json!({}))
+        .json(&json!({"prompt": "cold starts happen"}))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.status(), StatusCode::OK);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["choices"][0]["text"], "happen starts cold");
+    eprintln!(
+        "cold start answered after {} ms",
+        started.elapsed().as_millis()
+    );
+
+    // Idle: back to zero replicas, and the container goes.
+    until(
+        "the endpoint to scale back to zero",
+        Duration::from_secs(60),
+        async || {
+            let (_, e) = app
+                .get(&format!("{endpoints}/{id}"), &ada.access_token)
+                .await;
+            (e["desired_replicas"] == 0 && e["state"] == "idle").then_some(())
+        },
+    )
+    .await;
     until(
         "the replica's container to be removed",
         Duration::from_secs(30),

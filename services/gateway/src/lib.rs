@@ -115,7 +115,7 @@ impl GatewayState {
             .build()
             .expect("an HTTP client with default TLS settings");
         let caches = Caches::new(ttls);
-        caches.spawn_listener(store.pool().clone());
+        caches.spawn_listener(store.dedicated_pool());
         Self {
             store,
             upstream,

@@ -4,8 +4,9 @@
 //! controller then adds or removes replicas to match.
 //!
 //! The decision ([`decide`]) is a plain function over plain data:
-//! * wanted = ⌈in flight ÷ target_concurrency⌉, at least 1 while the endpoint had a call within
-//!   `scale_to_zero_after` (0 only after that long without any, and only when `min` is 0);
+//! * wanted = ⌈in flight ÷ target_concurrency⌉; a running endpoint keeps at least 1 until it
+//!   has had no call for `scale_to_zero_after` (then 0, when `min` is 0), and one at zero
+//!   gets a replica only when a call is in flight (held by a gateway: the cold start);
 //! * up at once (a call held at zero replicas is a cold start: it is waited for);
 //! * down only to the most that was wanted over the last `scale_down_window` (stabilisation:
 //!   a dip does not drop replicas that the next burst needs again); to zero at once once idle.
@@ -79,7 +80,9 @@ pub fn decide(
             .div_ceil(u64::from(policy.target_concurrency)),
     )
     .unwrap_or(u32::MAX);
-    let floor = if idle { 0 } else { 1 };
+    // A replica that exists stays until the endpoint has been idle long enough; none is
+    // started without a call waiting for it.
+    let floor = if idle || current == 0 { 0 } else { 1 };
     let wanted = by_load.max(floor).clamp(policy.min, policy.max);
 
     history.wanted.push_back((now, wanted));
@@ -110,6 +113,8 @@ pub struct Autoscaler {
     histories: HashMap<Uuid, History>,
     /// The connection holding the leader lock, when this replica leads.
     leader: Option<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    /// Where that connection comes from: not the store's pool, which it would hold forever.
+    lock_pool: sqlx::PgPool,
     started: tokio::time::Instant,
 }
 
@@ -119,6 +124,7 @@ const LEADER_LOCK: i64 = 0x6b69_6c6e_2d61_73;
 impl Autoscaler {
     pub fn new(store: Store, admission: Admission) -> Self {
         Self {
+            lock_pool: store.dedicated_pool(),
             store,
             admission,
             histories: HashMap::new(),
@@ -137,13 +143,13 @@ impl Autoscaler {
             self.leader = None;
             self.histories.clear();
         }
-        let mut conn = self.store.pool().acquire().await?;
+        let mut conn = self.lock_pool.acquire().await?;
         let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
             .bind(LEADER_LOCK)
             .fetch_one(&mut *conn)
             .await?;
         if got {
-            // Held for this process's life: the connection leaves the pool.
+            // Held for this process's life (or until its session fails).
             self.leader = Some(conn);
             tracing::info!("this scheduler now runs the endpoint autoscaler");
         }
@@ -227,11 +233,15 @@ mod tests {
     #[test]
     fn a_call_at_zero_starts_a_replica_at_once() {
         let mut h = History::default();
-        // Idle for long before: the endpoint sits at zero.
-        assert_eq!(decide(&POLICY, &mut h, s(0), load(0, 10), 0), 1);
-        assert_eq!(decide(&POLICY, &mut h, s(400), load(0, 10), 1), 0);
+        // At zero without calls: stays there.
+        assert_eq!(decide(&POLICY, &mut h, s(0), load(0, 10), 0), 0);
+        assert_eq!(decide(&POLICY, &mut h, s(5), load(0, 10), 0), 0);
         // A call is held for a replica: wanted at once.
-        assert_eq!(decide(&POLICY, &mut h, s(401), load(1, 11), 0), 1);
+        assert_eq!(decide(&POLICY, &mut h, s(6), load(1, 11), 0), 1);
+        // Served; the replica stays while calls came lately, and goes after the idle period.
+        assert_eq!(decide(&POLICY, &mut h, s(7), load(0, 11), 1), 1);
+        assert_eq!(decide(&POLICY, &mut h, s(305), load(0, 11), 1), 1);
+        assert_eq!(decide(&POLICY, &mut h, s(306), load(0, 11), 1), 0);
     }
 
     #[test]

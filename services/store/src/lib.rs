@@ -178,6 +178,25 @@ impl Store {
         &self.pool
     }
 
+    /// A pool of one connection to the same database, outside this store's pool: for a
+    /// connection held for a process's life (a `LISTEN`, a session advisory lock), so it never
+    /// takes a connection the store's callers are counting on. Connects when first used, and
+    /// closes when the store's pool does (so a test's database can be dropped). Must be called
+    /// inside a Tokio runtime.
+    pub fn dedicated_pool(&self) -> PgPool {
+        let dedicated = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        let (main, closing) = (self.pool.clone(), dedicated.clone());
+        tokio::spawn(async move {
+            main.close_event().await;
+            closing.close().await;
+        });
+        dedicated
+    }
+
     pub async fn begin(&self) -> StoreResult<Tx> {
         Ok(self.pool.begin().await?)
     }
