@@ -1286,3 +1286,76 @@ async fn pod_pages_are_for_the_pods_org_only(pool: PgPool) {
 
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn endpoint_pages_show_the_url_a_curl_example_and_charts_to_the_org_only(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let grace = app.user("grace").await;
+    let (status, ep) = app
+        .post(
+            &format!("/v1/orgs/{}/endpoints", ada.org_id),
+            &ada.access_token,
+            json!({"name": "llm", "image": "kiln/demo-model:1", "port": 8000, "min_replicas": 0,
+                   "max_replicas": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ep}");
+    let id = ep["id"].as_str().expect("an id").to_owned();
+    let url = ep["url"].as_str().expect("a url").to_owned();
+    let http = no_redirects();
+    let get = |path: String, cookies: String| {
+        let http = http.clone();
+        let base = app.url.clone();
+        async move {
+            let r = http
+                .get(format!("{base}{path}"))
+                .header("cookie", cookies)
+                .send()
+                .await
+                .expect("GET");
+            (r.status(), r.text().await.expect("body"))
+        }
+    };
+    let cookies = cookie_header(&console_login(&app, &ada.email, &ada.password).await);
+    let (status, list) = get(format!("/orgs/{}/endpoints", ada.org_id), cookies.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        list.contains(&format!("/orgs/{}/endpoints/{id}", ada.org_id)),
+        "{list}"
+    );
+    assert!(list.contains("0 running / 0 of 0..2"), "{list}");
+    let (status, page) = get(
+        format!("/orgs/{}/endpoints/{id}", ada.org_id),
+        cookies.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(&url), "the URL: {page}");
+    assert!(
+        page.contains("Authorization: Bearer $KILN_API_KEY")
+            && page.contains(&format!("{url}/v1/completions"))
+            && page.contains("data-copy=\"endpoint-curl\""),
+        "a curl example to copy: {page}"
+    );
+    for chart in ["chart-requests", "chart-latency", "chart-errors"] {
+        assert!(page.contains(&format!("id=\"{chart}\"")), "{chart}: {page}");
+    }
+    assert!(page.contains("<svg class=\"chart\""));
+    assert!(page.contains("scaled to zero"), "no replicas yet: {page}");
+    assert!(
+        page.contains("per key 50/s (burst 100), 32 in flight"),
+        "{page}"
+    );
+
+    let theirs = cookie_header(&console_login(&app, &grace.email, &grace.password).await);
+    for path in [
+        format!("/orgs/{}/endpoints/{id}", ada.org_id),
+        format!("/orgs/{}/endpoints/{id}", grace.org_id),
+        format!("/orgs/{}/endpoints/ep_not-an-id", grace.org_id),
+    ] {
+        let (status, body) = get(path.clone(), theirs.clone()).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert!(!body.contains(&url), "{path}: {body}");
+    }
+}

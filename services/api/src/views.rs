@@ -797,6 +797,34 @@ pub struct EndpointView {
 
 list_view!(EndpointList, EndpointView);
 
+/// An endpoint's calls in one time bucket.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct TrafficBucketView {
+    /// The bucket's start (RFC 3339).
+    pub start: String,
+    pub calls: i64,
+    /// Calls per second over the bucket.
+    pub requests_per_second: f64,
+    /// Answers with status ≥ 500.
+    pub errors: i64,
+    /// Latency through the gateway, milliseconds (none for a bucket without calls).
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// An endpoint's traffic over the last `minutes`: every bucket (empty ones too), and totals.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct EndpointTrafficView {
+    pub from: String,
+    pub to: String,
+    pub bucket_seconds: i64,
+    pub buckets: Vec<TrafficBucketView>,
+    pub calls: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
 /// One line of a pod's output.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
 pub struct LogLineView {

@@ -119,7 +119,7 @@ pub struct Autoscaler {
 }
 
 /// The advisory lock key of the autoscaler's leader ("kiln-as" in ASCII).
-const LEADER_LOCK: i64 = 0x6b69_6c6e_2d61_73;
+const LEADER_LOCK: i64 = 0x006b_696c_6e2d_6173;
 
 impl Autoscaler {
     pub fn new(store: Store, admission: Admission) -> Self {

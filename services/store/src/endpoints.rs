@@ -82,6 +82,26 @@ impl Default for Autoscaling {
     }
 }
 
+/// An endpoint's calls in one time bucket (from its usage events).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TrafficBucket {
+    pub start: OffsetDateTime,
+    pub calls: i64,
+    /// Answers with status 500 or more (the replica's, or the gateway's 502).
+    pub errors: i64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// An endpoint's calls over a period.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct TrafficTotals {
+    pub calls: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
 /// What the autoscaler needs of one live endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct ScalingTarget {
@@ -557,6 +577,42 @@ impl Store {
         };
         tx.commit().await?;
         Ok(change)
+    }
+
+    /// Endpoint `id`'s calls from `since` in buckets of `bucket_s` seconds (only buckets that
+    /// had calls), oldest first, and the totals.
+    pub async fn endpoint_traffic(
+        &self,
+        conn: &mut PgConnection,
+        id: Uuid,
+        since: OffsetDateTime,
+        bucket_s: i64,
+    ) -> StoreResult<(Vec<TrafficBucket>, TrafficTotals)> {
+        let buckets = sqlx::query_as(
+            "SELECT date_bin(make_interval(secs => $3), occurred_at, $2) AS start,
+                    count(*) AS calls,
+                    count(*) FILTER (WHERE status >= 500) AS errors,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ms) AS p99_ms
+             FROM usage_events WHERE endpoint_id = $1 AND occurred_at >= $2
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(id)
+        .bind(since)
+        .bind(bucket_s as f64)
+        .fetch_all(&mut *conn)
+        .await?;
+        let totals = sqlx::query_as(
+            "SELECT count(*) AS calls, count(*) FILTER (WHERE status >= 500) AS errors,
+                    COALESCE(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+                    COALESCE(sum(completion_tokens), 0)::bigint AS completion_tokens
+             FROM usage_events WHERE endpoint_id = $1 AND occurred_at >= $2",
+        )
+        .bind(id)
+        .bind(since)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok((buckets, totals))
     }
 
     /// Every live endpoint, with what the autoscaler needs to know.

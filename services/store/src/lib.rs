@@ -41,7 +41,7 @@ pub use billing::{
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use endpoints::{
     Autoscaling, EndpointLimits, EndpointRecord, EndpointRoute, NewEndpoint, RateLimit,
-    ReadyReplica, ReplicaImbalance, ReplicaTemplate, ScalingTarget,
+    ReadyReplica, ReplicaImbalance, ReplicaTemplate, ScalingTarget, TrafficBucket, TrafficTotals,
 };
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,

@@ -21,6 +21,7 @@
 mod audit;
 mod auth;
 mod billing;
+mod endpoints;
 mod fleet;
 mod keys;
 mod orgs;
@@ -73,6 +74,8 @@ pub fn router() -> Router<AppState> {
         .route("/orgs/{org}/pods/{pod}/delete", post(pods::delete))
         .route("/orgs/{org}/pods/{pod}/events", get(pods::events))
         .route("/orgs/{org}/pods/{pod}/logs", get(pods::logs))
+        .route("/orgs/{org}/endpoints", get(endpoints::list))
+        .route("/orgs/{org}/endpoints/{endpoint}", get(endpoints::show))
         .route("/orgs/{org}/api-keys", get(keys::list).post(keys::create))
         .route("/orgs/{org}/api-keys/{key}/revoke", post(keys::revoke))
         .route("/orgs/{org}/audit-log", get(audit::list))

@@ -79,6 +79,87 @@ pub async fn get(
     view(state, &mut conn, &scope, &e).await
 }
 
+/// Longest window [`traffic`] shows, minutes.
+pub const MAX_TRAFFIC_MINUTES: i64 = 7 * 24 * 60;
+
+/// Endpoint traffic over the last `minutes` (1 minute–7 days, default 60), in about 60
+/// buckets of whole minutes; buckets without calls are included, as zeros.
+pub async fn traffic(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+    minutes: Option<i64>,
+) -> Result<EndpointTrafficView, ApiError> {
+    let minutes = minutes.unwrap_or(60);
+    if !(1..=MAX_TRAFFIC_MINUTES).contains(&minutes) {
+        return Err(ApiError::field(
+            "minutes",
+            format!("must be between 1 and {MAX_TRAFFIC_MINUTES}"),
+        ));
+    }
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::WorkloadRead)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let mut conn = acquire(state).await?;
+    // Exists and is this org's (else 404).
+    state
+        .store
+        .endpoint_get(&mut conn, &scope, id.as_uuid())
+        .await?;
+    // About 60 buckets, each a whole number of minutes.
+    let bucket_s = ((minutes + 59) / 60).max(1) * 60;
+    // Whole seconds: Postgres keeps microseconds, and the buckets must meet exactly.
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let to = now - time::Duration::seconds(now.unix_timestamp().rem_euclid(bucket_s))
+        + time::Duration::seconds(bucket_s);
+    let from = to - time::Duration::minutes(minutes);
+    let (rows, totals) = state
+        .store
+        .endpoint_traffic(&mut conn, id.as_uuid(), from, bucket_s)
+        .await?;
+    let buckets = traffic_buckets(from, to, bucket_s, &rows);
+    Ok(EndpointTrafficView {
+        from: ts(from),
+        to: ts(to),
+        bucket_seconds: bucket_s,
+        buckets,
+        calls: totals.calls,
+        errors: totals.errors,
+        prompt_tokens: totals.prompt_tokens,
+        completion_tokens: totals.completion_tokens,
+    })
+}
+
+/// Every bucket from `from` to `to`, the stored ones' figures where they have calls.
+fn traffic_buckets(
+    from: time::OffsetDateTime,
+    to: time::OffsetDateTime,
+    bucket_s: i64,
+    rows: &[kiln_store::TrafficBucket],
+) -> Vec<TrafficBucketView> {
+    let mut out = Vec::new();
+    let mut start = from;
+    while start < to {
+        let row = rows.iter().find(|r| r.start == start);
+        let calls = row.map_or(0, |r| r.calls);
+        out.push(TrafficBucketView {
+            start: ts(start),
+            calls,
+            requests_per_second: calls as f64 / bucket_s as f64,
+            errors: row.map_or(0, |r| r.errors),
+            p50_ms: row.and_then(|r| r.p50_ms),
+            p99_ms: row.and_then(|r| r.p99_ms),
+        });
+        start += time::Duration::seconds(bucket_s);
+    }
+    out
+}
+
 /// Validate and record a new endpoint with its first replicas.
 pub async fn create(
     state: &AppState,

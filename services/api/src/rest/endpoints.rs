@@ -63,6 +63,33 @@ pub async fn create(
     .await
 }
 
+/// `?minutes=` of the traffic call.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TrafficParams {
+    /// The window, the last 1–10080 minutes. Default 60.
+    pub minutes: Option<i64>,
+}
+
+/// The endpoint's calls over a recent window: per bucket (about 60) the calls, requests per
+/// second, errors and latency percentiles through the gateway; totals with tokens.
+#[utoipa::path(get, path = "/v1/orgs/{org}/endpoints/{endpoint}/traffic", tag = "endpoints",
+    params(("org" = String, Path), ("endpoint" = String, Path), TrafficParams),
+    responses((status = 200, body = EndpointTrafficView), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn traffic(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+    query: Result<axum::extract::Query<TrafficParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<EndpointTrafficView>, ApiError> {
+    let axum::extract::Query(q) = query
+        .map_err(|_| ApiError::field("minutes", "must be a whole number of minutes, 1 to 10080"))?;
+    ops::endpoints::traffic(&state, &caller, parse_org(&org)?, &endpoint, q.minutes)
+        .await
+        .map(Json)
+}
+
 /// One endpoint, with its URL and live replicas.
 #[utoipa::path(get, path = "/v1/orgs/{org}/endpoints/{endpoint}", tag = "endpoints",
     params(("org" = String, Path), ("endpoint" = String, Path)),

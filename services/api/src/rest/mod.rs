@@ -67,6 +67,10 @@ pub fn router() -> Router<AppState> {
             "/v1/orgs/{org}/endpoints/{endpoint}",
             get(endpoints::get).delete(endpoints::delete),
         )
+        .route(
+            "/v1/orgs/{org}/endpoints/{endpoint}/traffic",
+            get(endpoints::traffic),
+        )
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
@@ -205,7 +209,7 @@ where
         orgs::audit_log,
         quotas::list,
         pods::list, pods::create, pods::get, pods::delete, pods::events, pods::logs,
-        endpoints::list, endpoints::create, endpoints::get, endpoints::delete,
+        endpoints::list, endpoints::create, endpoints::get, endpoints::delete, endpoints::traffic,
         catalog::gpu_types,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,

@@ -104,3 +104,88 @@ async fn limits_are_validated_and_shown_with_their_defaults(pool: PgPool) {
         })
     );
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn traffic_shows_calls_errors_latency_and_tokens_to_the_org_only(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let u = app.user("ada").await;
+    let path = format!("/v1/orgs/{}/endpoints", u.org_id);
+    let (status, created) = app
+        .post(&path, &u.access_token, endpoint(Value::Null))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let ep: kiln_domain::EndpointId = id.parse().unwrap();
+    let org: kiln_domain::OrgId = u.org_id.parse().unwrap();
+    // Three calls a moment ago (one failed at the replica), and one long before the window.
+    for (status, ms, tokens, ago_s) in [
+        (200, 10, Some(5), 5),
+        (200, 20, Some(7), 5),
+        (502, 1000, None, 5),
+        (200, 30, Some(100), 7200),
+    ] {
+        sqlx::query(
+            "INSERT INTO usage_events (id, endpoint_id, org_id, status, duration_ms, request_bytes,
+                 response_bytes, prompt_tokens, completion_tokens, occurred_at)
+             VALUES ($1, $2, $3, $4, $5, 10, 10, $6, $6, now() - make_interval(secs => $7))",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .bind(ep.as_uuid())
+        .bind(org.as_uuid())
+        .bind(status)
+        .bind(ms as i64)
+        .bind(tokens.map(|t: i64| t))
+        .bind(ago_s as f64)
+        .execute(app.store().pool())
+        .await
+        .unwrap();
+    }
+    let (status, t) = app
+        .get(&format!("{path}/{id}/traffic"), &u.access_token)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["bucket_seconds"], 60);
+    assert_eq!(
+        t["buckets"].as_array().unwrap().len(),
+        60,
+        "every minute, empty ones too"
+    );
+    assert_eq!(
+        (t["calls"].as_i64(), t["errors"].as_i64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(
+        (t["prompt_tokens"].as_i64(), t["completion_tokens"].as_i64()),
+        (Some(12), Some(12))
+    );
+    let busy: Vec<&Value> = t["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["calls"].as_i64() > Some(0))
+        .collect();
+    assert_eq!(busy.len(), 1, "{t}");
+    assert_eq!(busy[0]["calls"], 3);
+    assert_eq!(busy[0]["p50_ms"], 20.0);
+    assert_eq!(busy[0]["requests_per_second"], 0.05);
+
+    let (status, body) = app
+        .get(&format!("{path}/{id}/traffic?minutes=0"), &u.access_token)
+        .await;
+    assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, body) = app
+        .get(
+            &format!("{path}/{id}/traffic?minutes=lots"),
+            &u.access_token,
+        )
+        .await;
+    assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    let grace = app.user("grace").await;
+    for p in [
+        format!("/v1/orgs/{}/endpoints/{id}/traffic", grace.org_id),
+        format!("{path}/{id}/traffic"),
+    ] {
+        let (status, body) = app.get(&p, &grace.access_token).await;
+        assert_problem(status, &body, StatusCode::NOT_FOUND);
+    }
+}
