@@ -18,7 +18,8 @@
 //!
 //! * `pods.*` — real `kiln-api`, `kiln-scheduler` and `kiln-agent` processes running pods in
 //!   this machine's Docker, one at a time: create → running, and the part that is not Docker
-//!   (see `pods.rs`; `--only pods`).
+//!   (see `pods.rs`; `--only pods`), and `endpoints.cold_start_ms`: a call to an endpoint at
+//!   zero replicas through the real `kiln-gateway` until its answer.
 //!
 //! * `gateway.*` — the real `kiln-gateway` in front of an in-process model server: what it adds
 //!   to a call at a fixed rate, side by side with direct calls, and its closed-loop ceiling
@@ -389,10 +390,11 @@ async fn run_gateway(args: &Args) -> Result<()> {
 }
 
 async fn run_pods(args: &Args) -> Result<()> {
-    let hint = "set KILN_API_BIN / KILN_SCHEDULER_BIN / KILN_AGENT_BIN";
+    let hint = "set KILN_API_BIN / KILN_SCHEDULER_BIN / KILN_AGENT_BIN / KILN_GATEWAY_BIN";
     let api = sibling(&args.api_bin, "kiln-api", hint)?;
     let scheduler = sibling(&args.scheduler_bin, "kiln-scheduler", hint)?;
     let agent = sibling(&args.agent_bin, "kiln-agent", hint)?;
+    let gateway = sibling(&args.gateway_bin, "kiln-gateway", hint)?;
     let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
     let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
     let plan = pods::PodsPlan {
@@ -405,6 +407,7 @@ async fn run_pods(args: &Args) -> Result<()> {
         api: &api,
         scheduler: &scheduler,
         agent: &agent,
+        gateway: &gateway,
     };
     let mut children = Vec::new();
     let outcome = tokio::select! {

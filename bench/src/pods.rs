@@ -13,7 +13,11 @@
 //!   inside Docker API calls for that pod (network, create, start; `runtime_ms`, reported with
 //!   the observation): what Kiln itself adds (API, scheduler, fleet stream, agent, reports,
 //!   notifications);
-//! * `pods.docker_ms.p50` — the Docker part, for scale.
+//! * `pods.docker_ms.p50` — the Docker part, for scale;
+//! * `endpoints.cold_start_ms` (p50) and `.max` — an endpoint scaled to zero (min 0, idle
+//!   after 1 s) called through a real `kiln-gateway`: from sending the call to its answer,
+//!   which takes the autoscaler's reading, placement, the agent starting the container and
+//!   the model server listening. Each call waits for the endpoint to be back at zero first.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -39,6 +43,7 @@ pub struct Binaries<'a> {
     pub api: &'a Path,
     pub scheduler: &'a Path,
     pub agent: &'a Path,
+    pub gateway: &'a Path,
 }
 
 /// The simulated host the agent reports.
@@ -134,7 +139,23 @@ pub async fn run(
         .spawn()
         .context("starting kiln-agent")?;
     children.push(agent);
-    let outcome = measure(plan, &base, &pool, &hostname, figure).await;
+    let gateway_addr = crate::server::free_port()?;
+    children.push(
+        Command::new(bins.gateway)
+            .env("DATABASE_URL", db_url)
+            .env("REDIS_URL", redis_url)
+            .env("KILN_REDIS_NAMESPACE", &namespace)
+            .env("KILN_GATEWAY_LISTEN", gateway_addr.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(std::io::stderr()))
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting kiln-gateway")?,
+    );
+    let gateway = format!("http://{gateway_addr}");
+    let outcome = measure(plan, (&base, &gateway), &pool, &hostname, figure).await;
     // The agent's containers and the org network go with the run.
     let node: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM nodes WHERE hostname = $1")
         .bind(&hostname)
@@ -180,7 +201,7 @@ async fn until<T>(
 
 async fn measure(
     plan: &PodsPlan,
-    base: &str,
+    (base, gateway): (&str, &str),
     pool: &sqlx::PgPool,
     hostname: &str,
     figure: impl Fn(&str, String, &str),
@@ -368,5 +389,86 @@ async fn measure(
         ms(docker.value_at_quantile(0.5)),
         "ms",
     );
+    cold_starts(plan, &http, (base, gateway), (&org, &token), figure).await
+}
+
+/// `endpoints.cold_start_ms`: calls to an endpoint at zero replicas (see the module docs).
+async fn cold_starts(
+    plan: &PodsPlan,
+    http: &reqwest::Client,
+    (base, gateway): (&str, &str),
+    (org, token): (&str, &str),
+    figure: impl Fn(&str, String, &str),
+) -> Result<()> {
+    let key: Value = http
+        .post(format!("{base}/v1/orgs/{org}/api-keys"))
+        .bearer_auth(token)
+        .json(&json!({"name": "cold-start", "role": "member"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let key = key["key"].as_str().context("no key secret")?.to_owned();
+    let endpoint: Value = http
+        .post(format!("{base}/v1/orgs/{org}/endpoints"))
+        .bearer_auth(token)
+        .json(&json!({
+            "name": "cold", "image": plan.image, "port": 8000, "health_path": "/health",
+            "gpu": {"type": "h100-80gb", "count": 1}, "min_replicas": 0, "max_replicas": 1,
+            "autoscaling": {"scale_to_zero_after_s": 1, "scale_down_window_s": 0},
+        }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = endpoint["id"]
+        .as_str()
+        .context("no endpoint id")?
+        .to_owned();
+    let get = format!("{base}/v1/orgs/{org}/endpoints/{id}");
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let calls = plan.pods.clamp(3, 10);
+    for _ in 0..calls {
+        until(
+            "the endpoint to be back at zero",
+            Duration::from_secs(120),
+            async || {
+                let e: Value = http
+                    .get(&get)
+                    .bearer_auth(token)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                Ok((e["desired_replicas"] == 0
+                    && e["replicas"].as_array().is_some_and(|r| r.is_empty()))
+                .then_some(()))
+            },
+        )
+        .await?;
+        let t0 = Instant::now();
+        let answer = http
+            .post(format!("{gateway}/v1/endpoints/{id}/v1/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"prompt": "cold starts happen"}))
+            .send()
+            .await?;
+        if !answer.status().is_success() {
+            bail!("a cold call was answered {}", answer.status());
+        }
+        answer.bytes().await?;
+        hist.record((t0.elapsed().as_micros() as u64).max(1))?;
+    }
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    eprintln!("kiln-bench: {calls} calls to an endpoint at zero replicas");
+    figure(
+        "endpoints.cold_start_ms",
+        ms(hist.value_at_quantile(0.5)),
+        "ms",
+    );
+    figure("endpoints.cold_start_ms.max", ms(hist.max()), "ms");
+    http.delete(&get).bearer_auth(token).send().await?;
     Ok(())
 }
