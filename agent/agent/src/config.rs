@@ -21,6 +21,10 @@
 //!                                     # unless it is 0.0.0.0 or ::, else the hostname]
 //! reconcile_interval_ms = 10000
 //! read_only_rootfs = false
+//! qemu = "auto"                       # instances as QEMU VMs if qemu-system-x86_64 is installed
+//! vm_image_dir = "/var/lib/kiln-agent/vm-images"   # relative VmImage paths [default: <state_dir>/vm-images]
+//! vm_port_min = 20000                 # host ports for instances' SSH and ports
+//! vm_port_max = 29999
 //!
 //! [gpu]               # kiln_inventory::SourceConfig, verbatim
 //! nvml = "auto"
@@ -92,6 +96,23 @@ pub struct RuntimeConfig {
     pub reconcile_interval_ms: u64,
     /// Pods' root filesystems read-only (the spec has no such field yet: one switch for all).
     pub read_only_rootfs: bool,
+    /// Whether instances run as QEMU VMs.
+    pub qemu: QemuPolicy,
+    /// Where relative VM image paths (`VmImage`) are found. Empty: `<state_dir>/vm-images`.
+    pub vm_image_dir: PathBuf,
+    /// The host ports instances' SSH and ports are forwarded on.
+    pub vm_port_min: u16,
+    pub vm_port_max: u16,
+}
+
+/// Whether instances run in QEMU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QemuPolicy {
+    /// Use QEMU if `qemu-system-x86_64` is installed; otherwise instances stay pending.
+    #[default]
+    Auto,
+    Disabled,
 }
 
 impl RuntimeConfig {
@@ -116,6 +137,10 @@ impl Default for RuntimeConfig {
             public_address: String::new(),
             reconcile_interval_ms: 10_000,
             read_only_rootfs: false,
+            qemu: QemuPolicy::Auto,
+            vm_image_dir: PathBuf::new(),
+            vm_port_min: 20000,
+            vm_port_max: 29999,
         }
     }
 }
