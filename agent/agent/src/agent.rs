@@ -384,6 +384,11 @@ fn qemu_runtime(
     let mut settings = crate::qemu::QemuSettings::new(config.state_dir.join("vms"), image_dir);
     settings.host_address = config.runtime.publish_address.clone();
     settings.port_range = config.runtime.vm_port_min..=config.runtime.vm_port_max;
+    settings.accel = match config.runtime.vm_accel {
+        crate::config::VmAccel::Auto => None,
+        crate::config::VmAccel::Kvm => Some(crate::qemu::launch::Accel::Kvm),
+        crate::config::VmAccel::Tcg => Some(crate::qemu::launch::Accel::Tcg),
+    };
     if matches!(gpu, SourceKind::Nvml) {
         settings.passthrough = Some(crate::qemu::PassthroughSettings {
             sysfs_root: "/sys".into(),
