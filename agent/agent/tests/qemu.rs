@@ -2,7 +2,7 @@
 //! guest (scripts/build-vm-image.sh), logs in over SSH with a fresh key through the reported host
 //! port, writes on /mnt/data, powers the VM off and on again and finds the file, re-adopts the
 //! running VM from a new runtime over the same state directory (an agent restart) without
-//! restarting it, and removes it with its overlay. Needs `scripts/ensure-packages.sh all`.
+//! restarting it, reboots it on a grown reboot count, and removes it with its overlay. Needs `scripts/ensure-packages.sh all`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -260,8 +260,40 @@ async fn an_instance_boots_keeps_its_disk_across_power_and_survives_an_agent_res
     .await;
     assert_eq!(again, boot_id, "the guest did not reboot");
 
+    // A reboot the tenant asked for: the same QEMU, a new boot of the guest.
+    let mut reboot = instance(4, public, PowerState::Running);
+    if let Some(Kind::Instance(spec)) = reboot.kind.as_mut() {
+        spec.reboot_count = 1;
+    }
+    rt.apply(&reboot).await;
+    let started = Instant::now();
+    let rebooted = loop {
+        let now = ssh(
+            &key,
+            port,
+            "cat /mnt/data/probe; cat /proc/sys/kernel/random/boot_id",
+        );
+        let out = String::from_utf8_lossy(&now.stdout).into_owned();
+        if now.status.success() && out != boot_id {
+            break out;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no reboot within {DEADLINE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    assert!(rebooted.starts_with("kept\n"), "{rebooted:?}");
+    assert_eq!(
+        rt.qemu_pid(ID),
+        Some(pid),
+        "a reboot keeps the QEMU process"
+    );
+    let o = wait_for(&rt, ObservedState::Running, &console).await;
+    assert_eq!(o.generation, 4);
+
     // Removal: QEMU quits and the overlay, seed and socket are gone.
-    rt.remove(ID, 3).await.unwrap();
+    rt.remove(ID, 4).await.unwrap();
     let o = wait_for(&rt, ObservedState::Stopped, &console).await;
     assert_eq!(o.reason, "stopped and removed");
     assert!(!dir.exists(), "the instance's directory is deleted");
