@@ -801,7 +801,9 @@ impl QemuRuntime {
         // Reap it when it exits, and say how, for the FAILED reason.
         let exit_file = dir.join(EXIT_FILE);
         tokio::spawn(async move {
-            if let Ok(status) = child.wait().await {
+            if let Ok(status) = child.wait().await
+                && exit_file.parent().is_some_and(Path::is_dir)
+            {
                 let _ = std::fs::write(&exit_file, status.to_string());
             }
         });
@@ -1036,14 +1038,23 @@ impl QemuRuntime {
             self.quit(id, pid).await;
         }
         self.release_devices(&meta);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(RuntimeError::Remove {
-                    assignment_id: id.to_owned(),
-                    message: format!("cannot delete {}: {e}", dir.display()),
-                });
+        // The reaper of the QEMU that just quit may still write its exit status into the
+        // directory while it is being deleted: a second pass takes that too.
+        let mut attempt = 0;
+        loop {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty && attempt < 5 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(RuntimeError::Remove {
+                        assignment_id: id.to_owned(),
+                        message: format!("cannot delete {}: {e}", dir.display()),
+                    });
+                }
             }
         }
         self.inner
