@@ -305,3 +305,38 @@ async fn an_instance_boots_keeps_its_disk_across_power_and_survives_an_agent_res
         "QEMU is gone"
     );
 }
+
+/// A VM whose QEMU dies is reported FAILED with how it ended (no guest boot needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_qemu_dies_is_failed_with_the_reason() {
+    let out = run(Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/build-vm-image.sh"
+        ))
+        .stderr(Stdio::inherit()));
+    let image = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path();
+    let _guard = KillVms(state.join("vms"));
+    let rt = runtime(state, &image);
+    let console = rt.instance_dir(ID).join("serial.log");
+    rt.apply(&instance(1, "ssh-ed25519 AAAA nobody", PowerState::Running))
+        .await;
+    wait_for(&rt, ObservedState::Running, &console).await;
+    let pid = rt.qemu_pid(ID).expect("QEMU runs");
+    run(Command::new("kill").args(["-9", &pid.to_string()]));
+    // FAILED at once; the exit status joins the reason once this process has reaped QEMU.
+    let started = Instant::now();
+    loop {
+        let o = wait_for(&rt, ObservedState::Failed, &console).await;
+        assert!(o.reason.contains("exited unexpectedly"), "{}", o.reason);
+        if o.reason.contains("signal: 9") {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "no exit status: {}", o.reason);
+        tokio::time::sleep(POLL).await;
+    }
+    rt.remove(ID, 1).await.unwrap();
+    assert!(!rt.instance_dir(ID).exists());
+}
