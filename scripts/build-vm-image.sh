@@ -5,7 +5,8 @@
 #     libraries ldd lists), and the virtio / isofs / ext4 modules in modules.dep order.
 # The guest's contract (seed format, console ready line) is in images/vm/README.md.
 #
-# Output: <dir>/vmlinuz and <dir>/initramfs.cpio.gz, where <dir> is
+# Output: <dir>/vmlinuz, <dir>/initramfs.cpio.gz and <dir>/disk.raw (a small ext4 base data disk,
+# what an instance's qcow2 overlay backs onto; the guest mounts it on /mnt/data), where <dir> is
 # ${KILN_VM_IMAGE_DIR:-${TMPDIR:-/tmp}/kiln-vm-image}. Prints <dir> on stdout; logs go to stderr.
 # Idempotent: skips the build when the outputs exist and the inputs (package versions, this
 # script) are unchanged.
@@ -18,7 +19,7 @@ mkdir -p "$out"
 exec 9>"$out/.lock"
 flock 9
 
-for c in apt-get apt-cache dpkg depmod cpio gzip ldd; do
+for c in apt-get apt-cache dpkg depmod cpio gzip ldd mke2fs truncate; do
   command -v "$c" >/dev/null || { log "missing $c (run scripts/ensure-packages.sh all)"; exit 1; }
 done
 busybox=/bin/busybox
@@ -37,7 +38,7 @@ stamp="kernel=$kpkg $kver_pkg
 busybox=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || sha256sum "$busybox" | cut -c1-16)
 dropbear=$(dpkg-query -W -f='${Version}' dropbear-bin 2>/dev/null || sha256sum "$dropbear" | cut -c1-16)
 script=$(sha256sum "$0" | cut -c1-16)"
-if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] && [ -f "$out/inputs" ] \
+if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.cpio.gz" ] && [ -s "$out/disk.raw" ] && [ -f "$out/inputs" ] \
   && [ "$(cat "$out/inputs")" = "$stamp" ]; then
   log "up to date in $out"
   echo "$out"
@@ -184,8 +185,17 @@ chmod 755 "$root/init"
 
 cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -6 > "$out/initramfs.cpio.gz.tmp"
+# The base data disk: 64 MiB of ext4 holding a README, made without root (mke2fs -d).
+mkdir -p "$work/data"
+printf '%s\n' "This is the instance's own disk (a copy-on-write overlay of the image's base disk):" \
+  "what is written under /mnt/data is kept across stop and start, and deleted with the instance." \
+  > "$work/data/README"
+rm -f "$out/disk.raw.tmp"
+truncate -s 64M "$out/disk.raw.tmp"
+mke2fs -q -t ext4 -F -L kiln-data -d "$work/data" "$out/disk.raw.tmp"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/disk.raw.tmp" "$out/disk.raw"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 printf '%s' "$stamp" > "$out/inputs"
-log "built kernel $kver and initramfs in $out"
+log "built kernel $kver, initramfs and disk.raw in $out"
 echo "$out"

@@ -14,6 +14,7 @@ case "$want" in
     [ -x /bin/busybox ] || pkgs+=(busybox-static)   # the agent's Docker tests' tiny image and the VM guest's init
     # The VM guest image (scripts/build-vm-image.sh) and its boot test (images/vm).
     need qemu-system-x86_64 qemu-system-x86
+    need qemu-img qemu-utils   # the agent's per-instance qcow2 overlays
     need ssh openssh-client
     need ssh-keygen openssh-client
     need depmod kmod

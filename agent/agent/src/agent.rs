@@ -310,12 +310,30 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
         d.spawn_reconciler();
         d.spawn_event_watch();
     }
-    let changes = docker.as_ref().map(|d| d.changes());
-    let log_lines = docker
-        .as_ref()
-        .and_then(|d| d.log_lines())
-        .map(|rx| Arc::new(Mutex::new(rx)));
-    let runtime = crate::runtime::NodeRuntime::restore(docker, &state);
+    let changes = docker.as_ref().map(|d| d.changes()).unwrap_or_default();
+    // One channel for all workloads' output: pods' and instances' consoles.
+    let shipper = docker.as_ref().map(|d| d.log_shipper()).unwrap_or_default();
+    let qemu = qemu_runtime(
+        &config,
+        &source,
+        &opened.kind,
+        shipper.clone(),
+        changes.clone(),
+    );
+    if let Some(q) = &qemu {
+        let lost = q.restore(&state);
+        if !lost.is_empty() {
+            tracing::warn!(instances = ?lost, "no kept spec for some applied instances; asking the control plane for a snapshot");
+            for id in &lost {
+                state.assignments.remove(id);
+            }
+            state.applied_revision = 0;
+            state.save(&state_path)?;
+        }
+    }
+    let changes = Some(changes);
+    let log_lines = shipper.lines().map(|rx| Arc::new(Mutex::new(rx)));
+    let runtime = crate::runtime::NodeRuntime::restore(docker, qemu, &state);
     let agent = Agent {
         endpoint: endpoint(&config.control_plane)?,
         bearer: Bearer(bearer),
@@ -343,6 +361,69 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<Outcome, AgentErr
     };
     agent.set_loads(&*agent.state.lock().await);
     Ok(agent.run_sessions(&shutdown).await)
+}
+
+/// The QEMU runtime for instances, per `[runtime] qemu`: `None` when disabled or when QEMU is
+/// not installed (instances then stay pending).
+fn qemu_runtime(
+    config: &Config,
+    source: &Arc<dyn kiln_inventory::GpuSource>,
+    gpu: &SourceKind,
+    logs: crate::logs::LogShipper,
+    changes: Arc<tokio::sync::Notify>,
+) -> Option<crate::qemu::QemuRuntime> {
+    if config.runtime.qemu == crate::config::QemuPolicy::Disabled {
+        tracing::info!("instances: QEMU disabled by configuration; instances stay pending");
+        return None;
+    }
+    let image_dir = if config.runtime.vm_image_dir.as_os_str().is_empty() {
+        config.state_dir.join("vm-images")
+    } else {
+        config.runtime.vm_image_dir.clone()
+    };
+    let mut settings = crate::qemu::QemuSettings::new(config.state_dir.join("vms"), image_dir);
+    settings.host_address = config.runtime.publish_address.clone();
+    settings.port_range = config.runtime.vm_port_min..=config.runtime.vm_port_max;
+    settings.accel = match config.runtime.vm_accel {
+        crate::config::VmAccel::Auto => None,
+        crate::config::VmAccel::Kvm => Some(crate::qemu::launch::Accel::Kvm),
+        crate::config::VmAccel::Tcg => Some(crate::qemu::launch::Accel::Tcg),
+    };
+    if matches!(gpu, SourceKind::Nvml) {
+        settings.passthrough = Some(crate::qemu::PassthroughSettings {
+            sysfs_root: "/sys".into(),
+            gpu_bus_ids: source
+                .inventory()
+                .map(|inv| {
+                    inv.gpus
+                        .iter()
+                        .map(|g| (g.uuid.clone(), g.pci_bus_id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    let installed = std::process::Command::new(&settings.qemu_binary)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        tracing::warn!(
+            "instances: {} is not installed; instances stay pending (set `[runtime] qemu = \"disabled\"` to silence this)",
+            settings.qemu_binary.display()
+        );
+        return None;
+    }
+    match crate::qemu::QemuRuntime::new(settings, logs, changes) {
+        Ok(q) => {
+            tracing::info!(vm_dir = %q.settings().vm_dir.display(), image_dir = %q.settings().image_dir.display(), passthrough = q.settings().passthrough.is_some(), "instances: running in QEMU");
+            Some(q)
+        }
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "instances: QEMU is not usable; instances stay pending");
+            None
+        }
+    }
 }
 
 /// The Docker runtime for pods, per `[runtime] docker`: `None` when disabled or when the

@@ -21,6 +21,11 @@
 //!                                     # unless it is 0.0.0.0 or ::, else the hostname]
 //! reconcile_interval_ms = 10000
 //! read_only_rootfs = false
+//! qemu = "auto"                       # instances as QEMU VMs if qemu-system-x86_64 is installed
+//! vm_image_dir = "/var/lib/kiln-agent/vm-images"   # relative VmImage paths [default: <state_dir>/vm-images]
+//! vm_port_min = 20000                 # host ports for instances' SSH and ports
+//! vm_port_max = 29999
+//! vm_accel = "auto"                   # "auto" (KVM if /dev/kvm opens, else TCG), "kvm", "tcg"
 //!
 //! [gpu]               # kiln_inventory::SourceConfig, verbatim
 //! nvml = "auto"
@@ -92,6 +97,36 @@ pub struct RuntimeConfig {
     pub reconcile_interval_ms: u64,
     /// Pods' root filesystems read-only (the spec has no such field yet: one switch for all).
     pub read_only_rootfs: bool,
+    /// Whether instances run as QEMU VMs.
+    pub qemu: QemuPolicy,
+    /// Where relative VM image paths (`VmImage`) are found. Empty: `<state_dir>/vm-images`.
+    pub vm_image_dir: PathBuf,
+    /// The host ports instances' SSH and ports are forwarded on.
+    pub vm_port_min: u16,
+    pub vm_port_max: u16,
+    /// How VMs execute: "auto" (KVM when /dev/kvm opens, else TCG), "kvm" or "tcg" (for hosts
+    /// whose /dev/kvm opens but does not work, e.g. broken nested virtualisation).
+    pub vm_accel: VmAccel,
+}
+
+/// `[runtime] vm_accel`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmAccel {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Whether instances run in QEMU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QemuPolicy {
+    /// Use QEMU if `qemu-system-x86_64` is installed; otherwise instances stay pending.
+    #[default]
+    Auto,
+    Disabled,
 }
 
 impl RuntimeConfig {
@@ -116,6 +151,11 @@ impl Default for RuntimeConfig {
             public_address: String::new(),
             reconcile_interval_ms: 10_000,
             read_only_rootfs: false,
+            qemu: QemuPolicy::Auto,
+            vm_image_dir: PathBuf::new(),
+            vm_port_min: 20000,
+            vm_port_max: 29999,
+            vm_accel: VmAccel::Auto,
         }
     }
 }
@@ -418,6 +458,20 @@ fault_file = "/tmp/kiln/a.faults.toml"
             .unwrap();
         assert_eq!(c.runtime.advertised_address(), "gpu-7.example.net");
         assert!(Config::parse("[runtime]\ndocker = \"maybe\"\n", "x").is_err());
+        let c = Config::parse(
+            "[runtime]\nqemu = \"disabled\"\nvm_accel = \"tcg\"\nvm_image_dir = \"/img\"\nvm_port_min = 30000\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.runtime.qemu, QemuPolicy::Disabled);
+        assert_eq!(c.runtime.vm_accel, VmAccel::Tcg);
+        assert_eq!(c.runtime.vm_image_dir, PathBuf::from("/img"));
+        assert_eq!(
+            (c.runtime.vm_port_min, c.runtime.vm_port_max),
+            (30000, 29999)
+        );
+        assert_eq!(Config::default().runtime.qemu, QemuPolicy::Auto);
+        assert!(Config::parse("[runtime]\nvm_accel = \"hvf\"\n", "x").is_err());
     }
 
     #[test]

@@ -560,6 +560,11 @@ impl DockerRuntime {
         self.inner.logs.lines()
     }
 
+    /// The shipper the pods' output goes through (shared with other runtimes, one channel).
+    pub fn log_shipper(&self) -> LogShipper {
+        self.inner.logs.clone()
+    }
+
     /// Notified when one of this node's containers starts, dies, is OOM-killed or removed.
     pub fn changes(&self) -> Arc<tokio::sync::Notify> {
         self.inner.changes.clone()

@@ -16,6 +16,7 @@
 //! * [`load`] — what is placed on each GPU, for the GPU source.
 //! * [`runtime`] — the `Runtime` trait, the placeholder, and the per-kind dispatch.
 //! * [`docker`] — pods as Docker containers.
+//! * [`qemu`] — instances as QEMU VMs (QMP, cloud-init seed, qcow2 overlays, VFIO planning).
 //! * [`agent`] — start-up, joining and the session loop.
 
 pub mod agent;
@@ -28,6 +29,7 @@ pub mod docker;
 mod fsutil;
 pub mod load;
 pub mod logs;
+pub mod qemu;
 pub mod runtime;
 pub mod state;
 

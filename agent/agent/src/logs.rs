@@ -1,4 +1,5 @@
-//! Shipping pods' output to the control plane.
+//! Shipping workloads' output to the control plane: pods' containers (tailed here) and
+//! instances' serial consoles (tailed by [`crate::qemu`], shipped through [`LogShipper::ship`]).
 //!
 //! For each running container the runtime asks [`LogShipper::follow`] to tail its output
 //! (`docker logs --follow --timestamps`). Lines go, in order per container, into one bounded
@@ -110,6 +111,29 @@ impl LogShipper {
         shared.shipped_until.remove(assignment_id);
     }
 
+    /// Queues one line of an assignment's output (clipped to [`MAX_LINE_BYTES`]); dropped, and
+    /// counted, while the channel is full. Also how other runtimes (an instance's serial
+    /// console) ship lines.
+    pub fn ship(&self, assignment_id: &str, source: LogSource, text: &str, at_unix_ms: i128) {
+        let line = LogLine {
+            assignment_id: assignment_id.to_owned(),
+            source: source as i32,
+            text: clip(text).to_owned(),
+            at_unix_ms: i64::try_from(at_unix_ms).unwrap_or(0),
+        };
+        if self.tx.try_send(line).is_err() {
+            let n = self
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "log lines dropped: the control plane is not taking them"
+                );
+            }
+        }
+    }
+
     async fn tail(&self, docker: &Docker, assignment_id: &str, container: &str, since_ns: i128) {
         let since_s = i32::try_from(since_ns / 1_000_000_000).unwrap_or(0);
         let mut stream = docker.logs(
@@ -138,23 +162,7 @@ impl LogShipper {
                     continue;
                 }
                 last_ns = at_ns;
-                let line = LogLine {
-                    assignment_id: assignment_id.to_owned(),
-                    source: source as i32,
-                    text: clip(text).to_owned(),
-                    at_unix_ms: i64::try_from(at_ns / 1_000_000).unwrap_or(0),
-                };
-                if self.tx.try_send(line).is_err() {
-                    let n = self
-                        .dropped
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if n.is_power_of_two() {
-                        tracing::warn!(
-                            dropped = n + 1,
-                            "log lines dropped: the control plane is not taking them"
-                        );
-                    }
-                }
+                self.ship(assignment_id, source, text, at_ns / 1_000_000);
                 self.shared
                     .lock()
                     .expect("not poisoned")

@@ -1,5 +1,5 @@
 //! Where assignments become workloads: Docker for pods ([`crate::docker`]), QEMU for instances
-//! (not yet). [`PlaceholderRuntime`] keeps what no runtime runs and says honestly that nothing
+//! ([`crate::qemu`]). [`PlaceholderRuntime`] keeps what no runtime runs and says honestly that nothing
 //! runs it (`OBSERVED_STATE_PENDING`), never a made-up "running"; [`NodeRuntime`] sends each
 //! assignment to the runtime for its kind.
 
@@ -112,24 +112,33 @@ impl Runtime for PlaceholderRuntime {
     }
 }
 
-/// The agent's runtime: pods to Docker when the engine is in use, everything else (and pods
-/// without Docker) to the placeholder.
+/// The agent's runtime: pods to Docker and instances to QEMU when those are in use,
+/// everything else (and what has no runtime) to the placeholder.
 #[derive(Debug)]
 pub struct NodeRuntime {
     pub docker: Option<crate::docker::DockerRuntime>,
+    pub qemu: Option<crate::qemu::QemuRuntime>,
     pub placeholder: PlaceholderRuntime,
 }
 
 impl NodeRuntime {
-    /// Restores both halves from the applied state: pods go to Docker (when in use), the rest to
-    /// the placeholder.
-    pub fn restore(docker: Option<crate::docker::DockerRuntime>, state: &AppliedState) -> Self {
+    /// Restores all halves from the applied state: pods go to Docker (when in use), instances
+    /// to QEMU (when in use), the rest to the placeholder.
+    pub fn restore(
+        docker: Option<crate::docker::DockerRuntime>,
+        qemu: Option<crate::qemu::QemuRuntime>,
+        state: &AppliedState,
+    ) -> Self {
         let mut rest = state.clone();
         if docker.is_some() {
             rest.assignments.retain(|_, a| a.kind != SpecKind::Pod);
         }
+        if qemu.is_some() {
+            rest.assignments.retain(|_, a| a.kind != SpecKind::Instance);
+        }
         Self {
             docker,
+            qemu,
             placeholder: PlaceholderRuntime::restore(&rest),
         }
     }
@@ -137,14 +146,20 @@ impl NodeRuntime {
 
 impl Runtime for NodeRuntime {
     async fn apply(&self, assignment: &Assignment) -> ObservedAssignment {
-        match &self.docker {
-            Some(d) if SpecKind::of(assignment) == SpecKind::Pod => d.apply(assignment).await,
+        match (SpecKind::of(assignment), &self.docker, &self.qemu) {
+            (SpecKind::Pod, Some(d), _) => d.apply(assignment).await,
+            (SpecKind::Instance, _, Some(q)) => q.apply(assignment).await,
             _ => self.placeholder.apply(assignment).await,
         }
     }
 
     async fn remove(&self, assignment_id: &str, generation: u64) -> Result<(), RuntimeError> {
         self.placeholder.remove(assignment_id, generation).await?;
+        if let Some(q) = &self.qemu
+            && q.holds(assignment_id)
+        {
+            return q.remove(assignment_id, generation).await;
+        }
         match &self.docker {
             // Only pods Docker holds: an instance's removal is not a container's (and a stray
             // container without a spec is removed by Docker's reconcile).
@@ -157,6 +172,9 @@ impl Runtime for NodeRuntime {
         let mut all = self.placeholder.observe_all().await;
         if let Some(d) = &self.docker {
             all.extend(d.observe_all().await);
+        }
+        if let Some(q) = &self.qemu {
+            all.extend(q.observe_all().await);
         }
         all
     }
