@@ -836,3 +836,149 @@ pub struct LogLineView {
     /// Resume after this line: the SSE event id when following.
     pub cursor: String,
 }
+
+// ---- instances and the VM image catalog ----
+
+/// A new instance: a VM with whole GPUs passed through, reached over SSH.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, InputObject)]
+#[serde(default)]
+pub struct CreateInstanceInput {
+    /// A lowercase DNS label, 1–63 characters; also the guest's hostname.
+    #[schema(example = "trainer")]
+    pub name: String,
+    /// A GPU type id from `GET /v1/gpu-types`.
+    #[schema(example = "h100-80gb")]
+    pub gpu_type: String,
+    /// Whole GPUs, 1–8, passed through to the VM.
+    #[schema(example = 1)]
+    pub gpu_count: i64,
+    /// An active image's name from `GET /v1/images`.
+    #[schema(example = "kiln-tiny")]
+    pub image: String,
+    /// OpenSSH public keys (`ssh-ed25519 …`, `ecdsa-sha2-nistp256 …`, `ssh-rsa …` of at least
+    /// 2048 bits), 1–16, installed for the image's login user.
+    pub ssh_public_keys: Vec<String>,
+    /// The instance's own disk, GiB: at least the image's `min_disk_gib`, at most 10240.
+    /// Default: the image's minimum, or 20 if that is smaller.
+    pub disk_gib: Option<i64>,
+    /// Run on spare capacity at a lower price; may be preempted. Default false.
+    pub spot: Option<bool>,
+}
+
+/// How to reach an instance over SSH.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct InstanceSshView {
+    /// The node's public address.
+    pub host: String,
+    /// The host port forwarded to the guest's port 22.
+    pub port: i64,
+    /// The image's login user.
+    pub user: String,
+    /// A ready command line, e.g. `ssh -p 40022 root@gpu-7.example.net`.
+    pub command: String,
+}
+
+/// An instance: a VM the scheduler places on a node, with whole GPUs passed through.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct InstanceView {
+    #[schema(example = "ins_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub id: String,
+    pub name: String,
+    /// The catalog image it was created from.
+    pub image: String,
+    /// pending, scheduled, starting, running, stopping, stopped, terminated or failed.
+    pub state: String,
+    /// Why it is in that state (for pending: what it waits for).
+    pub state_reason: String,
+    /// What the tenant asked for last: `running` or `stopped`.
+    pub power: String,
+    /// Reboots asked for so far.
+    pub reboot_count: i64,
+    pub gpu_type: String,
+    pub gpu_count: i64,
+    /// The node it is placed on (a stopped instance keeps its node and disk), or null.
+    pub node: Option<String>,
+    /// UUIDs of the GPUs passed through (none while stopped).
+    pub gpus: Vec<String>,
+    pub cpu: f64,
+    pub memory_gib: i64,
+    pub disk_gib: i64,
+    pub ssh_public_keys: Vec<String>,
+    /// Null until the node reports the SSH port forwarded.
+    pub ssh: Option<InstanceSshView>,
+    pub spot: bool,
+    pub created_at: String,
+    pub updated_at: String,
+    /// What it has been charged so far (`{amount_micros, currency}`), current to within a
+    /// billing tick.
+    #[schema(value_type = Option<Object>)]
+    pub cost_so_far: Option<async_graphql::Json<serde_json::Value>>,
+}
+
+list_view!(InstanceList, InstanceView);
+
+/// A VM image of the catalog.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct VmImageView {
+    #[schema(example = "kiln-tiny")]
+    pub name: String,
+    pub description: String,
+    /// The kernel the node boots (a path on the node); empty: the disk's own boot loader.
+    pub kernel: String,
+    pub initrd: String,
+    /// The base disk instances' overlays back onto (a path on the node); empty: a blank disk.
+    pub disk: String,
+    pub kernel_args: String,
+    /// The user tenants log in as over SSH.
+    pub login_user: String,
+    /// Instances of this image ask for at least this much disk, GiB.
+    pub min_disk_gib: i64,
+    /// `active` (can be launched) or `deprecated` (running instances keep it; no new ones).
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&kiln_store::VmImageRecord> for VmImageView {
+    fn from(i: &kiln_store::VmImageRecord) -> Self {
+        Self {
+            name: i.name.clone(),
+            description: i.description.clone(),
+            kernel: i.kernel.clone(),
+            initrd: i.initrd.clone(),
+            disk: i.disk.clone(),
+            kernel_args: i.kernel_args.clone(),
+            login_user: i.login_user.clone(),
+            min_disk_gib: i.min_disk_gib,
+            status: i.status.clone(),
+            created_at: ts(i.created_at),
+            updated_at: ts(i.updated_at),
+        }
+    }
+}
+
+/// The catalog's images.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct VmImageList {
+    pub items: Vec<VmImageView>,
+}
+
+/// An image's fields, as an operator sets them (`PUT` replaces them all; omitted ones take
+/// their defaults). At least one of `kernel` and `disk` is required.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, InputObject)]
+#[serde(default)]
+pub struct VmImageInput {
+    /// Only for `POST /v1/admin/images`: lowercase letters, digits, `.`, `_`, `-`, 1–63.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub disk: Option<String>,
+    pub kernel_args: Option<String>,
+    /// Default `root`.
+    pub login_user: Option<String>,
+    /// 1–10240, default 1.
+    pub min_disk_gib: Option<i64>,
+    /// `active` (default) or `deprecated`.
+    pub status: Option<String>,
+}

@@ -103,6 +103,9 @@ typed_id!(/// A unit of work the scheduler places (a pod, an instance or an endp
     WorkloadId, "wl", "workload");
 typed_id!(/// A tenant's pod: a workload of kind `pod`, with the same UUID as its workload row.
     PodId, "pod", "pod");
+typed_id!(/// A tenant's instance (a VM): a workload of kind `instance`, with the same UUID as its
+    /// workload row.
+    InstanceId, "ins", "instance");
 typed_id!(/// A tenant's endpoint: a model server behind the gateway, run as replicas.
     EndpointId, "ep", "endpoint");
 
@@ -112,6 +115,12 @@ typed_id!(/// A monthly invoice of an org.
     InvoiceId, "inv", "invoice");
 typed_id!(/// A version of the price catalog.
     PriceVersionId, "prc", "price version");
+
+impl From<InstanceId> for WorkloadId {
+    fn from(i: InstanceId) -> Self {
+        WorkloadId::from_uuid(i.as_uuid())
+    }
+}
 
 impl From<PodId> for WorkloadId {
     fn from(p: PodId) -> Self {

@@ -12,8 +12,8 @@ pub mod roles;
 pub mod workload;
 
 pub use ids::{
-    ApiKeyId, AssignmentId, EndpointId, IdParseError, InvoiceId, NodeId, NodeTokenId, OrgId, PodId,
-    PostingId, PriceVersionId, SessionId, UserId, WorkloadId,
+    ApiKeyId, AssignmentId, EndpointId, IdParseError, InstanceId, InvoiceId, NodeId, NodeTokenId,
+    OrgId, PodId, PostingId, PriceVersionId, SessionId, UserId, WorkloadId,
 };
 pub use inputs::{ApiKeyName, Email, InputError, OrgName, Password, PersonName};
 pub use node::{AdminState, Liveness, LivenessPolicy, NodeState, NodeStateParseError};

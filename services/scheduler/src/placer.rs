@@ -706,8 +706,13 @@ pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
             ports,
             hostname: w.name.clone(),
             org_id: kiln_domain::OrgId::from_uuid(w.org_id).to_string(),
-            // The instances issue fills the power state, reboots and the image's files in.
-            ..Default::default()
+            power: instance_power(&w.spec) as i32,
+            reboot_count: w
+                .spec
+                .get("reboot_count")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            image_source: Some(vm_image(&w.spec)),
         })
     } else {
         let gpus = match &p.gpus {
@@ -771,4 +776,37 @@ pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
         ..pb::Assignment::default()
     }
     .encode_to_vec()
+}
+
+/// The power an instance's spec asks for (`spec.power`, set by the API's stop and start).
+pub fn instance_power(spec: &serde_json::Value) -> pb::PowerState {
+    match spec.get("power").and_then(|v| v.as_str()) {
+        Some("stopped") => pb::PowerState::Stopped,
+        _ => pb::PowerState::Running,
+    }
+}
+
+/// The catalog image an instance was created from: the API copies the catalog row into
+/// `spec.image_source` at creation, so a later change to the catalog never swaps the base disk
+/// under an instance's overlay.
+pub fn vm_image(spec: &serde_json::Value) -> pb::VmImage {
+    let src = spec.get("image_source");
+    let text = |k: &str| {
+        src.and_then(|s| s.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    pb::VmImage {
+        name: spec
+            .get("image")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        kernel: text("kernel"),
+        initrd: text("initrd"),
+        disk: text("disk"),
+        kernel_args: text("kernel_args"),
+        login_user: text("login_user"),
+    }
 }

@@ -732,7 +732,7 @@ impl Store {
         // The workloads these assignments realise follow what their node sees. A pod that
         // stopped or failed for good gives its capacity back (its assignment is removed, so
         // the agent cleans up).
-        let moved: Vec<(Uuid, String, String)> = sqlx::query_as(
+        let moved: Vec<(Uuid, String, String, bool)> = sqlx::query_as(
             "UPDATE workloads w SET
                  state = CASE o.state WHEN 'pending' THEN 'scheduled' WHEN 'unknown' THEN w.state
                                       ELSE o.state END,
@@ -742,19 +742,28 @@ impl Store {
                      THEN w.state_changed_at ELSE now() END,
                  updated_at = now()
              FROM node_observed o
+             JOIN node_assignments a ON a.id = o.assignment_id AND a.node_id = o.node_id
              WHERE o.assignment_id = w.assignment_id AND o.node_id = $1 AND w.node_id = $1
                AND o.assignment_id = ANY($2)
+               -- Only what the agent saw of the current generation: a report of an older one
+               -- (say, an instance running before its stop was applied) must not undo a change.
+               AND o.generation >= a.generation
                AND w.state IN ('scheduled', 'starting', 'running', 'stopping')
                AND (w.state <> (CASE o.state WHEN 'pending' THEN 'scheduled'
                                  WHEN 'unknown' THEN w.state ELSE o.state END)
                     OR w.state_reason <> o.reason)
-             RETURNING w.id, w.state, w.state_reason",
+             RETURNING w.id, w.state, w.state_reason,
+                 (w.kind = 'instance' AND w.spec->>'power' = 'stopped') AS powered_off",
         )
         .bind(node.as_uuid())
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
-        for (id, state, reason) in moved {
+        for (id, state, reason, powered_off) in moved {
+            // An instance its tenant stopped stays on its node, powered off, with its disk.
+            if powered_off && state == "stopped" {
+                continue;
+            }
             if state == "stopped" || state == "failed" {
                 self.workload_release(
                     &mut tx,

@@ -16,6 +16,8 @@ pub mod catalog;
 pub mod endpoints;
 pub mod fleet;
 pub mod idempotency;
+pub mod images;
+pub mod instances;
 pub mod nodes;
 pub mod orgs;
 pub mod quotas;
@@ -50,6 +52,7 @@ pub use fleet::{
     NodeRegistration, NodeStatus, ObservedOutcome, ObservedRecord, ObservedView,
 };
 pub use idempotency::{Claim, IdempotencyScope};
+pub use images::{VmImageFields, VmImageRecord};
 pub use nodes::{JoinError, NewNode, NewNodeToken, NodeRecord, NodeTokenRecord};
 pub use orgs::{MemberRecord, OrgRecord};
 pub use quotas::QuotaRecord;

@@ -48,7 +48,7 @@ pub struct WorkloadRecord {
     pub created_at: OffsetDateTime,
 }
 
-const WORKLOAD_COLUMNS: &str = "id, org_id, kind, name, state, state_reason, state_changed_at, \
+pub(crate) const WORKLOAD_COLUMNS: &str = "id, org_id, kind, name, state, state_reason, state_changed_at, \
      tier, priority, gpu_mode, gpu_type, gpu_count, mig_profile, share_memory_mib, cpu_millis, \
      memory_mib, disk_gib, spec, node_id, assignment_id, placed_at, created_at";
 

@@ -58,6 +58,7 @@ pub(crate) const TENANT_COLUMNS: &str = "w.id, w.kind, w.name, w.state, w.state_
 fn public_id(kind: &str, id: Uuid) -> String {
     match kind {
         "pod" => PodId::from_uuid(id).to_string(),
+        "instance" => kiln_domain::InstanceId::from_uuid(id).to_string(),
         _ => kiln_domain::WorkloadId::from_uuid(id).to_string(),
     }
 }

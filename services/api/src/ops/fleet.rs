@@ -43,7 +43,7 @@ pub fn parse_node(raw: &str) -> Result<NodeId, ApiError> {
     raw.parse().map_err(|_| ApiError::NotFound("node"))
 }
 
-fn audit(
+pub(crate) fn audit(
     caller: &Caller,
     action: &'static str,
     target: String,

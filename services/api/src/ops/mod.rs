@@ -11,6 +11,8 @@ pub mod catalog;
 pub mod endpoints;
 pub mod fleet;
 pub mod identity;
+pub mod images;
+pub mod instances;
 pub mod orgs;
 pub mod pods;
 pub mod quotas;

@@ -271,7 +271,7 @@ pub fn parse_tail(tail: Option<i64>) -> Result<usize, ApiError> {
     Ok(tail as usize)
 }
 
-fn log_view(line: kiln_logs::LogLine) -> LogLineView {
+pub(crate) fn log_view(line: kiln_logs::LogLine) -> LogLineView {
     LogLineView {
         at: time::OffsetDateTime::from_unix_timestamp_nanos(
             i128::from(line.at_unix_ms) * 1_000_000,

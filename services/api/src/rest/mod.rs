@@ -6,6 +6,8 @@ mod catalog;
 mod endpoints;
 pub mod extract;
 mod identity;
+mod images;
+mod instances;
 mod orgs;
 mod pods;
 mod quotas;
@@ -60,6 +62,30 @@ pub fn router() -> Router<AppState> {
         .route("/v1/orgs/{org}/pods/{pod}/events", get(pods::events))
         .route("/v1/orgs/{org}/pods/{pod}/logs", get(pods::logs))
         .route(
+            "/v1/orgs/{org}/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            "/v1/orgs/{org}/instances/{instance}",
+            get(instances::get).delete(instances::delete),
+        )
+        .route(
+            "/v1/orgs/{org}/instances/{instance}/stop",
+            post(instances::stop),
+        )
+        .route(
+            "/v1/orgs/{org}/instances/{instance}/start",
+            post(instances::start),
+        )
+        .route(
+            "/v1/orgs/{org}/instances/{instance}/reboot",
+            post(instances::reboot),
+        )
+        .route(
+            "/v1/orgs/{org}/instances/{instance}/console",
+            get(instances::console),
+        )
+        .route(
             "/v1/orgs/{org}/endpoints",
             get(endpoints::list).post(endpoints::create),
         )
@@ -72,6 +98,15 @@ pub fn router() -> Router<AppState> {
             get(endpoints::traffic),
         )
         .route("/v1/gpu-types", get(catalog::gpu_types))
+        .route("/v1/images", get(images::list))
+        .route(
+            "/v1/admin/images",
+            get(images::admin_list).post(images::create),
+        )
+        .route(
+            "/v1/admin/images/{image}",
+            get(images::get).put(images::put).delete(images::delete),
+        )
         .route("/v1/admin/node-tokens", post(admin::node_token_create))
         .route("/v1/admin/nodes", get(admin::node_list))
         .route("/v1/admin/nodes/{node}", get(admin::node_get))
@@ -210,7 +245,10 @@ where
         quotas::list,
         pods::list, pods::create, pods::get, pods::delete, pods::events, pods::logs,
         endpoints::list, endpoints::create, endpoints::get, endpoints::delete, endpoints::traffic,
-        catalog::gpu_types,
+        instances::list, instances::create, instances::get, instances::stop, instances::start,
+        instances::reboot, instances::delete, instances::console,
+        catalog::gpu_types, images::list,
+        images::admin_list, images::create, images::get, images::put, images::delete,
         admin::node_token_create, admin::node_list, admin::node_get, admin::node_credential_revoke,
         admin::node_cordon, admin::node_uncordon, admin::node_drain, admin::capacity,
         quotas::admin_list, quotas::set, quotas::remove,
@@ -226,8 +264,9 @@ where
         (name = "identity", description = "Accounts, sign-in and sessions"),
         (name = "orgs", description = "Orgs, members, API keys and the audit log"),
         (name = "pods", description = "GPU containers: create, watch, delete"),
+        (name = "instances", description = "GPU virtual machines reached over SSH: create, stop, start, reboot, delete"),
         (name = "endpoints", description = "Model servers behind the gateway: deploy, watch, delete"),
-        (name = "catalog", description = "GPU types, their MIG profiles and live availability"),
+        (name = "catalog", description = "GPU types, their MIG profiles and live availability; the VM images instances boot"),
         (name = "billing", description = "Balance, credits, usage, the ledger and invoices; the payment webhook"),
         (name = "admin", description = "Operators only (404 for anyone else): the fleet's nodes, their GPUs and bootstrap tokens, cordon and drain, capacity"),
     )
