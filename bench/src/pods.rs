@@ -124,6 +124,9 @@ pub async fn run(
             "auto",
             "--hostname",
             &hostname,
+            // Where the gateway reaches the replicas it starts (the hostname does not resolve).
+            "--public-address",
+            "127.0.0.1",
             "--simulated-inventory",
             INVENTORY,
         ])
