@@ -307,7 +307,7 @@ async fn validate(
     let disk_gib = input
         .disk_gib
         .unwrap_or_else(|| min_disk.max(DEFAULT_DISK_GIB));
-    if disk_gib > MAX_DISK_GIB || disk_gib < 1 {
+    if !(1..=MAX_DISK_GIB).contains(&disk_gib) {
         checks.push(
             "disk_gib",
             format!("must be between {min_disk} and {MAX_DISK_GIB}"),
