@@ -16,21 +16,76 @@ mod common;
 
 use common::{ControlPlane, containers_of, demo_image, start_agent, start_gateway, until};
 
+/// Everything an endpoint needs, real: the API and scheduler in process, the gateway, a
+/// `kiln-agent` process on this machine's Docker, and a tenant (Ada) with an API key.
+struct Stack {
+    app: TestApp,
+    control: ControlPlane,
+    gateway: String,
+    node: kiln_domain::NodeId,
+    ada: kiln_testkit::TestUser,
+    key: String,
+    /// `/v1/orgs/{ada's org}/endpoints`
+    endpoints: String,
+    _agent: common::Agent,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(pool: PgPool, host_prefix: &str) -> Self {
+        let app = TestApp::spawn(pool).await;
+        let control = ControlPlane::start(&app).await;
+        let gateway = start_gateway(&app).await;
+        let dir = tempfile::tempdir().unwrap();
+        let hostname = format!("{host_prefix}-{}", std::process::id());
+        let (agent, node) =
+            start_agent(app.store(), &control.fleet_url, &hostname, dir.path()).await;
+        let ada = app.user("ada").await;
+        let (_, key) = app.api_key(&ada, &ada.org_id, "member").await;
+        let endpoints = format!("/v1/orgs/{}/endpoints", ada.org_id);
+        Self {
+            app,
+            control,
+            gateway,
+            node,
+            ada,
+            key,
+            endpoints,
+            _agent: agent,
+            _dir: dir,
+        }
+    }
+
+    /// Once the node has no container left: remove the org's network, stop the scheduler.
+    async fn finish(self) {
+        until(
+            "the replica's container to be removed",
+            Duration::from_secs(30),
+            async || (containers_of(&self.node.to_string()) == 0).then_some(()),
+        )
+        .await;
+        let _ = Command::new("docker")
+            .args(["network", "rm", &format!("kiln-org-{}", self.ada.org_id)])
+            .output();
+        self.control.stop().await;
+    }
+}
+
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgPool) {
     let image = demo_image();
 
-    let app = TestApp::spawn(pool).await;
+    let stack = Stack::start(pool, "ep-e2e").await;
+    let Stack {
+        app,
+        gateway,
+        node,
+        ada,
+        key,
+        endpoints,
+        ..
+    } = &stack;
     let store = app.store().clone();
-    let control = ControlPlane::start(&app).await;
-    let gateway = start_gateway(&app).await;
-    let dir = tempfile::tempdir().unwrap();
-    let hostname = format!("ep-e2e-{}", std::process::id());
-    let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
-
-    let ada = app.user("ada").await;
-    let (_, key) = app.api_key(&ada, &ada.org_id, "member").await;
-    let endpoints = format!("/v1/orgs/{}/endpoints", ada.org_id);
     // Bad input first: each field named.
     let (status, bad) = app
         .post(
@@ -223,31 +278,21 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         },
     )
     .await;
-    until(
-        "the replica's container to be removed",
-        Duration::from_secs(30),
-        async || (containers_of(&node.to_string()) == 0).then_some(()),
-    )
-    .await;
-    let _ = Command::new("docker")
-        .args(["network", "rm", &format!("kiln-org-{}", ada.org_id)])
-        .output();
-    control.stop().await;
+    stack.finish().await;
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn an_endpoint_at_zero_starts_on_the_first_call_and_goes_back_to_zero(pool: PgPool) {
     let image = demo_image();
-    let app = TestApp::spawn(pool).await;
-    let store = app.store().clone();
-    let control = ControlPlane::start(&app).await;
-    let gateway = start_gateway(&app).await;
-    let dir = tempfile::tempdir().unwrap();
-    let hostname = format!("ep-cold-{}", std::process::id());
-    let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
-    let ada = app.user("ada").await;
-    let (_, key) = app.api_key(&ada, &ada.org_id, "member").await;
-    let endpoints = format!("/v1/orgs/{}/endpoints", ada.org_id);
+    let stack = Stack::start(pool, "ep-cold").await;
+    let Stack {
+        app,
+        gateway,
+        ada,
+        key,
+        endpoints,
+        ..
+    } = &stack;
     let (status, ep) = app
         .post(
             &endpoints,
@@ -290,14 +335,5 @@ async fn an_endpoint_at_zero_starts_on_the_first_call_and_goes_back_to_zero(pool
         },
     )
     .await;
-    until(
-        "the replica's container to be removed",
-        Duration::from_secs(30),
-        async || (containers_of(&node.to_string()) == 0).then_some(()),
-    )
-    .await;
-    let _ = Command::new("docker")
-        .args(["network", "rm", &format!("kiln-org-{}", ada.org_id)])
-        .output();
-    control.stop().await;
+    stack.finish().await;
 }
