@@ -89,7 +89,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
     // Bad input first: each field named.
     let (status, bad) = app
         .post(
-            &endpoints,
+            endpoints,
             &ada.access_token,
             json!({"name": "x", "image": image, "port": 0, "min_replicas": 3, "max_replicas": 2}),
         )
@@ -108,7 +108,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
 
     let (status, ep) = app
         .post(
-            &endpoints,
+            endpoints,
             &ada.access_token,
             json!({"name": "llm", "image": image, "gpu": {"type": "l40s-48gb", "count": 1},
                    "port": 8000, "health_path": "/health", "min_replicas": 1, "max_replicas": 2}),
@@ -144,7 +144,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         async || {
             let r = http
                 .post(&call_url)
-                .bearer_auth(&key)
+                .bearer_auth(key)
                 .json(&json!({"prompt": "kiln serves models"}))
                 .send()
                 .await
@@ -161,7 +161,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
     // model is still producing (it waits 1.5 s between words).
     let streamed = http
         .post(&call_url)
-        .bearer_auth(&key)
+        .bearer_auth(key)
         .json(&json!({"prompt": "one two three", "stream": true, "delay_ms": 1500}))
         .send()
         .await
@@ -210,7 +210,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         .post(format!(
             "{gateway}/v1/endpoints/ep_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d/x"
         ))
-        .bearer_auth(&key)
+        .bearer_auth(key)
         .send()
         .await
         .unwrap();
@@ -269,7 +269,7 @@ async fn a_tenant_deploys_an_endpoint_and_calls_it_through_the_gateway(pool: PgP
         async || {
             let r = http
                 .post(&call_url)
-                .bearer_auth(&key)
+                .bearer_auth(key)
                 .json(&json!({}))
                 .send()
                 .await
@@ -295,7 +295,7 @@ async fn an_endpoint_at_zero_starts_on_the_first_call_and_goes_back_to_zero(pool
     } = &stack;
     let (status, ep) = app
         .post(
-            &endpoints,
+            endpoints,
             &ada.access_token,
             json!({"name": "cold", "image": image, "port": 8000, "min_replicas": 0,
                    "max_replicas": 1,
@@ -310,7 +310,7 @@ async fn an_endpoint_at_zero_starts_on_the_first_call_and_goes_back_to_zero(pool
     let started = std::time::Instant::now();
     let r = reqwest::Client::new()
         .post(format!("{gateway}/v1/endpoints/{id}/v1/completions"))
-        .bearer_auth(&key)
+        .bearer_auth(key)
         .json(&json!({"prompt": "cold starts happen"}))
         .send()
         .await
