@@ -310,19 +310,7 @@ async fn endpoint_call(
     let Ok(endpoint) = raw.parse::<EndpointId>() else {
         return not_found();
     };
-    let route = match state
-        .caches
-        .route(endpoint.as_uuid(), async {
-            Ok::<_, kiln_store::StoreError>(
-                state
-                    .store
-                    .endpoint_route(endpoint.as_uuid())
-                    .await?
-                    .map(Arc::new),
-            )
-        })
-        .await
-    {
+    let route = match route_of(&state, endpoint.as_uuid()).await {
         Ok(Some(route)) if route.org_id == key.org_id.as_uuid() => route,
         // Another org's endpoint is as unknown as a made-up one.
         Ok(_) => return not_found(),
@@ -583,6 +571,19 @@ fn unavailable(detail: &str) -> Response {
     r
 }
 
+/// Endpoint `id`'s route, from the cache or else Postgres (`None`: unknown or deleted).
+async fn route_of(
+    state: &GatewayState,
+    id: Uuid,
+) -> Result<Option<Arc<kiln_store::EndpointRoute>>, kiln_store::StoreError> {
+    state
+        .caches
+        .route(id, async {
+            Ok(state.store.endpoint_route(id).await?.map(Arc::new))
+        })
+        .await
+}
+
 /// Wait, bounded in number and time, until endpoint `id` has a ready replica that accepts
 /// connections (the agent reports a replica running once its container is; the server in it
 /// may take a moment more to listen). The route's changes wake the wait (Postgres notices).
@@ -602,16 +603,10 @@ async fn hold_for_replica(
         || unavailable("no replica of this endpoint became ready in time; retry shortly");
     let mut changed = state.caches.watch_route(id);
     loop {
-        let route = state
-            .caches
-            .route(id, async {
-                Ok::<_, kiln_store::StoreError>(state.store.endpoint_route(id).await?.map(Arc::new))
-            })
-            .await
-            .map_err(|error| {
-                tracing::error!(%error, "endpoint lookup failed");
-                unavailable("the gateway cannot reach its database; retry shortly")
-            })?;
+        let route = route_of(state, id).await.map_err(|error| {
+            tracing::error!(%error, "endpoint lookup failed");
+            unavailable("the gateway cannot reach its database; retry shortly")
+        })?;
         let Some(route) = route.filter(|r| r.org_id == org) else {
             return Err(problem(
                 StatusCode::NOT_FOUND,
