@@ -90,6 +90,10 @@ pub struct ApiConfig {
         default_value = "http://127.0.0.1:8090"
     )]
     pub gateway_url: String,
+    /// CPU and memory an instance (VM) gets per GPU it has, e.g. `cpu_millis=8000,memory_mib=65536`
+    /// (either may be left out; empty: 8 cores and 64 GiB per GPU).
+    #[arg(long, env = "KILN_INSTANCE_SHAPE", default_value = "", value_parser = crate::ops::instances::parse_shape)]
+    pub instance_shape: crate::ops::instances::Shape,
 }
 
 impl ApiConfig {
@@ -120,6 +124,7 @@ impl ApiConfig {
             billing_webhook_secret: Some("test-webhook-secret".into()),
             invoice_close_delay_ms: 3_600_000,
             gateway_url: "http://127.0.0.1:8090".into(),
+            instance_shape: crate::ops::instances::Shape::default(),
         }
     }
 

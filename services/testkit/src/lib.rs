@@ -191,6 +191,18 @@ impl TestApp {
         }
     }
 
+    /// Make `op@example.com` an operator (as `KILN_ADMIN_EMAIL` does at start-up) and sign in:
+    /// the operator's access token.
+    pub async fn operator(&self) -> String {
+        let (email, password) = ("op@example.com", "op-correct-horse-battery");
+        let hash = self.state.hasher.hash(password).unwrap();
+        self.store()
+            .user_ensure_operator(&kiln_domain::Email::parse("email", email).unwrap(), &hash)
+            .await
+            .unwrap();
+        self.login(email, password).await.0
+    }
+
     /// Sign in; returns (access, refresh).
     pub async fn login(&self, email: &str, password: &str) -> (String, String) {
         let (status, body) = self

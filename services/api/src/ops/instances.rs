@@ -50,7 +50,8 @@ impl Default for Shape {
     }
 }
 
-/// `KILN_INSTANCE_SHAPE=cpu_millis=1000,memory_mib=256` (per GPU; either may be left out).
+/// `KILN_INSTANCE_SHAPE=cpu_millis=1000,memory_mib=256` (per GPU; either may be left out;
+/// empty: the default).
 pub fn parse_shape(raw: &str) -> Result<Shape, String> {
     let mut shape = Shape::default();
     for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -70,19 +71,6 @@ pub fn parse_shape(raw: &str) -> Result<Shape, String> {
         }
     }
     Ok(shape)
-}
-
-/// The deployment's instance shape: `KILN_INSTANCE_SHAPE`, else the default (8 cores and
-/// 64 GiB per GPU). Read once.
-pub fn shape() -> Shape {
-    static SHAPE: std::sync::OnceLock<Shape> = std::sync::OnceLock::new();
-    *SHAPE.get_or_init(|| match std::env::var("KILN_INSTANCE_SHAPE") {
-        Ok(raw) => parse_shape(&raw).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "ignoring KILN_INSTANCE_SHAPE");
-            Shape::default()
-        }),
-        Err(_) => Shape::default(),
-    })
 }
 
 /// An instance id from a path: anything malformed is simply an instance that does not exist.
@@ -190,7 +178,7 @@ pub async fn create(
         .await?;
     super::billing::ensure_in_credit(state, conn, &scope).await?;
     let v = validate(state, conn, &scope, input).await?;
-    let shape = shape();
+    let shape = state.config.instance_shape;
     let record = state
         .store
         .workload_create(

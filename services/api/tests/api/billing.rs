@@ -3,7 +3,6 @@
 //! resumed), invoices and usage that reconcile with the ledger, the price catalog.
 
 use kiln_billing::BillingConfig;
-use kiln_domain::Email;
 use kiln_testkit::serde_json::{Value, json};
 use kiln_testkit::{TestApp, TestUser};
 use reqwest::{Method, StatusCode};
@@ -11,17 +10,6 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use crate::assert_problem;
-
-/// Make `op@example.com` an operator and sign in.
-async fn operator(app: &TestApp) -> String {
-    let (email, password) = ("op@example.com", "op-correct-horse-battery");
-    let hash = app.state.hasher.hash(password).unwrap();
-    app.store()
-        .user_ensure_operator(&Email::parse("email", email).unwrap(), &hash)
-        .await
-        .unwrap();
-    app.login(email, password).await.0
-}
 
 async fn credit(
     app: &TestApp,
@@ -76,7 +64,7 @@ async fn running_pod(app: &TestApp, u: &TestUser, name: &str) -> String {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn operator_credits_post_once_per_reference_even_when_eight_race(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let u = app.user("ada").await;
     let org = u.org_id.clone();
     let results =
@@ -186,7 +174,7 @@ async fn the_payment_webhook_credits_once_and_refuses_bad_signatures_and_replays
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn running_out_of_credit_stops_work_refuses_new_work_and_a_top_up_resumes_it(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let u = app.user("ada").await;
     let org = u.org_id.clone();
     // A 1 USD credit limit; an H100 pod costs 2.99 USD an hour.
@@ -285,7 +273,7 @@ async fn running_out_of_credit_stops_work_refuses_new_work_and_a_top_up_resumes_
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn invoices_and_usage_reconcile_with_the_ledger_and_download(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let u = app.user("ada").await;
     let org = u.org_id.clone();
     running_pod(&app, &u, "a").await;
@@ -413,7 +401,7 @@ async fn invoices_and_usage_reconcile_with_the_ledger_and_download(pool: PgPool)
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn operators_version_prices_and_the_catalog_shows_those_in_effect(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let u = app.user("ada").await;
     let (status, types) = app.get("/v1/gpu-types", &u.access_token).await;
     assert_eq!(status, StatusCode::OK);
@@ -493,7 +481,7 @@ async fn operators_version_prices_and_the_catalog_shows_those_in_effect(pool: Pg
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn the_console_billing_page_shows_balance_usage_and_invoices(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let u = app.user("ada").await;
     let org = u.org_id.clone();
     credit(&app, &op, &org, 12_500_000, "first").await;
@@ -570,7 +558,7 @@ async fn the_console_billing_page_shows_balance_usage_and_invoices(pool: PgPool)
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn budget_alerts_show_in_the_balance_and_on_the_console_billing_page(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let u = app.user("ada").await;
     let org = u.org_id.clone();
     credit(&app, &op, &org, 10_000_000, "first").await;

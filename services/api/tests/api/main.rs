@@ -9,6 +9,7 @@ mod binary;
 mod catalog;
 mod endpoints;
 mod idempotency;
+mod instances;
 mod isolation;
 mod members;
 mod nodes;

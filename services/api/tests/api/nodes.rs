@@ -1,5 +1,5 @@
 use kiln_auth::{OpaqueSecret, SecretDigest};
-use kiln_domain::{AssignmentId, Email, NodeId};
+use kiln_domain::{AssignmentId, NodeId};
 use kiln_store::{
     AssignmentKind, AssignmentPut, GpuHealthReport, GpuRegistration, GpuSampleReport,
     MigInstanceRecord, NewNode, NodeRegistration, ObservedRecord,
@@ -12,17 +12,6 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::{assert_problem, error_fields};
-
-/// Make `op@example.com` an operator (as `KILN_ADMIN_EMAIL` does at start-up) and sign in.
-async fn operator(app: &TestApp) -> String {
-    let (email, password) = ("op@example.com", "op-correct-horse-battery");
-    let hash = app.state.hasher.hash(password).unwrap();
-    app.store()
-        .user_ensure_operator(&Email::parse("email", email).unwrap(), &hash)
-        .await
-        .unwrap();
-    app.login(email, password).await.0
-}
 
 /// Join a node with `token` straight through the store (the gRPC side has its own tests).
 async fn join(app: &TestApp, token: &str, hostname: &str) -> String {
@@ -56,7 +45,7 @@ async fn audited(app: &TestApp, action: &str) -> i64 {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn an_operator_issues_a_token_once_and_sees_the_node_it_admits(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
 
     let (status, headers, created) = app
         .call_full(
@@ -170,7 +159,7 @@ async fn an_operator_issues_a_token_once_and_sees_the_node_it_admits(pool: PgPoo
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn the_admin_surface_is_invisible_to_everyone_but_operators(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let (_, created) = app.post("/v1/admin/node-tokens", &op, json!({})).await;
     let node = join(&app, created["token"].as_str().unwrap(), "gpu-01").await;
 
@@ -231,7 +220,7 @@ async fn the_admin_surface_is_invisible_to_everyone_but_operators(pool: PgPool) 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn bad_token_lifetimes_and_notes_are_refused(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     for ttl in [json!(0), json!(-1), json!(59), json!(604_801)] {
         let (status, body) = app
             .post("/v1/admin/node-tokens", &op, json!({"ttl_secs": ttl}))
@@ -321,7 +310,7 @@ fn sample(uuid: &str, sm: i32, used: i64) -> GpuSampleReport {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn an_operator_sees_each_gpu_its_health_and_what_runs_on_it(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let mig = vec![
         MigInstanceRecord {
             profile: "3g.40gb".into(),
@@ -485,7 +474,7 @@ async fn an_operator_sees_each_gpu_its_health_and_what_runs_on_it(pool: PgPool) 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn cordon_uncordon_and_drain_move_the_node_and_are_audited(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let node = node_with_gpus(&app, &op, "gpu-01", vec![h100(0, vec![])]).await;
     let schedulable = || async {
         let (_, c) = app.get("/v1/admin/capacity", &op).await;

@@ -1,24 +1,12 @@
 //! Org GPU quotas: operators set, replace and remove them (audited in the org's log); tenants
 //! cannot see the admin routes at all, and read only their own org's quotas.
 
-use kiln_domain::Email;
 use kiln_testkit::TestApp;
 use kiln_testkit::serde_json::{Value, json};
 use reqwest::{Method, StatusCode};
 use sqlx::PgPool;
 
 use crate::{assert_problem, error_fields};
-
-/// Make `op@example.com` an operator (as `KILN_ADMIN_EMAIL` does at start-up) and sign in.
-async fn operator(app: &TestApp) -> String {
-    let (email, password) = ("op@example.com", "op-correct-horse-battery");
-    let hash = app.state.hasher.hash(password).unwrap();
-    app.store()
-        .user_ensure_operator(&Email::parse("email", email).unwrap(), &hash)
-        .await
-        .unwrap();
-    app.login(email, password).await.0
-}
 
 async fn put(app: &TestApp, token: &str, org: &str, body: Value) -> (StatusCode, Value) {
     app.call(
@@ -90,7 +78,7 @@ async fn stored_quotas(app: &TestApp) -> i64 {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn an_operator_sets_lists_replaces_and_removes_an_orgs_quotas(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let tenant = app.user("tenant").await;
     let org = tenant.org_id.clone();
     let list_path = format!("/v1/admin/orgs/{org}/quotas");
@@ -215,7 +203,7 @@ async fn an_operator_sets_lists_replaces_and_removes_an_orgs_quotas(pool: PgPool
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn tenants_get_404_from_every_admin_quota_route(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let owner = app.user("owner").await;
     let org = owner.org_id.clone();
     let (_, owner_key) = app.api_key(&owner, &org, "owner").await;
@@ -272,7 +260,7 @@ async fn tenants_get_404_from_every_admin_quota_route(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn members_read_their_own_orgs_quotas_and_no_one_elses(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let owner = app.user("owner").await;
     let viewer = app.user("viewer").await;
     let org = owner.org_id.clone();
@@ -328,7 +316,7 @@ async fn members_read_their_own_orgs_quotas_and_no_one_elses(pool: PgPool) {
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn invalid_quotas_are_422_with_every_bad_field(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
-    let op = operator(&app).await;
+    let op = app.operator().await;
     let org = app.user("tenant").await.org_id;
 
     let cases = [
