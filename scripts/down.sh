@@ -27,6 +27,17 @@ for pidfile in "$STATE"/pids/agent-*.pid; do
   rm -f "$pidfile"
 done
 
+# VMs outlive their agent (a restarted agent adopts them): stop them too, by the pid each
+# agent recorded in its VM directory.
+for meta in "$STATE"/agents/*/vms/*/meta.json; do
+  [ -f "$meta" ] || continue
+  pid="$(sed -n 's/.*"pid":[[:space:]]*\([0-9][0-9]*\).*/\1/p' "$meta")"
+  [ -n "$pid" ] || continue
+  case "$(ps -p "$pid" -o args= 2>/dev/null || true)" in
+    *qemu-system*) log "stopping VM $(basename "$(dirname "$meta")") (pid $pid)"; kill -TERM "$pid" 2>/dev/null || true ;;
+  esac
+done
+
 for name in kiln-billing kiln-scheduler kiln-gateway kiln-api; do
   pidfile="$STATE/pids/$name.pid"
   [ -f "$pidfile" ] || continue

@@ -54,6 +54,17 @@ else
   log "Docker is not running: skipping the demo model image (pods need Docker)"
 fi
 
+# 2c. The VM guest image instances boot (a kernel, an initramfs with an SSH server, a data
+# disk), from OS packages; the agents find it through their config, the catalog by name.
+VM_IMAGE_DIR=""
+if ! VM_IMAGE_DIR="$("$ROOT/scripts/build-vm-image.sh")"; then
+  log "could not build the VM guest image: instances will not boot (see the lines above)"
+  VM_IMAGE_DIR=""
+fi
+# Instances run under TCG by default: on these machines /dev/kvm opens but a KVM guest hangs.
+# KILN_VM_ACCEL=auto uses KVM where it works.
+VM_ACCEL="${KILN_VM_ACCEL:-tcg}"
+
 # 3. The operator password: generated once, then read back from .kiln/env.
 ADMIN_PASSWORD=""
 if [ -f "$STATE/env" ]; then
@@ -166,7 +177,8 @@ start_service kiln-api "$API_URL" serve \
   KILN_ADMIN_PASSWORD="$ADMIN_PASSWORD" \
   KILN_SECRETS_KEY="$SECRETS_KEY" \
   KILN_BILLING_WEBHOOK_SECRET="$WEBHOOK_SECRET" \
-  KILN_GATEWAY_URL="$GATEWAY_URL"
+  KILN_GATEWAY_URL="$GATEWAY_URL" \
+  KILN_INSTANCE_SHAPE="${KILN_INSTANCE_SHAPE:-cpu_millis=1000,memory_mib=512}"
 start_service kiln-gateway "$GATEWAY_URL" "" \
   RUST_LOG="$RUST_LOG" \
   KILN_GATEWAY_LISTEN="$GATEWAY_ADDR" \
@@ -213,6 +225,9 @@ for spec in $AGENTS; do
   name="${spec%%:*}" inventory="${spec#*:}"
   dir="$STATE/agents/$name" pidfile="$STATE/pids/agent-$name.pid" logfile="$STATE/logs/agent-$name.log"
   mkdir -p "$dir" && chmod 700 "$dir"
+  # Instances: QEMU with the guest image above; a short ACPI wait (the tiny guest ignores it).
+  printf '# Written by scripts/up.sh.\n[runtime]\nvm_image_dir = "%s"\nvm_accel = "%s"\nvm_powerdown_timeout_ms = 3000\nvm_start_timeout_ms = 60000\n' \
+    "$VM_IMAGE_DIR" "$VM_ACCEL" >"$dir/agent.toml"
   if pid="$(agent_pid "$name")"; then
     if [ "$BIN/kiln-agent" -nt "$pidfile" ]; then
       log "agent $name (pid $pid) runs an older binary: restarting it"
@@ -233,7 +248,7 @@ for spec in $AGENTS; do
   echo "=== $(date -u +%FT%TZ) starting kiln-agent $name" >>"$logfile"
   marker="$(wc -l <"$logfile")"
   KILN_AGENT_BOOTSTRAP_TOKEN="$token" RUST_LOG="$RUST_LOG" nohup "$BIN/kiln-agent" \
-    --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" --public-address 127.0.0.1 \
+    --config "$dir/agent.toml" --control-plane "http://$FLEET_ADDR" --state-dir "$dir" --hostname "$name" --public-address 127.0.0.1 \
     --nvml disabled --simulated-inventory "$ROOT/agent/inventory/inventories/$inventory.toml" \
     --fault-file "$dir/faults.toml" </dev/null >>"$logfile" 2>&1 &
   echo $! >"$pidfile"
@@ -250,6 +265,17 @@ for spec in $AGENTS; do
   done
 done
 
+# 6b. The guest image in the catalog (PUT is idempotent), so a newcomer can create an instance.
+if [ -n "$VM_IMAGE_DIR" ]; then
+  [ -n "$ACCESS" ] || ACCESS="$(operator_token)"
+  [ -n "$ACCESS" ] || die "could not sign in as $ADMIN_EMAIL to register the VM image"
+  curl -fsS --max-time 10 -o /dev/null -X PUT -H "authorization: Bearer $ACCESS" \
+    -H 'content-type: application/json' \
+    -d '{"description":"Kiln tiny guest: busybox and dropbear, root login with your key, data disk on /mnt/data","kernel":"vmlinuz","initrd":"initramfs.cpio.gz","disk":"disk.raw","kernel_args":"console=ttyS0 quiet panic=-1","login_user":"root","min_disk_gib":1}' \
+    "$API_URL/v1/admin/images/kiln-tiny" || die "could not register the VM image kiln-tiny"
+  log "VM image kiln-tiny registered (files in $VM_IMAGE_DIR)"
+fi
+
 # 7. .kiln/env
 umask 077
 cat >"$STATE/env.tmp" <<EOF
@@ -264,7 +290,7 @@ REDIS_URL=$REDIS_URL
 KILN_DEMO_IMAGE=$DEMO_IMAGE
 KILN_SECRETS_KEY=$SECRETS_KEY
 KILN_BILLING_WEBHOOK_SECRET=$WEBHOOK_SECRET
-# KILN_DEMO_VM_IMAGE arrives with the instances issue.
+KILN_DEMO_VM_IMAGE=${VM_IMAGE_DIR:+kiln-tiny}
 EOF
 mv "$STATE/env.tmp" "$STATE/env"
 
@@ -278,6 +304,7 @@ Kiln is up.
   billing  rates usage every 15 s (ops at $BILLING_URL)
   agents   $(for spec in $AGENTS; do printf '%s ' "${spec%%:*}"; done)(simulated GPU hosts; see $API_URL/admin/fleet)
   operator $ADMIN_EMAIL / $ADMIN_PASSWORD
+  images   kiln-tiny (GET $API_URL/v1/images): a VM with an SSH server, booted under QEMU
 Log in at the console with that email and password, or from a shell:
   set -a; source .kiln/env; set +a
   kiln login

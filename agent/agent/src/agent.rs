@@ -384,6 +384,8 @@ fn qemu_runtime(
     let mut settings = crate::qemu::QemuSettings::new(config.state_dir.join("vms"), image_dir);
     settings.host_address = config.runtime.publish_address.clone();
     settings.port_range = config.runtime.vm_port_min..=config.runtime.vm_port_max;
+    settings.powerdown_timeout = Duration::from_millis(config.runtime.vm_powerdown_timeout_ms);
+    settings.start_timeout = Duration::from_millis(config.runtime.vm_start_timeout_ms);
     settings.accel = match config.runtime.vm_accel {
         crate::config::VmAccel::Auto => None,
         crate::config::VmAccel::Kvm => Some(crate::qemu::launch::Accel::Kvm),

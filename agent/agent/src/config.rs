@@ -26,6 +26,8 @@
 //! vm_port_min = 20000                 # host ports for instances' SSH and ports
 //! vm_port_max = 29999
 //! vm_accel = "auto"                   # "auto" (KVM if /dev/kvm opens, else TCG), "kvm", "tcg"
+//! vm_powerdown_timeout_ms = 30000     # a stop waits this long for the guest's ACPI shutdown
+//! vm_start_timeout_ms = 30000         # how long QEMU may take to answer on its QMP socket
 //!
 //! [gpu]               # kiln_inventory::SourceConfig, verbatim
 //! nvml = "auto"
@@ -107,6 +109,11 @@ pub struct RuntimeConfig {
     /// How VMs execute: "auto" (KVM when /dev/kvm opens, else TCG), "kvm" or "tcg" (for hosts
     /// whose /dev/kvm opens but does not work, e.g. broken nested virtualisation).
     pub vm_accel: VmAccel,
+    /// How long a stop waits for the guest to shut down after ACPI powerdown before QEMU is
+    /// told to quit (a guest without an ACPI handler always takes this long).
+    pub vm_powerdown_timeout_ms: u64,
+    /// How long a starting QEMU may take before it answers on its QMP socket.
+    pub vm_start_timeout_ms: u64,
 }
 
 /// `[runtime] vm_accel`.
@@ -156,6 +163,8 @@ impl Default for RuntimeConfig {
             vm_port_min: 20000,
             vm_port_max: 29999,
             vm_accel: VmAccel::Auto,
+            vm_powerdown_timeout_ms: 30_000,
+            vm_start_timeout_ms: 30_000,
         }
     }
 }
@@ -459,13 +468,14 @@ fault_file = "/tmp/kiln/a.faults.toml"
         assert_eq!(c.runtime.advertised_address(), "gpu-7.example.net");
         assert!(Config::parse("[runtime]\ndocker = \"maybe\"\n", "x").is_err());
         let c = Config::parse(
-            "[runtime]\nqemu = \"disabled\"\nvm_accel = \"tcg\"\nvm_image_dir = \"/img\"\nvm_port_min = 30000\n",
+            "[runtime]\nqemu = \"disabled\"\nvm_accel = \"tcg\"\nvm_image_dir = \"/img\"\nvm_port_min = 30000\nvm_powerdown_timeout_ms = 2000\n",
             "x",
         )
         .unwrap();
         assert_eq!(c.runtime.qemu, QemuPolicy::Disabled);
         assert_eq!(c.runtime.vm_accel, VmAccel::Tcg);
         assert_eq!(c.runtime.vm_image_dir, PathBuf::from("/img"));
+        assert_eq!(c.runtime.vm_powerdown_timeout_ms, 2000);
         assert_eq!(
             (c.runtime.vm_port_min, c.runtime.vm_port_max),
             (30000, 29999)

@@ -535,8 +535,9 @@ pub struct ObservedAssignment {
     #[prost(int64, tag = "7")]
     pub observed_at_unix_ms: i64,
     /// How long the agent spent inside the container runtime (Docker API calls: pull, network,
-    /// create, start) bringing up this generation, in milliseconds; 0 when unknown. Lets the
-    /// control plane tell its own overhead from the runtime's. Added in minor 3.
+    /// create, start; for a VM: its overlay disk, seed and QEMU until it answers QMP) bringing up
+    /// this generation, in milliseconds; 0 when unknown. Lets the control plane tell its own
+    /// overhead from the runtime's. Added in minor 3.
     #[prost(uint64, tag = "8")]
     pub runtime_ms: u64,
 }

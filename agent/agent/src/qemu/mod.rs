@@ -210,6 +210,9 @@ struct Inner {
     vms: Mutex<BTreeMap<String, Vm>>,
     progress: Mutex<BTreeMap<String, (u64, Progress)>>,
     removed: Mutex<BTreeMap<String, (u64, Instant)>>,
+    /// Per instance, the generation last booted and how long the boot took in this runtime
+    /// (overlay, seed, QEMU up and answering QMP): reported as `runtime_ms`.
+    boot_ms: Mutex<BTreeMap<String, (u64, u64)>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     consoles: Mutex<BTreeSet<String>>,
     logs: LogShipper,
@@ -335,6 +338,7 @@ impl QemuRuntime {
                 vms: Mutex::default(),
                 progress: Mutex::default(),
                 removed: Mutex::default(),
+                boot_ms: Mutex::default(),
                 locks: Mutex::default(),
                 consoles: Mutex::default(),
                 logs,
@@ -595,7 +599,15 @@ impl QemuRuntime {
                     // The guest powered itself off: QEMU is still up with the disk open.
                     self.quit(id, pid).await;
                 }
-                self.boot(a, &spec).await
+                let started = Instant::now();
+                self.boot(a, &spec).await?;
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.inner
+                    .boot_ms
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(id.clone(), (a.generation, ms));
+                Ok(())
             }
             PowerAction::PowerOff => {
                 self.set_progress(
@@ -1031,6 +1043,7 @@ impl QemuRuntime {
             vms.remove(id).map(|v| v.meta).unwrap_or_default()
         };
         self.inner.progress.lock().expect("not poisoned").remove(id);
+        self.inner.boot_ms.lock().expect("not poisoned").remove(id);
         let dir = self.dir(id);
         if let Some(pid) = meta.pid
             && qemu_alive(pid, &dir.join(QMP_FILE))
@@ -1169,6 +1182,14 @@ impl QemuRuntime {
             ),
         };
         if o.state == ObservedState::Running as i32 {
+            o.runtime_ms = self
+                .inner
+                .boot_ms
+                .lock()
+                .expect("not poisoned")
+                .get(id)
+                .filter(|(g, _)| *g == generation)
+                .map_or(0, |(_, ms)| *ms);
             o.ports = meta
                 .forwards
                 .iter()

@@ -159,6 +159,17 @@ pub async fn start_agent(
     hostname: &str,
     dir: &std::path::Path,
 ) -> (Agent, kiln_domain::NodeId) {
+    start_agent_with(store, fleet_url, hostname, dir, None).await
+}
+
+/// [`start_agent`] with a config file (`--config`) under the flags.
+pub async fn start_agent_with(
+    store: &kiln_store::Store,
+    fleet_url: &str,
+    hostname: &str,
+    dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> (Agent, kiln_domain::NodeId) {
     let token = kiln_testkit::fleet::bootstrap_token(store, Duration::from_secs(600)).await;
     let inventory = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../inventory/inventories/l40s-2x.toml");
@@ -177,6 +188,12 @@ pub async fn start_agent(
             .arg("--simulated-inventory")
             .arg(&inventory)
             .args(["--hostname", hostname, "--public-address", "127.0.0.1"])
+            .args(
+                config
+                    .map(|c| ["--config".as_ref(), c.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env_remove("KILN_AGENT_CONFIG")
             .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
             .stdin(std::process::Stdio::null())
