@@ -21,6 +21,10 @@
 //!   (see `pods.rs`; `--only pods`), and `endpoints.cold_start_ms`: a call to an endpoint at
 //!   zero replicas through the real `kiln-gateway` until its answer.
 //!
+//! * `instances.*` — the same three processes running VMs under QEMU (TCG) from the project's
+//!   tiny guest: create → SSH login, and the part that is not QEMU (see `instances.rs`;
+//!   `--only instances`).
+//!
 //! * `gateway.*` — the real `kiln-gateway` in front of an in-process model server: what it adds
 //!   to a call at a fixed rate, side by side with direct calls, and its closed-loop ceiling
 //!   (see `gateway.rs`; `--only gateway`).
@@ -32,11 +36,13 @@
 mod billing;
 mod fleet;
 mod gateway;
+mod instances;
 mod load;
 mod placement;
 mod pods;
 mod scheduling;
 mod server;
+mod stack;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -166,6 +172,10 @@ pub struct Args {
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pods: u32,
 
+    /// Measured instances of the instances benchmark (VMs under TCG, one at a time).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    instances: u32,
+
     /// The image the pods benchmark runs (local; built by scripts/build-images.sh).
     #[arg(long, env = "KILN_DEMO_IMAGE", default_value = "kiln/demo-model:1")]
     pods_image: String,
@@ -213,6 +223,7 @@ enum Only {
     Billing,
     Pods,
     Gateway,
+    Instances,
 }
 
 #[tokio::main]
@@ -254,6 +265,9 @@ async fn run(args: &Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Pods) {
         run_pods(args).await?;
+    }
+    if matches!(args.only, Only::All | Only::Instances) {
+        run_instances(args).await?;
     }
     if matches!(args.only, Only::All | Only::Placement) {
         let plan = placement::PlacementPlan {
@@ -415,6 +429,32 @@ async fn run_pods(args: &Args) -> Result<()> {
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
     // The agent first, so it does not fight the control plane going away.
+    for child in children.into_iter().rev() {
+        server::stop(child).await;
+    }
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_instances(args: &Args) -> Result<()> {
+    let hint = "set KILN_API_BIN / KILN_SCHEDULER_BIN / KILN_AGENT_BIN";
+    let api = sibling(&args.api_bin, "kiln-api", hint)?;
+    let scheduler = sibling(&args.scheduler_bin, "kiln-scheduler", hint)?;
+    let agent = sibling(&args.agent_bin, "kiln-agent", hint)?;
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let plan = instances::InstancesPlan {
+        instances: args.instances,
+        warmup: 1,
+        startup: Duration::from_secs(args.startup_timeout_secs),
+    };
+    let mut children = Vec::new();
+    let outcome = tokio::select! {
+        r = instances::run(&plan, (&api, &scheduler, &agent), (&db.url, &args.redis_url), &run_id, &mut children, figure) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
     for child in children.into_iter().rev() {
         server::stop(child).await;
     }

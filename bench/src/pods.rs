@@ -26,10 +26,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
-use kiln_auth::OpaqueSecret;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
-use tokio::time::{Instant, sleep};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 pub struct PodsPlan {
@@ -101,17 +100,7 @@ pub async fn run(
         .connect(db_url)
         .await
         .context("connecting to the bench database")?;
-    // A bootstrap token straight into the database, as `POST /v1/admin/node-tokens` makes one.
-    let token = OpaqueSecret::generate("kiln_nbt");
-    sqlx::query(
-        "INSERT INTO node_bootstrap_tokens (id, token_hash, expires_at)
-         VALUES ($1, $2, now() + interval '1 hour')",
-    )
-    .bind(Uuid::now_v7())
-    .bind(token.digest().as_bytes().to_vec())
-    .execute(&pool)
-    .await
-    .context("inserting a bootstrap token")?;
+    let token = crate::stack::bootstrap_token(&pool).await?;
     let state_dir = std::env::temp_dir().join(format!("kiln-bench-agent-{run_id}"));
     let hostname = format!("bench-pods-{run_id}");
     let agent = Command::new(bins.agent)
@@ -185,23 +174,6 @@ async fn remove_containers(node: &str) {
     }
 }
 
-async fn until<T>(
-    what: &str,
-    within: Duration,
-    mut check: impl AsyncFnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await? {
-            return Ok(v);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn measure(
     plan: &PodsPlan,
     (base, gateway): (&str, &str),
@@ -209,54 +181,11 @@ async fn measure(
     hostname: &str,
     figure: impl Fn(&str, String, &str),
 ) -> Result<()> {
-    until(
-        "the agent to register",
-        Duration::from_secs(60),
-        async || {
-            let n: Option<(bool,)> =
-                sqlx::query_as("SELECT registered_at IS NOT NULL FROM nodes WHERE hostname = $1")
-                    .bind(hostname)
-                    .fetch_optional(pool)
-                    .await?;
-            Ok(n.filter(|(r,)| *r).map(|_| ()))
-        },
-    )
-    .await?;
-
+    crate::stack::registered(pool, hostname).await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
-    let email = format!("pods-{}@example.com", Uuid::new_v4().simple());
-    let password = format!("Bench-{}-pw!", Uuid::new_v4().simple());
-    http.post(format!("{base}/v1/auth/signup"))
-        .json(&json!({ "email": email, "password": password, "name": "Pods Bench" }))
-        .send()
-        .await?
-        .error_for_status()?;
-    let login: Value = http
-        .post(format!("{base}/v1/auth/login"))
-        .json(&json!({ "email": email, "password": password }))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let token = login["access_token"]
-        .as_str()
-        .context("signup gave no access token")?
-        .to_owned();
-    let me: Value = http
-        .get(format!("{base}/v1/me"))
-        .bearer_auth(&token)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let org = me["memberships"][0]["org_id"]
-        .as_str()
-        .context("no org in /v1/me")?
-        .to_owned();
+    let (token, org) = crate::stack::tenant(&http, base, "Pods Bench").await?;
     let pods = format!("{base}/v1/orgs/{org}/pods");
 
     let mut total = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
@@ -347,7 +276,7 @@ async fn measure(
             .error_for_status()?;
         // The container is gone (the agent reports it stopped) before the next pod starts.
         if let Some(a) = assignment.0 {
-            until(
+            crate::stack::until(
                 "the pod's container to go",
                 Duration::from_secs(60),
                 async || {
@@ -434,7 +363,7 @@ async fn cold_starts(
     let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
     let calls = plan.pods.clamp(3, 10);
     for _ in 0..calls {
-        until(
+        crate::stack::until(
             "the endpoint to be back at zero",
             Duration::from_secs(120),
             async || {

@@ -111,6 +111,18 @@ pub async fn start(
     limit: Duration,
     slot: &mut Option<Child>,
 ) -> Result<RunningApi> {
+    start_with(api_bin, (db_url, redis_url), run_id, &[], limit, slot).await
+}
+
+/// [`start`] with extra environment for the API.
+pub async fn start_with(
+    api_bin: &Path,
+    (db_url, redis_url): (&str, &str),
+    run_id: &str,
+    env: &[(&str, &str)],
+    limit: Duration,
+    slot: &mut Option<Child>,
+) -> Result<RunningApi> {
     let addr = free_port()?;
     let public_url = format!("http://{addr}");
     let mut cmd = api_command(api_bin, db_url);
@@ -121,7 +133,8 @@ pub async fn start(
         .env("KILN_REDIS_NAMESPACE", format!("bench-{run_id}"))
         .env("KILN_LOGIN_LIMIT_PER_IP", "1000000")
         .env("KILN_LOGIN_LIMIT_PER_ACCOUNT", "1000000")
-        .env("KILN_SIGNUP_LIMIT_PER_IP", "1000000");
+        .env("KILN_SIGNUP_LIMIT_PER_IP", "1000000")
+        .envs(env.iter().copied());
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {} serve", api_bin.display()))?;
