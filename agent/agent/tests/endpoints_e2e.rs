@@ -337,3 +337,160 @@ async fn an_endpoint_at_zero_starts_on_the_first_call_and_goes_back_to_zero(pool
     .await;
     stack.finish().await;
 }
+
+/// Calls keep being answered when one of two replicas dies under them: idempotent calls that
+/// find the dead replica's port closed go to the other; only a call caught inside the dying
+/// replica can fail (502, problem+json); the dead replica comes back; every answered call is
+/// metered once.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn calls_keep_being_answered_when_a_replica_dies_mid_traffic(pool: PgPool) {
+    let image = demo_image();
+    let stack = Stack::start(pool, "ep-kill").await;
+    let Stack {
+        app,
+        gateway,
+        node,
+        ada,
+        key,
+        endpoints,
+        ..
+    } = &stack;
+    let (status, ep) = app
+        .post(
+            endpoints,
+            &ada.access_token,
+            json!({"name": "pair", "image": image, "gpu": {"type": "l40s-48gb", "count": 1},
+                   "port": 8000, "health_path": "/health", "min_replicas": 2, "max_replicas": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ep}");
+    let id = ep["id"].as_str().unwrap().to_owned();
+    let running = async || {
+        let (_, e) = app
+            .get(&format!("{endpoints}/{id}"), &ada.access_token)
+            .await;
+        let replicas = e["replicas"].as_array()?;
+        (replicas.len() == 2 && replicas.iter().all(|r| r["state"] == "running")).then_some(())
+    };
+    until(
+        "two replicas running",
+        Duration::from_secs(90),
+        async || running().await,
+    )
+    .await;
+    let url = format!("{gateway}/v1/endpoints/{id}/v1/models");
+    let http = reqwest::Client::new();
+    until(
+        "the gateway to route",
+        Duration::from_secs(20),
+        async || {
+            let r = http.get(&url).bearer_auth(key).send().await.ok()?;
+            (r.status() == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+
+    // Two callers in a loop for the whole test, each call's status recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..2)
+        .map(|_| {
+            let (http, url, key, stop) = (http.clone(), url.clone(), key.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen: Vec<(StatusCode, String)> = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http.get(&url).bearer_auth(&key).send().await.unwrap();
+                    let status = r.status();
+                    let kind = r
+                        .headers()
+                        .get("content-type")
+                        .map(|v| v.to_str().unwrap_or_default().to_owned())
+                        .unwrap_or_default();
+                    let _ = r.bytes().await;
+                    seen.push((status, kind));
+                }
+                seen
+            })
+        })
+        .collect();
+    let answered = async || -> i64 {
+        sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM usage_events WHERE status = 200")
+            .fetch_one(app.store().pool())
+            .await
+            .map(|(n,)| n)
+            .unwrap_or(0)
+    };
+    until("calls to flow", Duration::from_secs(20), async || {
+        (answered().await >= 50).then_some(())
+    })
+    .await;
+
+    // One replica's model server dies (its process killed, as a crash would).
+    let ids = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=kiln.node={node}")])
+        .output()
+        .unwrap();
+    let victim = String::from_utf8_lossy(&ids.stdout)
+        .lines()
+        .next()
+        .expect("a replica container")
+        .to_owned();
+    let pid = Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Pid}}", &victim])
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().to_owned();
+    let killed = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(killed.success(), "kill -9 {pid}");
+    let at_kill = answered().await;
+
+    // Calls go on being answered, and the dead replica comes back.
+    until(
+        "calls answered after the kill",
+        Duration::from_secs(30),
+        async || (answered().await >= at_kill + 200).then_some(()),
+    )
+    .await;
+    until(
+        "both replicas running again",
+        Duration::from_secs(90),
+        async || running().await,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for c in callers {
+        seen.extend(c.await.unwrap());
+    }
+    let ok = seen.iter().filter(|(s, _)| *s == StatusCode::OK).count() as i64;
+    let failed: Vec<_> = seen.iter().filter(|(s, _)| *s != StatusCode::OK).collect();
+    assert!(
+        failed.len() <= 2,
+        "only calls inside the dying replica may fail: {failed:?}"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|(s, kind)| *s == StatusCode::BAD_GATEWAY && kind == "application/problem+json"),
+        "{failed:?}"
+    );
+    // Metered once each: the count of answered calls settles at what the callers got (plus
+    // the probe's answer).
+    until(
+        "every answered call metered",
+        Duration::from_secs(20),
+        async || (answered().await >= ok + 1).then_some(()),
+    )
+    .await;
+    assert_eq!(answered().await, ok + 1, "no call metered twice");
+
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("{endpoints}/{id}"),
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    stack.finish().await;
+}
