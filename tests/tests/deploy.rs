@@ -305,7 +305,12 @@ impl Manifests {
         for file in manifest_files() {
             for doc in yaml_docs(&file) {
                 if is_example(&file) {
-                    assert_eq!(s(&doc, "/kind"), "Secret", "{} is the Secret", file.display());
+                    assert_eq!(
+                        s(&doc, "/kind"),
+                        "Secret",
+                        "{} is the Secret",
+                        file.display()
+                    );
                     assert_eq!(s(&doc, "/metadata/name"), "kiln");
                     for key in doc["stringData"].as_object().unwrap().keys() {
                         secret_keys.insert(key.clone());
@@ -675,7 +680,12 @@ async fn every_probe_answers_200_on_the_running_service(pool: PgPool) {
 fn compose_config(env: &[(&str, &str)], extra: &[&str]) -> Value {
     let mut cmd = Command::new(system_tool("docker-compose"));
     cmd.current_dir(root())
-        .args(["--project-name", "kiln-deploy-test", "--file", "docker-compose.yml"])
+        .args([
+            "--project-name",
+            "kiln-deploy-test",
+            "--file",
+            "docker-compose.yml",
+        ])
         .args(extra)
         .arg("config");
     for (k, v) in env {
@@ -707,7 +717,10 @@ fn compose_file_is_valid_and_agrees_with_the_services() {
 
     let env = [
         ("KILN_ADMIN_PASSWORD", "compose-test-password"),
-        ("KILN_SECRETS_KEY", "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s="),
+        (
+            "KILN_SECRETS_KEY",
+            "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=",
+        ),
     ];
     let config = compose_config(&env, &["--profile", "agent"]);
     let services = config["services"].as_object().unwrap();
@@ -746,7 +759,10 @@ fn compose_file_is_valid_and_agrees_with_the_services() {
             .unwrap_or_default();
         let known = known_env(&binary);
         for k in env.keys() {
-            assert!(known.contains_key(k), "{what} sets {k}, which {binary} does not read");
+            assert!(
+                known.contains_key(k),
+                "{what} sets {k}, which {binary} does not read"
+            );
         }
         if binary == "kiln-agent" {
             let inventory = svc["command"]
@@ -758,7 +774,10 @@ fn compose_file_is_valid_and_agrees_with_the_services() {
                 .expect("the simulated agent names an inventory in the image");
             let file = inventory.trim_start_matches("/usr/share/kiln/inventories/");
             assert!(
-                root().join("agent/inventory/inventories").join(file).exists(),
+                root()
+                    .join("agent/inventory/inventories")
+                    .join(file)
+                    .exists(),
                 "{inventory} is copied from agent/inventory/inventories"
             );
             continue;
@@ -791,16 +810,27 @@ fn compose_file_is_valid_and_agrees_with_the_services() {
         );
     }
     assert!(
-        seen.is_superset(&["kiln-api", "kiln-scheduler", "kiln-billing", "kiln-gateway", "kiln-agent"]
+        seen.is_superset(
+            &[
+                "kiln-api",
+                "kiln-scheduler",
+                "kiln-billing",
+                "kiln-gateway",
+                "kiln-agent"
+            ]
             .into_iter()
             .map(str::to_owned)
-            .collect()),
+            .collect()
+        ),
         "{seen:?}"
     );
     // The image compose builds is deploy/Dockerfile.
     let build = &services["migrate"]["build"];
     assert!(
-        build["dockerfile"].as_str().unwrap().ends_with("deploy/Dockerfile"),
+        build["dockerfile"]
+            .as_str()
+            .unwrap()
+            .ends_with("deploy/Dockerfile"),
         "{build}"
     );
 }
@@ -864,7 +894,10 @@ fn agent_unit_verifies_and_stays_hardened() {
     // The flags it starts with are the agent's.
     let exec_start = setting("ExecStart").unwrap();
     let agent_env = source_env(&root().join("agent/agent/src/main.rs"));
-    assert!(agent_env.contains_key("KILN_AGENT_CONFIG"), "--config exists");
+    assert!(
+        agent_env.contains_key("KILN_AGENT_CONFIG"),
+        "--config exists"
+    );
     assert!(exec_start.contains("--config /etc/kiln/agent.toml"));
 }
 
@@ -963,7 +996,13 @@ fn grafana_dashboard_queries_only_metrics_the_services_register() {
         }
     }
     // Each service shows up on the dashboard.
-    for family in ["kiln_up", "kiln_http_", "kiln_gateway_", "kiln_scheduler_", "kiln_billing_"] {
+    for family in [
+        "kiln_up",
+        "kiln_http_",
+        "kiln_gateway_",
+        "kiln_scheduler_",
+        "kiln_billing_",
+    ] {
         assert!(
             used.iter().any(|m| m.starts_with(family)),
             "the dashboard shows {family}*: {used:?}"
@@ -1067,7 +1106,11 @@ async fn image_builds_from_the_dockerfile_and_serves_readyz(pool: PgPool) {
     let dir = tempfile::tempdir().unwrap();
     let ctx = dir.path().join("ctx");
     std::fs::create_dir_all(ctx.join("deploy/bin")).unwrap();
-    std::fs::copy(root().join("deploy/Dockerfile"), ctx.join("deploy/Dockerfile")).unwrap();
+    std::fs::copy(
+        root().join("deploy/Dockerfile"),
+        ctx.join("deploy/Dockerfile"),
+    )
+    .unwrap();
     std::fs::copy(root().join(".dockerignore"), ctx.join(".dockerignore")).unwrap();
     let inventories = ctx.join("agent/inventory/inventories");
     std::fs::create_dir_all(&inventories).unwrap();
@@ -1086,7 +1129,9 @@ async fn image_builds_from_the_dockerfile_and_serves_readyz(pool: PgPool) {
         copies.push(dest);
     }
     import_base(&base, &copies, &dir.path().join("rootfs"));
-    cleanup.0.push(vec!["rmi".into(), "-f".into(), image.clone()]);
+    cleanup
+        .0
+        .push(vec!["rmi".into(), "-f".into(), image.clone()]);
     run(Command::new("docker")
         .args(["build", "--quiet", "--target", "prebuilt"])
         .arg("--build-arg")
@@ -1094,7 +1139,8 @@ async fn image_builds_from_the_dockerfile_and_serves_readyz(pool: PgPool) {
         .args(["-f", "deploy/Dockerfile", "-t", &image, "."])
         .current_dir(&ctx));
 
-    let user = run(Command::new("docker").args(["image", "inspect", "-f", "{{.Config.User}}", &image]));
+    let user =
+        run(Command::new("docker").args(["image", "inspect", "-f", "{{.Config.User}}", &image]));
     assert_eq!(String::from_utf8_lossy(&user.stdout).trim(), "65532:65532");
     // Every binary is there and starts (its libraries resolve) as the image's user.
     for name in BINARIES {
@@ -1111,10 +1157,20 @@ async fn image_builds_from_the_dockerfile_and_serves_readyz(pool: PgPool) {
         l.local_addr().unwrap().port()
     };
     let database_url = kiln_testkit::database_url(&pool).await;
-    cleanup.0.push(vec!["rm".into(), "-f".into(), container.clone()]);
+    cleanup
+        .0
+        .push(vec!["rm".into(), "-f".into(), container.clone()]);
     run(Command::new("docker")
         // As deploy/kubernetes runs it: read-only root, a /tmp, no capabilities.
-        .args(["run", "-d", "--network", "host", "--read-only", "--tmpfs", "/tmp"])
+        .args([
+            "run",
+            "-d",
+            "--network",
+            "host",
+            "--read-only",
+            "--tmpfs",
+            "/tmp",
+        ])
         .args(["--name", &container])
         .args(["--cap-drop", "ALL", "--security-opt", "no-new-privileges"])
         .arg("-e")
@@ -1162,7 +1218,10 @@ async fn image_builds_from_the_dockerfile_and_serves_readyz(pool: PgPool) {
 }
 
 fn container_logs(name: &str) -> String {
-    let out = Command::new("docker").args(["logs", name]).output().unwrap();
+    let out = Command::new("docker")
+        .args(["logs", name])
+        .output()
+        .unwrap();
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -224,7 +224,10 @@ mod tests {
 
         let up: HealthCheck = Arc::new(|| Box::pin(async { Ok(()) }));
         let app: Router = ops_router("test", up);
-        assert_eq!(get_status(&app, "/readyz").await, (StatusCode::OK, "ok\n".into()));
+        assert_eq!(
+            get_status(&app, "/readyz").await,
+            (StatusCode::OK, "ok\n".into())
+        );
         assert_eq!(get_status(&app, "/livez").await.0, StatusCode::OK);
     }
 }
