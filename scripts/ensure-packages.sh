@@ -34,6 +34,7 @@ case "$want" in
   deploy|all)
     need docker-compose docker-compose   # `docker-compose config` validates docker-compose.yml
     need systemd-analyze systemd         # `verify` and `security` over the agent's unit
+    need objcopy binutils                # strips the debug binaries the image test packs
     /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || pkgs+=(python3-venv)
     ;;
 esac

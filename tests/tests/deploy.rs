@@ -211,13 +211,15 @@ fn known_env(binary: &str) -> BTreeMap<String, EnvVar> {
         "kiln-agent" => source_env(&root().join("agent/agent/src/main.rs")),
         other => panic!("no service binary is called {other}"),
     };
-    // Read by kiln_telemetry::init_tracing in every service (the agent's own copy is scanned).
+    // Read by the logging set-up of every binary: RUST_LOG by tracing's EnvFilter
+    // (`try_from_default_env`), KILN_LOG_FORMAT by kiln_telemetry (and the agent's own copy).
     let telemetry = include_str!("../../services/telemetry/src/lib.rs");
+    assert!(
+        telemetry.contains("EnvFilter::try_from_default_env")
+            && telemetry.contains("KILN_LOG_FORMAT"),
+        "kiln-telemetry's logging set-up changed: update the variables here"
+    );
     for name in ["RUST_LOG", "KILN_LOG_FORMAT"] {
-        assert!(
-            telemetry.contains(name) || name == "RUST_LOG",
-            "kiln-telemetry no longer reads {name}"
-        );
         vars.entry(name.to_owned()).or_insert(EnvVar {
             default: None,
             required: false,
@@ -625,7 +627,13 @@ async fn every_probe_answers_200_on_the_running_service(pool: PgPool) {
     );
     let config = kiln_scheduler::SchedulerConfig::from_arg_matches(
         &kiln_scheduler::SchedulerConfig::augment_args(clap::Command::new("kiln-scheduler"))
-            .try_get_matches_from(["kiln-scheduler", "--database-url", "unused"])
+            .try_get_matches_from([
+                "kiln-scheduler",
+                "--database-url",
+                "unused",
+                "--redis-namespace",
+                &format!("deploy-test-{}", rand_suffix()),
+            ])
             .unwrap(),
     )
     .unwrap();
@@ -1190,10 +1198,10 @@ async fn image_builds_from_the_dockerfile_and_serves_readyz(pool: PgPool) {
         || {
             let (http, ready, container) = (http.clone(), ready.clone(), container.clone());
             async move {
-                if let Ok(r) = http.get(&ready).send().await {
-                    if r.status() == 200 {
-                        return Some(());
-                    }
+                if let Ok(r) = http.get(&ready).send().await
+                    && r.status() == 200
+                {
+                    return Some(());
                 }
                 let state = Command::new("docker")
                     .args(["inspect", "-f", "{{.State.Running}}", &container])
