@@ -1,5 +1,6 @@
 //! What every Kiln service exposes to its operator: `tracing` logs (text or JSON),
-//! Prometheus metrics at `GET /metrics`, and `GET /healthz`.
+//! Prometheus metrics at `GET /metrics`, and the probes `GET /livez`, `GET /readyz` and
+//! `GET /healthz`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,8 +67,14 @@ struct Ops {
     health: HealthCheck,
 }
 
-/// `GET /healthz` (200 `ok` when `health` passes, 503 with the reason otherwise) and
-/// `GET /metrics` (Prometheus text format).
+/// The operator's routes:
+///
+/// * `GET /livez`: 200 while the process serves HTTP, whatever its dependencies do (a liveness
+///   probe: restarting a replica does not bring PostgreSQL back).
+/// * `GET /readyz`: 200 `ok` when `health` passes (the service's dependencies are reachable),
+///   503 with the reason otherwise (a readiness probe: take the replica out of rotation).
+/// * `GET /healthz`: the same check as `/readyz`, kept for `make up` and existing monitors.
+/// * `GET /metrics`: Prometheus text format.
 pub fn ops_router<S: Clone + Send + Sync + 'static>(
     service: &'static str,
     health: HealthCheck,
@@ -78,9 +85,15 @@ pub fn ops_router<S: Clone + Send + Sync + 'static>(
         health,
     };
     Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(healthz))
         .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
         .with_state(ops)
+}
+
+async fn livez() -> &'static str {
+    "ok\n"
 }
 
 async fn healthz(State(ops): State<Ops>) -> Response {
@@ -185,5 +198,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    async fn get_status(app: &Router, path: &str) -> (StatusCode, String) {
+        let r = app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_the_dependencies_and_livez_does_not() {
+        let down: HealthCheck =
+            Arc::new(|| Box::pin(async { Err("postgres: connection refused".to_owned()) }));
+        let app: Router = ops_router("test", down);
+        let (status, body) = get_status(&app, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("postgres: connection refused"), "{body}");
+        // A dependency being down is no reason to restart the process.
+        assert_eq!(get_status(&app, "/livez").await.0, StatusCode::OK);
+
+        let up: HealthCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        let app: Router = ops_router("test", up);
+        assert_eq!(
+            get_status(&app, "/readyz").await,
+            (StatusCode::OK, "ok\n".into())
+        );
+        assert_eq!(get_status(&app, "/livez").await.0, StatusCode::OK);
     }
 }
