@@ -1261,7 +1261,13 @@ pub async fn payment_webhook(
     signature: Option<&str>,
     body: &[u8],
 ) -> Result<WebhookAck, ApiError> {
-    let Some(secret) = state.config.billing_webhook_secret.as_deref() else {
+    // An empty secret is no secret: anyone could sign with it. Treated as not configured.
+    let Some(secret) = state
+        .config
+        .billing_webhook_secret
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+    else {
         return Err(ApiError::NotFound("resource"));
     };
     let now = OffsetDateTime::now_utc();

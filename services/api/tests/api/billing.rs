@@ -130,6 +130,22 @@ async fn webhook(app: &TestApp, signature: &str, body: &str) -> (StatusCode, Val
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// `KILN_BILLING_WEBHOOK_SECRET=` (set but empty, an easy slip in a compose file or a
+/// Secret) must not turn into an HMAC key anyone can sign with: the webhook stays off.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_empty_webhook_secret_leaves_the_webhook_off(pool: PgPool) {
+    let app = TestApp::spawn_with(pool, |c| c.billing_webhook_secret = Some(String::new())).await;
+    let u = app.user("ada").await;
+    let body = json!({"id": "evt_1", "type": "payment.succeeded", "org": u.org_id,
+                      "amount_micros": 40_000_000, "currency": "USD"})
+    .to_string();
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let forged = kiln_api::ops::billing::sign(b"", now, body.as_bytes());
+    let (status, problem) = webhook(&app, &forged, &body).await;
+    assert_problem(status, &problem, StatusCode::NOT_FOUND);
+    assert_eq!(balance(&app, &u).await["balance"]["amount_micros"], 0);
+}
+
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn the_payment_webhook_credits_once_and_refuses_bad_signatures_and_replays(pool: PgPool) {
     let app = TestApp::spawn(pool).await;
