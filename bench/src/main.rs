@@ -25,6 +25,10 @@
 //!   tiny guest: create → SSH login, and the part that is not QEMU (see `instances.rs`;
 //!   `--only instances`).
 //!
+//! * `scale.*` — the scheduling burst with one and with two `kiln-scheduler` replicas, and
+//!   `GET /v1/me` load on one and on two `kiln-api` replicas, side by side (see `scale.rs`;
+//!   `--only scale`).
+//!
 //! * `gateway.*` — the real `kiln-gateway` in front of an in-process model server: what it adds
 //!   to a call at a fixed rate, side by side with direct calls, and its closed-loop ceiling
 //!   (see `gateway.rs`; `--only gateway`).
@@ -40,6 +44,7 @@ mod instances;
 mod load;
 mod placement;
 mod pods;
+mod scale;
 mod scheduling;
 mod server;
 mod stack;
@@ -224,6 +229,7 @@ enum Only {
     Pods,
     Gateway,
     Instances,
+    Scale,
 }
 
 #[tokio::main]
@@ -268,6 +274,9 @@ async fn run(args: &Args) -> Result<()> {
     }
     if matches!(args.only, Only::All | Only::Instances) {
         run_instances(args).await?;
+    }
+    if matches!(args.only, Only::All | Only::Scale) {
+        run_scale(args).await?;
     }
     if matches!(args.only, Only::All | Only::Placement) {
         let plan = placement::PlacementPlan {
@@ -456,6 +465,34 @@ async fn run_instances(args: &Args) -> Result<()> {
         r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
     };
     for child in children.into_iter().rev() {
+        server::stop(child).await;
+    }
+    if let Err(err) = db.drop_database().await {
+        eprintln!("kiln-bench: warning: {err:#}");
+    }
+    outcome
+}
+
+async fn run_scale(args: &Args) -> Result<()> {
+    let hint = "set KILN_API_BIN / KILN_SCHEDULER_BIN";
+    let api = sibling(&args.api_bin, "kiln-api", hint)?;
+    let scheduler = sibling(&args.scheduler_bin, "kiln-scheduler", hint)?;
+    let run_id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let db = server::BenchDatabase::create(&args.database_url, &run_id).await?;
+    let plan = scale::ScalePlan {
+        nodes: args.sched_nodes,
+        burst: args.sched_burst,
+        connections: args.connections,
+        duration: Duration::from_secs(args.duration_secs),
+        warmup: Duration::from_secs(args.warmup_secs),
+        startup: Duration::from_secs(args.startup_timeout_secs),
+    };
+    let mut children = Vec::new();
+    let outcome = tokio::select! {
+        r = scale::run(&plan, (&api, &scheduler), (&db.url, &args.redis_url), &run_id, &mut children, figure) => r,
+        r = server::shutdown_signal() => r.and_then(|sig| bail!("interrupted by {sig}")),
+    };
+    for child in children {
         server::stop(child).await;
     }
     if let Err(err) = db.drop_database().await {

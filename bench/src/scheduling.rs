@@ -59,60 +59,13 @@ pub async fn run(
         plan.nodes, plan.burst
     );
 
-    // Burst: all committed at once, then one wake-up.
-    let started = Instant::now();
-    sqlx::query(
-        "INSERT INTO workloads (id, org_id, kind, name, gpu_mode, gpu_type, gpu_count,
-             cpu_millis, memory_mib, disk_gib, spec)
-         SELECT gen_random_uuid(), $1, 'pod', 'burst-' || i, 'whole', 'h100-80gb', 1, 1000,
-             4096, 10, '{\"image\": \"kiln/bench:1\"}'
-         FROM generate_series(1, $2) AS i",
-    )
-    .bind(org)
-    .bind(plan.burst as i32)
-    .execute(&pool)
-    .await?;
-    sqlx::query("SELECT pg_notify('kiln_workloads_pending', '')")
-        .execute(&pool)
-        .await?;
-    let deadline = started + Duration::from_secs(900);
-    loop {
-        let (placed,): (i64,) =
-            sqlx::query_as("SELECT count(*) FROM workloads WHERE state = 'scheduled'")
-                .fetch_one(&pool)
-                .await?;
-        if placed >= i64::from(plan.burst) {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {placed} of {} pods placed in 15 minutes", plan.burst);
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
+    let rate = burst(&pool, org, plan.burst).await?;
     figure(
         "scheduler.e2e.placements_per_s",
-        format!("{:.1}", f64::from(plan.burst) / secs),
+        format!("{rate:.1}"),
         "placements/s",
     );
-
-    // Free everything for the steady phase.
-    sqlx::query("DELETE FROM gpu_allocations")
-        .execute(&pool)
-        .await?;
-    sqlx::query(
-        "UPDATE nodes SET cpu_millis_allocated = 0, memory_mib_allocated = 0,
-             disk_gib_allocated = 0",
-    )
-    .execute(&pool)
-    .await?;
-    sqlx::query("UPDATE workloads SET state = 'terminated', node_id = NULL, assignment_id = NULL")
-        .execute(&pool)
-        .await?;
-    // Freed behind the store's back: tell the schedulers to read the fleet again.
-    sqlx::query("SELECT pg_notify('kiln_workloads_pending', 'freed:*')")
-        .execute(&pool)
-        .await?;
+    reset(&pool).await?;
 
     // Steady rate: one pod per transaction, as the API creates them.
     let total = plan.rate as u64 * plan.rate_secs;
@@ -191,8 +144,64 @@ pub async fn run(
     Ok(())
 }
 
+/// A burst of `n` pending 1-GPU pods committed in one statement, then one wake-up, until
+/// every one is `scheduled`: placements per second.
+pub async fn burst(pool: &PgPool, org: Uuid, n: u32) -> Result<f64> {
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO workloads (id, org_id, kind, name, gpu_mode, gpu_type, gpu_count,
+             cpu_millis, memory_mib, disk_gib, spec)
+         SELECT gen_random_uuid(), $1, 'pod', 'burst-' || i, 'whole', 'h100-80gb', 1, 1000,
+             4096, 10, '{\"image\": \"kiln/bench:1\"}'
+         FROM generate_series(1, $2) AS i",
+    )
+    .bind(org)
+    .bind(n as i32)
+    .execute(pool)
+    .await?;
+    sqlx::query("SELECT pg_notify('kiln_workloads_pending', '')")
+        .execute(pool)
+        .await?;
+    let deadline = started + Duration::from_secs(900);
+    loop {
+        let (placed,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM workloads WHERE state = 'scheduled'")
+                .fetch_one(pool)
+                .await?;
+        if placed >= i64::from(n) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {placed} of {n} pods placed in 15 minutes");
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    Ok(f64::from(n) / started.elapsed().as_secs_f64())
+}
+
+/// Free every GPU and end every workload, behind the store's back, and tell the schedulers to
+/// read the fleet again.
+pub async fn reset(pool: &PgPool) -> Result<()> {
+    sqlx::query("DELETE FROM gpu_allocations")
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "UPDATE nodes SET cpu_millis_allocated = 0, memory_mib_allocated = 0,
+             disk_gib_allocated = 0",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query("UPDATE workloads SET state = 'terminated', node_id = NULL, assignment_id = NULL")
+        .execute(pool)
+        .await?;
+    sqlx::query("SELECT pg_notify('kiln_workloads_pending', 'freed:*')")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 /// One org, `nodes` ready nodes with 8 NVLinked H100s each. Answers the org.
-async fn seed(pool: &PgPool, nodes: u32) -> Result<Uuid> {
+pub async fn seed(pool: &PgPool, nodes: u32) -> Result<Uuid> {
     let org = Uuid::now_v7();
     sqlx::query("INSERT INTO orgs (id, name) VALUES ($1, 'bench')")
         .bind(org)
