@@ -249,7 +249,12 @@ async fn two_of_each_service_survive_losing_one_of_each_mid_run(pool: PgPool) {
                 "--hostname",
                 &hostname,
             ])
-            .args(["--public-address", "127.0.0.1"])
+            .args([
+                "--public-address",
+                "127.0.0.1",
+                "--metrics-interval-ms",
+                "500",
+            ])
             .arg("--state-dir")
             .arg(dir.path().join("agent"))
             .arg("--simulated-inventory")
@@ -511,6 +516,56 @@ async fn two_of_each_service_survive_losing_one_of_each_mid_run(pool: PgPool) {
     )
     .await;
     assert_eq!(metered().await, answered, "no call counted twice");
+
+    // What operators watch, from the survivors: the scheduler's queue and placement latency and
+    // the GPUs' samples, the gateway's traffic per endpoint, the API's per-route latency.
+    let scrape = async |url: &str| -> String {
+        http.get(format!("{url}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let gpu_sample = format!("kiln_gpu_utilization_ratio{{node=\"{node}\"");
+    until(
+        "the node's GPU samples on the scheduler",
+        Duration::from_secs(20),
+        async || {
+            scrape(&schedulers[1])
+                .await
+                .contains(&gpu_sample)
+                .then_some(())
+        },
+    )
+    .await;
+    let scheduler = scrape(&schedulers[1]).await;
+    for name in [
+        "kiln_scheduler_pending_workloads",
+        "kiln_scheduler_pass_seconds_bucket",
+        "kiln_scheduler_placement_wait_seconds_bucket",
+        "kiln_gpu_memory_used_bytes",
+        "kiln_gpu_temperature_celsius",
+    ] {
+        assert!(
+            scheduler.contains(name),
+            "{name} missing from the scheduler's /metrics"
+        );
+    }
+    let gateway = scrape(&gateways[1]).await;
+    let calls = format!("kiln_gateway_calls_total{{endpoint=\"{ep_id}\",status=\"200\"}}");
+    assert!(
+        gateway.contains(&calls),
+        "{calls} missing from the gateway's /metrics"
+    );
+    assert!(gateway.contains("kiln_gateway_call_duration_seconds_bucket{endpoint="));
+    let api = scrape(&apis[1]).await;
+    assert!(
+        api.contains("kiln_http_request_duration_seconds_bucket{")
+            && api.contains("/v1/orgs/{org}/pods"),
+        "per-route latency on the API"
+    );
 
     // Clean up: the endpoint and the kept pods, and their containers.
     let r = http

@@ -431,6 +431,7 @@ impl NodeControl for NodeControlService {
                 .node_metrics(node, &samples)
                 .await
                 .map_err(|e| store_status("metrics", e))?;
+            record_gpu_metrics(node, &samples);
             summary.reports_received += 1;
             summary.samples_received += samples.len() as u64;
         }
@@ -504,4 +505,29 @@ impl NodeControl for NodeControlService {
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Per-GPU gauges from an agent's samples (`node`, `gpu` labels), as a DCGM exporter would
+/// show them, and a counter of XID events per node.
+fn record_gpu_metrics(node: NodeId, samples: &[kiln_store::GpuSampleReport]) {
+    let node = node.to_string();
+    for s in samples {
+        let labels = [("node", node.clone()), ("gpu", s.uuid.clone())];
+        if let Some(u) = s.sm_util_pct {
+            metrics::gauge!("kiln_gpu_utilization_ratio", &labels).set(f64::from(u) / 100.0);
+        }
+        if let Some(m) = s.memory_used_mib {
+            metrics::gauge!("kiln_gpu_memory_used_bytes", &labels).set(m as f64 * 1048576.0);
+        }
+        if let Some(t) = s.temperature_c {
+            metrics::gauge!("kiln_gpu_temperature_celsius", &labels).set(f64::from(t));
+        }
+        if let Some(p) = s.power_w {
+            metrics::gauge!("kiln_gpu_power_watts", &labels).set(p);
+        }
+        if !s.xids.is_empty() {
+            metrics::counter!("kiln_gpu_xid_events_total", "node" => node.clone())
+                .increment(s.xids.len() as u64);
+        }
+    }
 }

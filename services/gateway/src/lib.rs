@@ -519,6 +519,12 @@ fn relay(
                             metering::usage_of(&r.scan);
                         event.at_unix_ms =
                             OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
+                        let endpoint = EndpointId::from_uuid(event.endpoint_id).to_string();
+                        metrics::counter!("kiln_gateway_calls_total",
+                            "endpoint" => endpoint.clone(), "status" => event.status.to_string())
+                        .increment(1);
+                        metrics::histogram!("kiln_gateway_call_duration_seconds", "endpoint" => endpoint)
+                            .record(m.started.elapsed().as_secs_f64());
                         if let Err(e) = m.meter.record(&event).await {
                             // The caller still gets the answer; the event is lost and said so.
                             tracing::error!(error = %e, event = %event.id, "a usage event could not be recorded");

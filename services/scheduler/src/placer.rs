@@ -131,8 +131,10 @@ impl Placer {
         if claimed.is_empty() {
             tx.commit().await?;
             *guard = cached;
+            self.record_queue_depth().await;
             return Ok(out);
         }
+        let started = std::time::Instant::now();
         let stale = self.stale.swap(false, Ordering::SeqCst);
         let freed = std::mem::take(&mut *self.freed.lock().unwrap_or_else(|p| p.into_inner()));
         let (mut view, mut fresh) = match cached {
@@ -241,8 +243,17 @@ impl Placer {
             .enumerate()
             .filter_map(|(i, d)| commit_of(d, &holds_of[i], &specs[i]))
             .collect();
+        let mut waits = Vec::new();
         match self.store.placements_commit_batch(&mut tx, &commits).await {
-            Ok(ids) => out.placed += ids.len(),
+            Ok(ids) => {
+                out.placed += ids.len();
+                let now = time::OffsetDateTime::now_utc();
+                waits.extend(
+                    batch
+                        .iter()
+                        .map(|d| (now - d.workload.created_at).as_seconds_f64()),
+                );
+            }
             Err(PlaceError::Conflict(why)) => {
                 out.conflicts += 1;
                 tracing::debug!(
@@ -266,8 +277,24 @@ impl Placer {
         if out.placed > 0 {
             metrics::counter!("kiln_scheduler_placements_total").increment(out.placed as u64);
         }
+        metrics::histogram!("kiln_scheduler_pass_seconds").record(started.elapsed().as_secs_f64());
+        // From the workload's creation to its placement committed (batch placements; the rare
+        // one-by-one path after a lost race is not timed).
+        for w in waits {
+            metrics::histogram!("kiln_scheduler_placement_wait_seconds").record(w.max(0.0));
+        }
         *guard = Some(view);
+        drop(guard);
+        self.record_queue_depth().await;
         Ok(out)
+    }
+
+    /// `kiln_scheduler_pending_workloads`: the queue's depth after a pass.
+    async fn record_queue_depth(&self) {
+        match self.store.workloads_pending_count().await {
+            Ok(n) => metrics::gauge!("kiln_scheduler_pending_workloads").set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "counting pending workloads"),
+        }
     }
 
     /// Decide again on `view` and commit one placement by itself (shares, preemption, and

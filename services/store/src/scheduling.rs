@@ -250,6 +250,14 @@ impl Store {
         .ok_or(StoreError::NotFound { what: "workload" })
     }
 
+    /// How many workloads wait to be placed (the scheduling queue's depth), whoever holds them.
+    pub async fn workloads_pending_count(&self) -> StoreResult<i64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM workloads WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
     /// Lock up to `limit` pending workloads, highest priority then oldest first, skipping any
     /// another scheduler replica holds. They stay locked until `conn`'s transaction ends.
     pub async fn workloads_claim_pending(
