@@ -1362,6 +1362,28 @@ async fn endpoint_pages_show_the_url_a_curl_example_and_charts_to_the_org_only(p
 
 // ---- instances ----
 
+/// Wait until the flash message reads `want` (the page after a form post has loaded; the one
+/// before it may still show the previous action's message).
+async fn wait_for_notice(b: &Browser, want: &str) {
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + kiln_tests::STEP;
+    loop {
+        if let Ok(el) = b.client.find(fantoccini_css("#notice")).await
+            && let Ok(text) = el.text().await
+        {
+            if text.contains(want) {
+                return;
+            }
+            last = text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the notice still reads `{last}`, not `{want}`"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Ada opens Instances, is told which SSH key line is wrong, creates an instance from the
 /// catalog image with two whole GPUs, sees it placed with the SSH command to copy once its
 /// node forwards the port and its serial console, reboots, stops, starts and terminates it.
@@ -1421,11 +1443,7 @@ async fn a_person_creates_an_instance_and_gets_its_ssh_command(pool: PgPool) {
     // Create it.
     b.fill("#instance-ssh-keys", SSH_KEY).await;
     b.click("#create-instance").await;
-    let notice = b.text("#notice").await;
-    assert!(
-        notice.contains("Created the instance trainer"),
-        "notice: {notice}"
-    );
+    wait_for_notice(&b, "Created the instance trainer").await;
     assert_eq!(b.text("#instance-state").await, "pending");
     let id = b.text("#instance-id").await;
     assert!(id.starts_with("ins_"), "instance id: {id}");
@@ -1465,7 +1483,7 @@ async fn a_person_creates_an_instance_and_gets_its_ssh_command(pool: PgPool) {
             .collect();
     logs.append(uuid, &lines).await.expect("append");
     b.click("#refresh-instance").await;
-    assert_eq!(b.text("#instance-state").await, "running");
+    wait_for_text(&b, "#instance-state", "running").await;
     assert_eq!(b.text("#instance-node").await, node.to_string());
     let gpus = b.text("#instance-gpus").await;
     assert!(gpus.starts_with("GPU-gpu-a-"), "GPUs held: {gpus}");
@@ -1483,18 +1501,10 @@ async fn a_person_creates_an_instance_and_gets_its_ssh_command(pool: PgPool) {
 
     // Reboot, stop (the GPUs go back), start (taken again), each said in words.
     b.click("#reboot-instance").await;
-    assert!(
-        b.text("#notice")
-            .await
-            .contains("Rebooting the instance trainer")
-    );
+    wait_for_notice(&b, "Rebooting the instance trainer").await;
     assert_eq!(b.text("#instance-power").await, "running · rebooted 1×");
     b.click("#stop-instance").await;
-    assert!(
-        b.text("#notice")
-            .await
-            .contains("Stopping the instance trainer")
-    );
+    wait_for_notice(&b, "Stopping the instance trainer").await;
     assert_eq!(b.text("#instance-state").await, "stopping");
     assert_eq!(b.text("#instance-gpus").await, "none");
     assert!(
@@ -1506,22 +1516,14 @@ async fn a_person_creates_an_instance_and_gets_its_ssh_command(pool: PgPool) {
     );
     b.screenshot("instance-stopping").await;
     b.click("#start-instance").await;
-    assert!(
-        b.text("#notice")
-            .await
-            .contains("Starting the instance trainer")
-    );
+    wait_for_notice(&b, "Starting the instance trainer").await;
     assert_eq!(b.text("#instance-state").await, "starting");
     assert!(b.text("#instance-gpus").await.starts_with("GPU-gpu-a-"));
 
     // Terminate, after a confirmation.
     b.click("#terminate-instance").await;
     b.accept_dialog().await;
-    assert!(
-        b.text("#notice")
-            .await
-            .contains("Terminated the instance trainer")
-    );
+    wait_for_notice(&b, "Terminated the instance trainer").await;
     assert_eq!(b.text("#instance-state").await, "terminated");
     assert!(
         b.client
@@ -1650,6 +1652,51 @@ async fn instance_pages_are_for_the_instances_org_only(pool: PgPool) {
     let items = list["items"].as_array().expect("items");
     assert_eq!(items.len(), 1, "nothing was made: {list}");
     assert_eq!(items[0]["power"], "running", "nothing was stopped: {list}");
+
+    // A viewer sees the instances but no form and no power buttons; posting anyway is refused.
+    app.add_member(&grace, &grace.org_id, &ada, "viewer").await;
+    for path in [
+        format!("/orgs/{}/instances", grace.org_id),
+        format!("/orgs/{}/instances/{theirs}", grace.org_id),
+    ] {
+        let resp = http
+            .get(format!("{}{path}", app.url))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let html = resp.text().await.expect("body");
+        assert!(html.contains("private"), "{path}: {html}");
+        for control in ["new-instance-form", "stop-instance", "terminate-instance"] {
+            assert!(!html.contains(control), "{path} has {control}: {html}");
+        }
+    }
+    let resp = http
+        .post(format!(
+            "{}/orgs/{}/instances/{theirs}/stop",
+            app.url, grace.org_id
+        ))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("POST stop");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = http
+        .post(format!("{}/orgs/{}/instances", app.url, grace.org_id))
+        .header("cookie", &cookies)
+        .form(&form)
+        .send()
+        .await
+        .expect("POST instances");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let (_, ins) = app
+        .get(
+            &format!("/v1/orgs/{}/instances/{theirs}", grace.org_id),
+            &grace.access_token,
+        )
+        .await;
+    assert_eq!(ins["power"], "running", "the viewer stopped nothing: {ins}");
 
     app.stop().await;
 }
