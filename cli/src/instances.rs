@@ -197,8 +197,16 @@ pub fn collect_keys(files: &[PathBuf], keys: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// `~/…` as the shell would have expanded it (it does not after `--ssh-key-file=`).
+fn expand_home(path: &Path) -> PathBuf {
+    match (path.strip_prefix("~"), dirs::home_dir()) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => path.to_path_buf(),
+    }
+}
+
 fn read_key_file(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
+    let text = std::fs::read_to_string(expand_home(path))
         .with_context(|| format!("--ssh-key-file {}: cannot read it", path.display()))?;
     if text.contains("PRIVATE KEY") {
         bail!(
@@ -544,5 +552,12 @@ mod tests {
             .to_string();
         assert!(err.contains("cannot read it"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+        if let Some(home) = dirs::home_dir() {
+            assert_eq!(
+                expand_home(Path::new("~/.ssh/id.pub")),
+                home.join(".ssh/id.pub")
+            );
+        }
+        assert_eq!(expand_home(Path::new("/k/id.pub")), Path::new("/k/id.pub"));
     }
 }
