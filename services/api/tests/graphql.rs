@@ -816,6 +816,33 @@ async fn instances_are_created_powered_and_terminated(pool: PgPool) {
         .await;
     assert_eq!(rest["ssh"]["command"], got["ssh"]["command"], "REST agrees");
 
+    // Its serial console, as the agent pushes it.
+    let logs =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .unwrap();
+    let uuid = id.parse::<kiln_domain::InstanceId>().unwrap().as_uuid();
+    let lines: Vec<kiln_logs::NewLine<'_>> = ["Booting Linux", "trainer login:"]
+        .iter()
+        .map(|text| kiln_logs::NewLine {
+            source: kiln_logs::Source::Stdout,
+            text,
+            at_unix_ms: 1_790_000_000_000,
+        })
+        .collect();
+    logs.append(uuid, &lines).await.unwrap();
+    let body = gql(
+        &app,
+        token,
+        "query($org: ID!, $id: ID!) { instanceConsole(orgId: $org, id: $id, tail: 1) { text source } }",
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["instanceConsole"],
+        json!([{"text": "trainer login:", "source": "stdout"}])
+    );
+
     let body = gql(
         &app,
         token,
@@ -907,7 +934,8 @@ async fn another_orgs_instance_cannot_be_seen_or_stopped(pool: PgPool) {
     let vars = json!({ "org": alice.org_id, "id": id });
 
     let reads = "query($org: ID!, $id: ID!) { instances(orgId: $org) { items { id } } \
-                 instance(orgId: $org, id: $id) { id } }";
+                 instance(orgId: $org, id: $id) { id } \
+                 instanceConsole(orgId: $org, id: $id) { text } }";
     let writes = "mutation($org: ID!, $id: ID!) { stopInstance(orgId: $org, id: $id) { state } \
                   startInstance(orgId: $org, id: $id) { state } \
                   rebootInstance(orgId: $org, id: $id) { state } \
@@ -915,7 +943,7 @@ async fn another_orgs_instance_cannot_be_seen_or_stopped(pool: PgPool) {
                   createInstance(orgId: $org, input: { name: \"theirs\", gpuType: \"h100-80gb\", \
                       gpuCount: 1, image: \"kiln-tiny\", sshPublicKeys: [] }) { id } }";
     for (query, fields) in [
-        (reads, &["instance", "instances"][..]),
+        (reads, &["instance", "instanceConsole", "instances"][..]),
         (
             writes,
             &[

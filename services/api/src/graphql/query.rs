@@ -193,6 +193,25 @@ impl QueryRoot {
         ))
     }
 
+    /// The instance's serial console: its last `tail` lines, oldest first (the same as
+    /// `GET …/instances/{id}/console`).
+    async fn instance_console(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The instance's id (`ins_…`).")] id: ID,
+        #[graphql(desc = "How many recent lines, 0–5000 (default 100).")] tail: Option<i32>,
+    ) -> Result<Option<Vec<LogLineView>>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let tail = ops::pods::parse_tail(tail.map(i64::from)).map_err(gql)?;
+        Ok(Some(
+            ops::instances::console(state(ctx), caller, org, &id, tail)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// The VM images instances can be created from (active ones), by name; the same as
     /// `GET /v1/images`.
     async fn images(&self, ctx: &Context<'_>) -> Result<Option<VmImageList>> {
