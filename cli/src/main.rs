@@ -4,6 +4,7 @@ mod billing;
 mod client;
 mod config;
 mod endpoints;
+mod instances;
 mod output;
 mod pods;
 
@@ -77,6 +78,16 @@ enum Command {
     ApiKeys {
         #[command(subcommand)]
         command: Option<ApiKeysCommand>,
+    },
+    /// Instances: VMs of the org with whole GPUs, reached over SSH [default: list].
+    Instances {
+        #[command(subcommand)]
+        command: Option<instances::InstancesCommand>,
+    },
+    /// The VM images instances boot from [default: list].
+    Images {
+        #[command(subcommand)]
+        command: Option<instances::ImagesCommand>,
     },
     /// Pods: GPU containers of the org [default: list].
     Pods {
@@ -354,6 +365,16 @@ async fn run(cli: Cli) -> Result<()> {
             } => keys_create(&mut ctx, &name, role, expires_at).await,
             ApiKeysCommand::Revoke { key } => keys_revoke(&mut ctx, &key).await,
         },
+        Command::Instances { command } => {
+            instances::run(
+                &mut ctx,
+                command.unwrap_or(instances::InstancesCommand::List),
+            )
+            .await
+        }
+        Command::Images { command } => {
+            instances::images(&mut ctx, command.unwrap_or(instances::ImagesCommand::List)).await
+        }
         Command::Pods { command } => {
             pods::run(&mut ctx, command.unwrap_or(pods::PodsCommand::List)).await
         }

@@ -1021,6 +1021,203 @@ async fn pod_logs_show_recent_lines_and_follow_until_the_pod_ends(pool: sqlx::Pg
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn instances_are_created_from_a_key_file_reached_over_ssh_and_powered(pool: sqlx::PgPool) {
+    use kiln_testkit::instances::{SSH_KEY, catalog_image, report_running};
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+
+    let images = kiln.run(&["images"]).await.ok();
+    assert!(images.stdout.contains("kiln-tiny"), "{}", images.stdout);
+    assert!(images.stdout.contains("root"), "{}", images.stdout);
+
+    let key_file = kiln.home.path().join("id_ed25519.pub");
+    std::fs::write(&key_file, format!("{SSH_KEY}\n")).unwrap();
+    let key_file = key_file.to_str().unwrap();
+    let created = kiln
+        .run(&[
+            "instances",
+            "create",
+            "--name",
+            "trainer",
+            "--gpu-type",
+            "h100-80gb",
+            "--gpus",
+            "2",
+            "--image",
+            "kiln-tiny",
+            "--ssh-key-file",
+            key_file,
+            "--disk-gib",
+            "40",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok();
+    let ins = created.json();
+    let id = ins["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ins_"), "{ins}");
+    assert_eq!(ins["state"], "pending");
+    assert_eq!(ins["gpu_count"], 2);
+    assert_eq!(ins["disk_gib"], 40);
+    assert_eq!(ins["ssh_public_keys"], json!([SSH_KEY]));
+
+    // Before it has a node there is nothing to log in to, and the CLI says why.
+    let early = kiln.run(&["instances", "ssh", "trainer"]).await;
+    assert_eq!(early.code, 1, "{early:?}");
+    assert!(
+        early.stderr.contains("has no SSH address yet") && early.stderr.contains("pending"),
+        "{}",
+        early.stderr
+    );
+
+    // Placed, and its node's agent reports port 22 forwarded: the command to log in.
+    let node = kiln_testkit::fleet::registered_node(app.store(), "gpu-a", 4, false).await;
+    kiln_scheduler::Placer::new(app.store().clone())
+        .pass()
+        .await
+        .unwrap();
+    report_running(app.store(), node, 40022).await;
+    let ssh = kiln.run(&["instances", "ssh", "trainer"]).await.ok();
+    assert_eq!(ssh.stdout, "ssh -p 40022 root@gpu-a\n");
+    let by_id = kiln
+        .run(&["instances", "ssh", &id, "-o", "json"])
+        .await
+        .ok();
+    assert_eq!(
+        by_id.json(),
+        json!({"host": "gpu-a", "port": 40022, "user": "root", "command": "ssh -p 40022 root@gpu-a"})
+    );
+
+    let table = kiln.run(&["instances"]).await.ok();
+    assert!(table.stdout.contains("2 × h100-80gb"), "{}", table.stdout);
+    assert!(table.stdout.contains("running"), "{}", table.stdout);
+    let shown = kiln.run(&["instances", "get", "trainer"]).await.ok();
+    assert!(shown.stdout.contains(&node.to_string()), "{}", shown.stdout);
+    assert!(
+        shown.stdout.contains("ssh -p 40022 root@gpu-a"),
+        "{}",
+        shown.stdout
+    );
+
+    // The serial console, as the agent pushes it.
+    let logs =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .unwrap();
+    let uuid = id.parse::<kiln_domain::InstanceId>().unwrap().as_uuid();
+    let lines: Vec<kiln_logs::NewLine<'_>> = ["Booting Linux", "trainer login:"]
+        .iter()
+        .map(|text| kiln_logs::NewLine {
+            source: kiln_logs::Source::Stdout,
+            text,
+            at_unix_ms: 1,
+        })
+        .collect();
+    logs.append(uuid, &lines).await.unwrap();
+    let console = kiln
+        .run(&["instances", "console", "trainer", "--tail", "1"])
+        .await
+        .ok();
+    assert_eq!(console.stdout, "trainer login:\n");
+
+    let rebooted = kiln.run(&["instances", "reboot", "trainer"]).await.ok();
+    assert!(rebooted.stdout.contains("Rebooting"), "{}", rebooted.stdout);
+    let stopped = kiln
+        .run(&["instances", "stop", "trainer", "-o", "json"])
+        .await
+        .ok();
+    assert_eq!(stopped.json()["state"], "stopping");
+    assert_eq!(stopped.json()["gpus"], json!([]));
+    let started = kiln
+        .run(&["instances", "start", &id, "-o", "json"])
+        .await
+        .ok();
+    assert_eq!(started.json()["state"], "starting");
+    assert_eq!(started.json()["gpus"].as_array().unwrap().len(), 2);
+    let deleted = kiln.run(&["instances", "delete", "trainer"]).await.ok();
+    assert!(deleted.stdout.contains("terminated"), "{}", deleted.stdout);
+    let got = kiln
+        .run(&["instances", "get", "trainer", "-o", "json"])
+        .await
+        .ok();
+    assert_eq!(got.json()["state"], "terminated", "a name finds the newest");
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn bad_instance_input_is_explained_and_creates_nothing(pool: sqlx::PgPool) {
+    use kiln_testkit::instances::{SSH_KEY, catalog_image};
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let ada = app.user("ada").await;
+    let kiln = Kiln::new(&app);
+    kiln.login(&ada.email, &ada.password).await.ok();
+    let base = [
+        "instances",
+        "create",
+        "--name",
+        "x",
+        "--gpu-type",
+        "h100-80gb",
+        "--image",
+        "kiln-tiny",
+    ];
+
+    // A private key is refused before anything is sent.
+    let private = kiln.home.path().join("id_ed25519");
+    std::fs::write(
+        &private,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--ssh-key-file", private.to_str().unwrap()]);
+    let bad = kiln.run(&args).await;
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.stderr.contains("that is a private key") && bad.stderr.contains("id_ed25519.pub"),
+        "{}",
+        bad.stderr
+    );
+    assert!(!bad.stderr.contains("b3BlbnNzaC1rZXktdjEAAAAA"));
+
+    // No key at all.
+    let bad = kiln.run(&base).await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("no SSH key"), "{}", bad.stderr);
+
+    // The server's validation, field by field.
+    let mut args = base.to_vec();
+    args.extend(["--gpus", "9", "--ssh-key", "ssh-ed25519 nonsense"]);
+    args[7] = "no-such-image";
+    let bad = kiln.run(&args).await;
+    assert_eq!(bad.code, 1);
+    for want in [
+        "gpu_count: must be between 1 and 8",
+        "image: unknown image `no-such-image`",
+        "ssh_public_keys[0]: is not an OpenSSH public key",
+    ] {
+        assert!(bad.stderr.contains(want), "{want}: {}", bad.stderr);
+    }
+
+    // An instance that does not exist, by name.
+    let bad = kiln.run(&["instances", "ssh", "ghost"]).await;
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("no instance `ghost`"), "{}", bad.stderr);
+
+    let list = kiln.run(&["instances", "-o", "json"]).await.ok();
+    assert_eq!(items(&list.json()).len(), 0, "nothing was created");
+    // And a good one still works after all that.
+    let mut args = base.to_vec();
+    args.extend(["--ssh-key", SSH_KEY]);
+    let ok = kiln.run(&args).await.ok();
+    assert!(ok.stdout.contains("Created instance x"), "{}", ok.stdout);
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
     let app = TestApp::spawn(pool).await;
     let ada = app.user("ada").await;

@@ -1359,3 +1359,344 @@ async fn endpoint_pages_show_the_url_a_curl_example_and_charts_to_the_org_only(p
         assert!(!body.contains(&url), "{path}: {body}");
     }
 }
+
+// ---- instances ----
+
+/// Wait until the flash message reads `want` (the page after a form post has loaded; the one
+/// before it may still show the previous action's message).
+async fn wait_for_notice(b: &Browser, want: &str) {
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + kiln_tests::STEP;
+    loop {
+        if let Ok(el) = b.client.find(fantoccini_css("#notice")).await
+            && let Ok(text) = el.text().await
+        {
+            if text.contains(want) {
+                return;
+            }
+            last = text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the notice still reads `{last}`, not `{want}`"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Ada opens Instances, is told which SSH key line is wrong, creates an instance from the
+/// catalog image with two whole GPUs, sees it placed with the SSH command to copy once its
+/// node forwards the port and its serial console, reboots, stops, starts and terminates it.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_person_creates_an_instance_and_gets_its_ssh_command(pool: PgPool) {
+    use kiln_testkit::instances::{SSH_KEY, catalog_image, report_running};
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let ada = app.user("ada").await;
+    let driver = Chromedriver::start().await;
+    let b = Browser::open(&driver, "instances").await;
+
+    b.goto(&format!("{}/login", app.url)).await;
+    b.fill("#email", &ada.email).await;
+    b.fill("#password", &ada.password).await;
+    b.click("#sign-in").await;
+    b.wait_for("#org-list").await;
+    let org = ada.org_id.clone();
+    b.goto(&format!("{}/orgs/{org}", app.url)).await;
+
+    // Instances: none yet; the form offers the catalog's image and the GPU types.
+    b.click("#tab-instances").await;
+    b.wait_for_path(&format!("/orgs/{org}/instances")).await;
+    assert!(b.text("#no-instances").await.contains("No instances yet"));
+    assert_eq!(b.value("#instance-image").await, "kiln-tiny");
+    let gpu_types = b.text("#instance-gpu-type").await;
+    assert!(gpu_types.contains("h100-80gb"), "GPU types: {gpu_types}");
+    b.screenshot("instances-empty").await;
+
+    // A key that is not a public key: the message names its line, the input is kept.
+    b.fill("#instance-name", "trainer").await;
+    b.wait_for("#instance-gpu-type")
+        .await
+        .select_by_value("h100-80gb")
+        .await
+        .expect("pick the GPU type");
+    b.fill("#instance-gpu-count", "2").await;
+    b.fill(
+        "#instance-ssh-keys",
+        &format!("{SSH_KEY}\nssh-ed25519 not-a-key"),
+    )
+    .await;
+    b.click("#create-instance").await;
+    let error = b.text("#instance-ssh-keys-error").await;
+    assert!(
+        error.starts_with("The SSH key on line 2 is not an OpenSSH public key"),
+        "key error: {error}"
+    );
+    assert_eq!(
+        b.value("#instance-name").await,
+        "trainer",
+        "the name is kept"
+    );
+    assert_eq!(b.value("#instance-gpu-count").await, "2");
+    b.screenshot("instance-bad-key").await;
+
+    // Create it.
+    b.fill("#instance-ssh-keys", SSH_KEY).await;
+    b.click("#create-instance").await;
+    wait_for_notice(&b, "Created the instance trainer").await;
+    assert_eq!(b.text("#instance-state").await, "pending");
+    let id = b.text("#instance-id").await;
+    assert!(id.starts_with("ins_"), "instance id: {id}");
+    assert_eq!(b.text("#instance-gpu").await, "2 × h100-80gb");
+    assert!(
+        b.text("#instance-ssh-pending")
+            .await
+            .starts_with("Not reachable yet"),
+    );
+    assert!(b.text("#console-empty").await.contains("No console output"));
+    b.screenshot("instance-pending").await;
+
+    // Placed on a node whose agent reports the VM up with port 22 forwarded, and booting.
+    let node = kiln_testkit::fleet::registered_node(app.store(), "gpu-a", 4, false).await;
+    kiln_scheduler::Placer::new(app.store().clone())
+        .pass()
+        .await
+        .expect("a scheduling pass");
+    report_running(app.store(), node, 40022).await;
+    let logs =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .expect("the log store");
+    let uuid = id
+        .parse::<kiln_domain::InstanceId>()
+        .expect("an instance id")
+        .as_uuid();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let lines: Vec<kiln_logs::NewLine<'_>> =
+        ["Booting Linux on physical CPU 0x0", "trainer login:"]
+            .iter()
+            .map(|text| kiln_logs::NewLine {
+                source: kiln_logs::Source::Stdout,
+                text,
+                at_unix_ms: now,
+            })
+            .collect();
+    logs.append(uuid, &lines).await.expect("append");
+    b.click("#refresh-instance").await;
+    wait_for_text(&b, "#instance-state", "running").await;
+    assert_eq!(b.text("#instance-node").await, node.to_string());
+    let gpus = b.text("#instance-gpus").await;
+    assert!(gpus.starts_with("GPU-gpu-a-"), "GPUs held: {gpus}");
+    assert_eq!(b.text("#instance-ssh").await, "ssh -p 40022 root@gpu-a");
+    let console = b.text("#instance-console").await;
+    assert!(
+        console.contains("Booting Linux on physical CPU 0x0")
+            && console.ends_with("trainer login:"),
+        "console: {console}"
+    );
+    // The command is one click away from the clipboard.
+    b.click("#copy-ssh").await;
+    wait_for_text(&b, "#copy-ssh", "Copied").await;
+    b.screenshot("instance-running").await;
+
+    // Reboot, stop (the GPUs go back), start (taken again), each said in words.
+    b.click("#reboot-instance").await;
+    wait_for_notice(&b, "Rebooting the instance trainer").await;
+    assert_eq!(b.text("#instance-power").await, "running · rebooted 1×");
+    b.click("#stop-instance").await;
+    wait_for_notice(&b, "Stopping the instance trainer").await;
+    assert_eq!(b.text("#instance-state").await, "stopping");
+    assert_eq!(b.text("#instance-gpus").await, "none");
+    assert!(
+        b.client
+            .find(fantoccini_css("#stop-instance"))
+            .await
+            .is_err(),
+        "no Stop button on a stopped instance"
+    );
+    b.screenshot("instance-stopping").await;
+    b.click("#start-instance").await;
+    wait_for_notice(&b, "Starting the instance trainer").await;
+    assert_eq!(b.text("#instance-state").await, "starting");
+    assert!(b.text("#instance-gpus").await.starts_with("GPU-gpu-a-"));
+
+    // Terminate, after a confirmation.
+    b.click("#terminate-instance").await;
+    b.accept_dialog().await;
+    wait_for_notice(&b, "Terminated the instance trainer").await;
+    assert_eq!(b.text("#instance-state").await, "terminated");
+    assert!(
+        b.client
+            .find(fantoccini_css("#terminate-instance"))
+            .await
+            .is_err(),
+        "no Terminate button on a terminated instance"
+    );
+    b.screenshot("instance-terminated").await;
+
+    // The list shows it terminated, with its GPUs.
+    b.click("#back-to-instances").await;
+    let row = format!("#instances tr[data-instance='{id}']");
+    assert_eq!(
+        b.text(&format!("{row} .instance-state")).await,
+        "terminated"
+    );
+    assert_eq!(
+        b.text(&format!("{row} .instance-gpu")).await,
+        "2 × h100-80gb"
+    );
+    b.screenshot("instances-list").await;
+
+    b.close().await;
+    drop(driver);
+    app.stop().await;
+}
+
+/// Without a browser: another org's instance is the not-found page (the page and its power
+/// actions), and a cross-site form can neither create nor stop one.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn instance_pages_are_for_the_instances_org_only(pool: PgPool) {
+    use kiln_testkit::instances::{SSH_KEY, catalog_image};
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let ada = app.user("ada").await;
+    let grace = app.user("grace").await;
+    let (status, theirs) = app
+        .post(
+            &format!("/v1/orgs/{}/instances", grace.org_id),
+            &grace.access_token,
+            json!({"name": "private", "gpu_type": "h100-80gb", "gpu_count": 1,
+                   "image": "kiln-tiny", "ssh_public_keys": [SSH_KEY]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{theirs}");
+    let theirs = theirs["id"].as_str().expect("an id").to_owned();
+    let http = no_redirects();
+    let cookies = cookie_header(&console_login(&app, &ada.email, &ada.password).await);
+
+    for path in [
+        format!("/orgs/{}/instances/{theirs}", grace.org_id),
+        format!("/orgs/{}/instances/{theirs}", ada.org_id),
+        format!("/orgs/{}/instances", grace.org_id),
+        format!("/orgs/{}/instances/ins_not-an-id", ada.org_id),
+    ] {
+        let resp = http
+            .get(format!("{}{path}", app.url))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let body = resp.text().await.expect("body");
+        assert!(
+            body.contains("Not found") && !body.contains("private"),
+            "{path}: {body}"
+        );
+    }
+    for action in ["stop", "reboot", "terminate"] {
+        let resp = http
+            .post(format!(
+                "{}/orgs/{}/instances/{theirs}/{action}",
+                app.url, grace.org_id
+            ))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{action}");
+    }
+    let (_, ins) = app
+        .get(
+            &format!("/v1/orgs/{}/instances/{theirs}", grace.org_id),
+            &grace.access_token,
+        )
+        .await;
+    assert_eq!(ins["state"], "pending", "untouched: {ins}");
+    assert_eq!(ins["power"], "running", "untouched: {ins}");
+
+    // Another site cannot use Grace's cookies to stop her instance or create one.
+    let own = cookie_header(&console_login(&app, &grace.email, &grace.password).await);
+    let resp = http
+        .post(format!(
+            "{}/orgs/{}/instances/{theirs}/stop",
+            app.url, grace.org_id
+        ))
+        .header("cookie", &own)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .expect("POST stop");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let form = [
+        ("name", "phished"),
+        ("image", "kiln-tiny"),
+        ("gpu_type", "h100-80gb"),
+        ("gpu_count", "1"),
+        ("ssh_public_keys", SSH_KEY),
+    ];
+    let resp = http
+        .post(format!("{}/orgs/{}/instances", app.url, grace.org_id))
+        .header("cookie", &own)
+        .header("origin", "http://evil.example")
+        .form(&form)
+        .send()
+        .await
+        .expect("POST instances");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let (_, list) = app
+        .get(
+            &format!("/v1/orgs/{}/instances", grace.org_id),
+            &grace.access_token,
+        )
+        .await;
+    let items = list["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "nothing was made: {list}");
+    assert_eq!(items[0]["power"], "running", "nothing was stopped: {list}");
+
+    // A viewer sees the instances but no form and no power buttons; posting anyway is refused.
+    app.add_member(&grace, &grace.org_id, &ada, "viewer").await;
+    for path in [
+        format!("/orgs/{}/instances", grace.org_id),
+        format!("/orgs/{}/instances/{theirs}", grace.org_id),
+    ] {
+        let resp = http
+            .get(format!("{}{path}", app.url))
+            .header("cookie", &cookies)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let html = resp.text().await.expect("body");
+        assert!(html.contains("private"), "{path}: {html}");
+        for control in ["new-instance-form", "stop-instance", "terminate-instance"] {
+            assert!(!html.contains(control), "{path} has {control}: {html}");
+        }
+    }
+    let resp = http
+        .post(format!(
+            "{}/orgs/{}/instances/{theirs}/stop",
+            app.url, grace.org_id
+        ))
+        .header("cookie", &cookies)
+        .send()
+        .await
+        .expect("POST stop");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = http
+        .post(format!("{}/orgs/{}/instances", app.url, grace.org_id))
+        .header("cookie", &cookies)
+        .form(&form)
+        .send()
+        .await
+        .expect("POST instances");
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let (_, ins) = app
+        .get(
+            &format!("/v1/orgs/{}/instances/{theirs}", grace.org_id),
+            &grace.access_token,
+        )
+        .await;
+    assert_eq!(ins["power"], "running", "the viewer stopped nothing: {ins}");
+
+    app.stop().await;
+}

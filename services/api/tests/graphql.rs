@@ -740,6 +740,292 @@ async fn operators_list_nodes_with_gpus_and_cordon_them(pool: PgPool) {
     assert_eq!(n, 3, "cordon, uncordon and drain by the operator only");
 }
 
+// ---- instances ----
+
+const INSTANCE_FIELDS: &str = "id name image state power rebootCount gpuType gpuCount node gpus \
+                               diskGib sshPublicKeys ssh { host port user command }";
+
+/// An instance's life through GraphQL: created from the catalog (`images`), placed, reachable
+/// over SSH once its node reports the port, stopped, started, rebooted and terminated — the
+/// same answers as REST, since both call `ops::instances`.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn instances_are_created_powered_and_terminated(pool: PgPool) {
+    use kiln_testkit::instances::{SSH_KEY, catalog_image, report_running};
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let ada = app.user("ada").await;
+    let token = Some(ada.access_token.as_str());
+
+    let body = gql(
+        &app,
+        token,
+        "{ images { items { name loginUser minDiskGib status } } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["images"]["items"],
+        json!([{"name": "kiln-tiny", "loginUser": "root", "minDiskGib": 1, "status": "active"}])
+    );
+
+    let create = format!(
+        "mutation($org: ID!, $input: CreateInstanceInput!) {{ createInstance(orgId: $org, input: $input) {{ {INSTANCE_FIELDS} }} }}"
+    );
+    let body = gql(
+        &app,
+        token,
+        &create,
+        json!({ "org": ada.org_id, "input": {
+            "name": "trainer", "gpuType": "h100-80gb", "gpuCount": 2, "image": "kiln-tiny",
+            "sshPublicKeys": [SSH_KEY], "diskGib": 40 } }),
+    )
+    .await;
+    let ins = data(&body)["createInstance"].clone();
+    let id = ins["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("ins_"), "{ins}");
+    assert_eq!(ins["state"], "pending");
+    assert_eq!(ins["gpuCount"], 2);
+    assert_eq!(ins["diskGib"], 40);
+    assert_eq!(ins["sshPublicKeys"], json!([SSH_KEY]));
+    assert_eq!(ins["ssh"], Value::Null, "no SSH before it has a node");
+
+    let node = kiln_testkit::fleet::registered_node(app.store(), "gpu-a", 4, false).await;
+    kiln_scheduler::Placer::new(app.store().clone())
+        .pass()
+        .await
+        .unwrap();
+    report_running(app.store(), node, 40022).await;
+    let one = format!(
+        "query($org: ID!, $id: ID!) {{ instance(orgId: $org, id: $id) {{ {INSTANCE_FIELDS} }} }}"
+    );
+    let vars = json!({ "org": ada.org_id, "id": id });
+    let body = gql(&app, token, &one, vars.clone()).await;
+    let got = &data(&body)["instance"];
+    assert_eq!(got["state"], "running", "{got}");
+    assert_eq!(got["node"], node.to_string());
+    assert_eq!(got["gpus"].as_array().unwrap().len(), 2, "{got}");
+    assert_eq!(
+        got["ssh"],
+        json!({"host": "gpu-a", "port": 40022, "user": "root", "command": "ssh -p 40022 root@gpu-a"})
+    );
+    let (_, rest) = app
+        .get(
+            &format!("/v1/orgs/{}/instances/{id}", ada.org_id),
+            &ada.access_token,
+        )
+        .await;
+    assert_eq!(rest["ssh"]["command"], got["ssh"]["command"], "REST agrees");
+
+    // Its serial console, as the agent pushes it.
+    let logs =
+        kiln_logs::LogStore::connect(&kiln_testkit::redis_url(), &app.config().redis_namespace)
+            .await
+            .unwrap();
+    let uuid = id.parse::<kiln_domain::InstanceId>().unwrap().as_uuid();
+    let lines: Vec<kiln_logs::NewLine<'_>> = ["Booting Linux", "trainer login:"]
+        .iter()
+        .map(|text| kiln_logs::NewLine {
+            source: kiln_logs::Source::Stdout,
+            text,
+            at_unix_ms: 1_790_000_000_000,
+        })
+        .collect();
+    logs.append(uuid, &lines).await.unwrap();
+    let body = gql(
+        &app,
+        token,
+        "query($org: ID!, $id: ID!) { instanceConsole(orgId: $org, id: $id, tail: 1) { text source } }",
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["instanceConsole"],
+        json!([{"text": "trainer login:", "source": "stdout"}])
+    );
+
+    let body = gql(
+        &app,
+        token,
+        "query($org: ID!) { instances(orgId: $org) { items { id state } nextCursor } }",
+        json!({ "org": ada.org_id }),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["instances"],
+        json!({"items": [{"id": id, "state": "running"}], "nextCursor": null})
+    );
+
+    // Reboot counts up; stop gives the GPUs back; start takes them again.
+    let body = gql(
+        &app,
+        token,
+        "mutation($org: ID!, $id: ID!) { rebootInstance(orgId: $org, id: $id) { rebootCount state } }",
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["rebootInstance"],
+        json!({"rebootCount": 1, "state": "running"})
+    );
+    let body = gql(
+        &app,
+        token,
+        "mutation($org: ID!, $id: ID!) { stopInstance(orgId: $org, id: $id) { state power gpus ssh { command } } }",
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["stopInstance"],
+        json!({"state": "stopping", "power": "stopped", "gpus": [], "ssh": null})
+    );
+    let body = gql(
+        &app,
+        token,
+        "mutation($org: ID!, $id: ID!) { startInstance(orgId: $org, id: $id) { state power gpus } }",
+        vars.clone(),
+    )
+    .await;
+    let started = &data(&body)["startInstance"];
+    assert_eq!(started["state"], "starting", "{started}");
+    assert_eq!(started["power"], "running");
+    assert_eq!(started["gpus"].as_array().unwrap().len(), 2, "{started}");
+
+    let body = gql(
+        &app,
+        token,
+        "mutation($org: ID!, $id: ID!) { terminateInstance(orgId: $org, id: $id) { state gpus } }",
+        vars.clone(),
+    )
+    .await;
+    assert_eq!(
+        data(&body)["terminateInstance"],
+        json!({"state": "terminated", "gpus": []})
+    );
+    // A terminated instance cannot be started again: a conflict, in REST's words.
+    let body = gql(
+        &app,
+        token,
+        "mutation($org: ID!, $id: ID!) { startInstance(orgId: $org, id: $id) { state } }",
+        vars,
+    )
+    .await;
+    let (code, status, message) = only_error(&body);
+    assert_eq!((code.as_str(), status), ("conflict", 409), "{body}");
+    assert!(message.contains("terminated"), "{message}");
+}
+
+/// Another org's instance is not found for every instance field, and nothing happens to it.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn another_orgs_instance_cannot_be_seen_or_stopped(pool: PgPool) {
+    use kiln_testkit::instances::{SSH_KEY, catalog_image};
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let alice = app.user("alice").await;
+    let mallory = app.user("mallory").await;
+    let (_, ins) = app
+        .post(
+            &format!("/v1/orgs/{}/instances", alice.org_id),
+            &alice.access_token,
+            json!({"name": "mine", "gpu_type": "h100-80gb", "gpu_count": 1,
+                   "image": "kiln-tiny", "ssh_public_keys": [SSH_KEY]}),
+        )
+        .await;
+    let id = ins["id"].as_str().unwrap().to_owned();
+    let vars = json!({ "org": alice.org_id, "id": id });
+
+    let reads = "query($org: ID!, $id: ID!) { instances(orgId: $org) { items { id } } \
+                 instance(orgId: $org, id: $id) { id } \
+                 instanceConsole(orgId: $org, id: $id) { text } }";
+    let writes = "mutation($org: ID!, $id: ID!) { stopInstance(orgId: $org, id: $id) { state } \
+                  startInstance(orgId: $org, id: $id) { state } \
+                  rebootInstance(orgId: $org, id: $id) { state } \
+                  terminateInstance(orgId: $org, id: $id) { state } \
+                  createInstance(orgId: $org, input: { name: \"theirs\", gpuType: \"h100-80gb\", \
+                      gpuCount: 1, image: \"kiln-tiny\", sshPublicKeys: [] }) { id } }";
+    for (query, fields) in [
+        (reads, &["instance", "instanceConsole", "instances"][..]),
+        (
+            writes,
+            &[
+                "createInstance",
+                "rebootInstance",
+                "startInstance",
+                "stopInstance",
+                "terminateInstance",
+            ][..],
+        ),
+    ] {
+        let body = gql(&app, Some(&mallory.access_token), query, vars.clone()).await;
+        let errors = body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"));
+        let mut paths: Vec<&str> = errors
+            .iter()
+            .filter_map(|e| e["path"][0].as_str())
+            .collect();
+        paths.sort_unstable();
+        assert_eq!(paths, fields, "{body}");
+        for e in errors {
+            let (code, status, _) = error_of(e);
+            assert_eq!((code.as_str(), status), ("not-found", 404), "{e}");
+        }
+    }
+    // Alice's instance is as it was, and Mallory's org has none.
+    let (_, got) = app
+        .get(
+            &format!("/v1/orgs/{}/instances/{id}", alice.org_id),
+            &alice.access_token,
+        )
+        .await;
+    assert_eq!(got["state"], "pending", "{got}");
+    assert_eq!(got["power"], "running", "{got}");
+    let body = gql(
+        &app,
+        Some(&mallory.access_token),
+        "query($org: ID!) { instances(orgId: $org) { items { id } } }",
+        json!({ "org": mallory.org_id }),
+    )
+    .await;
+    assert_eq!(data(&body)["instances"]["items"], json!([]));
+}
+
+/// A bad instance lists every bad field, named as the schema names them, and creates nothing.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_invalid_instance_lists_every_bad_field(pool: PgPool) {
+    use kiln_testkit::instances::catalog_image;
+    let app = TestApp::spawn(pool).await;
+    catalog_image(app.store(), "kiln-tiny").await;
+    let ada = app.user("ada").await;
+    let body = gql(
+        &app,
+        Some(&ada.access_token),
+        "mutation($org: ID!, $input: CreateInstanceInput!) { createInstance(orgId: $org, input: $input) { id } }",
+        json!({ "org": ada.org_id, "input": {
+            "name": "Not A Label", "gpuType": "h100-80gb", "gpuCount": 9, "image": "no-such-image",
+            "sshPublicKeys": ["ssh-rsa not-a-key"] } }),
+    )
+    .await;
+    let (code, status, message) = only_error(&body);
+    assert_eq!((code.as_str(), status), ("validation", 422), "{body}");
+    assert_eq!(
+        error_fields(&body),
+        ["gpuCount", "image", "name", "sshPublicKeys[0]"],
+        "{body}"
+    );
+    assert!(
+        message.contains("unknown image `no-such-image`"),
+        "{message}"
+    );
+    assert_eq!(body["data"]["createInstance"], Value::Null);
+    let (_, list) = app
+        .get(
+            &format!("/v1/orgs/{}/instances", ada.org_id),
+            &ada.access_token,
+        )
+        .await;
+    assert_eq!(list["items"], json!([]), "nothing was created");
+}
+
 #[test]
 fn schema_graphql_is_up_to_date() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema.graphql");

@@ -7,6 +7,7 @@
 
 pub mod fleet;
 pub mod gateway;
+pub mod instances;
 
 use std::time::Duration;
 

@@ -23,6 +23,7 @@ mod auth;
 mod billing;
 mod endpoints;
 mod fleet;
+mod instances;
 mod keys;
 mod orgs;
 mod pods;
@@ -46,7 +47,7 @@ use crate::views::MembershipView;
 pub(crate) use session::{Ctx, Flash};
 
 /// The console's routes: `/`, `/login`, `/signup`, `/logout`, `/switch`, `/orgs/…` (with an
-/// org's pods and their live `…/events` and `…/logs` streams), the operators' `/admin/fleet`,
+/// org's instances and their power actions, its pods and their live `…/events` and `…/logs` streams), the operators' `/admin/fleet`,
 /// `/static/…`.
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -68,6 +69,15 @@ pub fn router() -> Router<AppState> {
         .route(
             "/orgs/{org}/members/{user}/remove",
             post(orgs::member_remove),
+        )
+        .route(
+            "/orgs/{org}/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route("/orgs/{org}/instances/{instance}", get(instances::show))
+        .route(
+            "/orgs/{org}/instances/{instance}/{action}",
+            post(instances::act),
         )
         .route("/orgs/{org}/pods", get(pods::list).post(pods::create))
         .route("/orgs/{org}/pods/{pod}", get(pods::show))

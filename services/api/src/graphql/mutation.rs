@@ -1,4 +1,5 @@
-//! Writes: the same as the REST `POST`/`PATCH`/`DELETE` calls of the identity API.
+//! Writes: the same as the REST `POST`/`PATCH`/`DELETE` calls (identity, pods, endpoints,
+//! instances and their power, operators' node actions).
 //!
 //! Operations that write tenant data run in one transaction each, begun and committed here just
 //! as the REST handlers do. Root fields are nullable: when a later mutation in the same request
@@ -10,6 +11,7 @@ use kiln_store::{StoreError, Tx};
 
 use super::{caller, client, gql, optional_caller, state};
 use crate::error::ApiError;
+use crate::ops::instances::Power;
 use crate::ops::{self, parse_org, parse_user};
 use crate::state::AppState;
 use crate::views::*;
@@ -24,6 +26,18 @@ async fn commit(tx: Tx) -> Result<()> {
     tx.commit()
         .await
         .map_err(|e| gql(ApiError::from(StoreError::from(e))))
+}
+
+/// A power change of an instance in its own transaction, as `POST …/instances/{id}/{stop|start|reboot}`.
+async fn power(ctx: &Context<'_>, org_id: ID, id: ID, what: Power) -> Result<Option<InstanceView>> {
+    let (st, caller) = (state(ctx), caller(ctx)?);
+    let org = parse_org(&org_id).map_err(gql)?;
+    let mut tx = begin(st).await?;
+    let view = ops::instances::power(st, &mut tx, caller, org, &id, what)
+        .await
+        .map_err(gql)?;
+    commit(tx).await?;
+    Ok(Some(view))
 }
 
 #[Object]
@@ -205,6 +219,72 @@ impl MutationRoot {
         let org = parse_org(&org_id).map_err(gql)?;
         let mut tx = begin(st).await?;
         let view = ops::pods::delete(st, &mut tx, caller, org, &id)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
+    /// Create an instance (as `POST /v1/orgs/{org}/instances`): a VM of a catalog image with
+    /// whole GPUs passed through, `pending` until the scheduler places it.
+    async fn create_instance(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        input: CreateInstanceInput,
+    ) -> Result<Option<InstanceView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::instances::create(st, &mut tx, caller, org, &input)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
+    /// Power an instance off: its GPUs are given back, its disk stays on its node.
+    async fn stop_instance(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+    ) -> Result<Option<InstanceView>> {
+        power(ctx, org_id, id, Power::Stop).await
+    }
+
+    /// Power a stopped instance on again, on its node (`conflict` when it has no GPUs free).
+    async fn start_instance(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+    ) -> Result<Option<InstanceView>> {
+        power(ctx, org_id, id, Power::Start).await
+    }
+
+    /// Reboot a running instance.
+    async fn reboot_instance(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+    ) -> Result<Option<InstanceView>> {
+        power(ctx, org_id, id, Power::Reboot).await
+    }
+
+    /// Terminate an instance (as `DELETE …/instances/{id}`): its disk is destroyed, its
+    /// capacity freed and billing stops. Answers the instance.
+    async fn terminate_instance(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+    ) -> Result<Option<InstanceView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::instances::delete(st, &mut tx, caller, org, &id)
             .await
             .map_err(gql)?;
         commit(tx).await?;

@@ -1,5 +1,5 @@
-//! Reads: the same as `GET /v1/me`, `/v1/orgs…`, members, API keys, the audit log and (for
-//! operators) `/v1/admin/nodes…` and `/v1/admin/capacity`.
+//! Reads: the same as `GET /v1/me`, `/v1/orgs…`, members, API keys, the audit log, pods,
+//! endpoints, instances, the image catalog and (for operators) `/v1/admin/nodes…` and `/v1/admin/capacity`.
 //!
 //! Root fields are nullable so that one failing field does not null its siblings.
 
@@ -148,6 +148,75 @@ impl QueryRoot {
         let org = parse_org(&org_id).map_err(gql)?;
         Ok(Some(
             ops::pods::get(state(ctx), caller, org, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// The org's instances (VMs with whole GPUs passed through), newest first; the same as
+    /// `GET /v1/orgs/{org}/instances`.
+    async fn instances(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "Page size, 1–200 (default 50).")] limit: Option<i32>,
+        #[graphql(desc = "`nextCursor` from the previous page.")] cursor: Option<String>,
+    ) -> Result<Option<InstanceList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let list = ops::instances::list(
+            state(ctx),
+            caller,
+            org,
+            page_limit(limit),
+            cursor.as_deref(),
+        )
+        .await
+        .map_err(gql)?;
+        Ok(Some(list))
+    }
+
+    /// One instance of the org, with how to reach it over SSH once its node reports the port
+    /// (`not-found` otherwise).
+    async fn instance(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The instance's id (`ins_…`).")] id: ID,
+    ) -> Result<Option<InstanceView>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        Ok(Some(
+            ops::instances::get(state(ctx), caller, org, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// The instance's serial console: its last `tail` lines, oldest first (the same as
+    /// `GET …/instances/{id}/console`).
+    async fn instance_console(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The instance's id (`ins_…`).")] id: ID,
+        #[graphql(desc = "How many recent lines, 0–5000 (default 100).")] tail: Option<i32>,
+    ) -> Result<Option<Vec<LogLineView>>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        let tail = ops::pods::parse_tail(tail.map(i64::from)).map_err(gql)?;
+        Ok(Some(
+            ops::instances::console(state(ctx), caller, org, &id, tail)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// The VM images instances can be created from (active ones), by name; the same as
+    /// `GET /v1/images`.
+    async fn images(&self, ctx: &Context<'_>) -> Result<Option<VmImageList>> {
+        Ok(Some(
+            ops::images::list(state(ctx), caller(ctx)?)
                 .await
                 .map_err(gql)?,
         ))
