@@ -260,6 +260,25 @@ impl QueryRoot {
         ))
     }
 
+    /// An endpoint's traffic over the last `minutes` (default 60, at most a day): calls,
+    /// requests per second, errors and latency percentiles per bucket, and totals — what the
+    /// console's charts draw (`GET …/endpoints/{id}/traffic`).
+    async fn endpoint_traffic(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The endpoint's id (`ep_…`).")] id: ID,
+        minutes: Option<i64>,
+    ) -> Result<Option<EndpointTrafficView>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        Ok(Some(
+            ops::endpoints::traffic(state(ctx), caller, org, &id, minutes)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// The pod's last `tail` lines of output, oldest first (follow them with the `podLogs`
     /// subscription).
     async fn pod_logs(

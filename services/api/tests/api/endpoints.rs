@@ -188,4 +188,36 @@ async fn traffic_shows_calls_errors_latency_and_tokens_to_the_org_only(pool: PgP
         let (status, body) = app.get(&p, &grace.access_token).await;
         assert_problem(status, &body, StatusCode::NOT_FOUND);
     }
+
+    // The same figures over GraphQL; another org's caller gets not-found there too.
+    let query = "query($org: ID!, $id: ID!) { endpointTraffic(orgId: $org, id: $id, minutes: 60) \
+                 { calls errors promptTokens buckets { calls p50Ms } } }";
+    let (status, g) = app
+        .post(
+            "/graphql",
+            &u.access_token,
+            json!({"query": query, "variables": {"org": u.org_id, "id": id}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{g}");
+    let traffic = &g["data"]["endpointTraffic"];
+    assert_eq!(
+        (
+            &traffic["calls"],
+            &traffic["errors"],
+            &traffic["promptTokens"]
+        ),
+        (&json!(3), &json!(1), &json!(12)),
+        "{g}"
+    );
+    assert_eq!(traffic["buckets"].as_array().unwrap().len(), 60);
+    let (_, g) = app
+        .post(
+            "/graphql",
+            &grace.access_token,
+            json!({"query": query, "variables": {"org": u.org_id, "id": id}}),
+        )
+        .await;
+    assert_eq!(g["data"]["endpointTraffic"], Value::Null, "{g}");
+    assert_eq!(g["errors"][0]["extensions"]["status"], 404, "{g}");
 }
