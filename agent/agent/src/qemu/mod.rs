@@ -805,6 +805,7 @@ impl QemuRuntime {
             .spawn()
             .map_err(io(format!("cannot start {}", s.qemu_binary.display())))?;
         let pid = child.id().unwrap_or(0);
+        let spawned = Instant::now();
         tracing::info!(assignment = %id, pid, accel = ?launch.accel, vcpus = launch.vcpus, memory_mib = launch.memory_mib, "QEMU started");
         self.update_meta(id, |m| {
             m.pid = Some(pid);
@@ -830,9 +831,23 @@ impl QemuRuntime {
                 while !dir.join(EXIT_FILE).exists() && Instant::now() < until {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // Without an exit status, say what is known: how long after the spawn, and
+                // what /proc shows of the pid (a zombie, nothing, or someone else).
+                let status = std::fs::read_to_string(dir.join(EXIT_FILE)).unwrap_or_else(|_| {
+                    let proc_state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|st| {
+                            st.rsplit_once(')')
+                                .and_then(|(_, r)| r.split_whitespace().next().map(str::to_owned))
+                        })
+                        .unwrap_or_else(|| "no such process".into());
+                    format!(
+                        "no exit status {} ms after the spawn; /proc/{pid}: {proc_state}",
+                        spawned.elapsed().as_millis()
+                    )
+                });
                 return Err(QemuError::Exited {
-                    status: std::fs::read_to_string(dir.join(EXIT_FILE))
-                        .unwrap_or_else(|_| "gone".into()),
+                    status,
                     output: tail(&log_path, 5),
                 });
             }
