@@ -26,7 +26,11 @@ pub async fn bootstrap_token(pool: &sqlx::PgPool) -> Result<OpaqueSecret> {
 
 /// A new tenant signed up and in at `base`: (access token, org id).
 pub async fn tenant(http: &reqwest::Client, base: &str, who: &str) -> Result<(String, String)> {
-    let email = format!("{who}-{}@example.com", Uuid::new_v4().simple());
+    let slug: String = who
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let email = format!("{slug}-{}@example.com", Uuid::new_v4().simple());
     let password = format!("Bench-{}-pw!", Uuid::new_v4().simple());
     http.post(format!("{base}/v1/auth/signup"))
         .json(&json!({ "email": email, "password": password, "name": who }))
