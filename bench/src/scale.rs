@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tokio::process::Child;
 
 use crate::load;
@@ -76,7 +76,8 @@ pub async fn run(
         crate::server::stop(s).await;
     }
 
-    // The API: one replica, then two, the same connections in total.
+    // The API: one replica, then two, the same connections in total. Replicas of one
+    // deployment share its public URL (the tokens' issuer), as behind a load balancer.
     let mut apis = Vec::new();
     for _ in 0..2 {
         let mut slot = None;
@@ -84,7 +85,7 @@ pub async fn run(
             api_bin,
             (db_url, redis_url),
             run_id,
-            &[],
+            &[("KILN_PUBLIC_URL", "http://api.kiln-bench.invalid")],
             plan.startup,
             &mut slot,
         )
@@ -120,7 +121,7 @@ pub async fn run(
             .sum();
         let errors: u64 = reports.iter().map(|r| r.errors).sum();
         if errors > 0 {
-            eprintln!("kiln-bench: {errors} failed requests with {replicas} replica(s)");
+            bail!("{errors} failed requests with {replicas} API replica(s)");
         }
         figure(
             &format!("scale.api.rps.replicas_{replicas}"),
