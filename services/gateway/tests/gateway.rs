@@ -29,6 +29,21 @@ async fn spawn_limited(pool: PgPool) -> String {
     serve(GatewayState::new(Store::new(pool)).with_admission(admission)).await
 }
 
+/// Two gateways over one database and one Redis namespace: replicas behind one address.
+async fn spawn_two_limited(pool: PgPool) -> [String; 2] {
+    let namespace = format!("test-{}", uuid_v7());
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let admission = Admission::connect(&kiln_testkit::redis_url(), &namespace)
+            .await
+            .expect("redis must be running (make test starts it)");
+        urls.push(
+            serve(GatewayState::new(Store::new(pool.clone())).with_admission(admission)).await,
+        );
+    }
+    [urls[0].clone(), urls[1].clone()]
+}
+
 async fn serve(state: GatewayState) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -498,4 +513,74 @@ async fn a_gateway_killed_mid_burst_loses_no_answered_call_and_counts_none_twice
         reached - answered <= CALLERS,
         "{reached} reached the replica, {answered} were answered"
     );
+}
+
+/// Limits hold across gateway replicas: a key's rate and its calls in flight are counted in
+/// Redis, so alternating between two gateways gets no more than one would give.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn two_gateways_enforce_one_rate_and_one_concurrency_limit(pool: PgPool) {
+    let [a, b] = spawn_two_limited(pool.clone()).await;
+
+    // A burst of 4, then one call every 10 s: shared, whichever gateway is called.
+    let rated = Replica::default();
+    let rate = kiln_testkit::gateway::seed_running_endpoint(
+        &pool,
+        rated.serve().await,
+        &EndpointLimits {
+            per_key_rate: RateLimit {
+                per_second: 0.1,
+                burst: 4,
+            },
+            ..EndpointLimits::default()
+        },
+    )
+    .await
+    .unwrap();
+    for url in [&a, &b, &a, &b] {
+        assert_eq!(
+            call(url, &rate.endpoint, "v1/models", &rate.key)
+                .await
+                .status(),
+            200
+        );
+    }
+    for url in [&a, &b] {
+        let r = call(url, &rate.endpoint, "v1/models", &rate.key).await;
+        assert_eq!(r.status(), 429, "the shared burst is spent");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    assert_eq!(rated.calls(), 4, "refused calls never reached the replica");
+
+    // One call in flight allowed: held through A, the same key's call through B is refused.
+    let held = Replica::default();
+    let one = kiln_testkit::gateway::seed_running_endpoint(
+        &pool,
+        held.serve().await,
+        &EndpointLimits {
+            per_key_concurrency: 1,
+            ..EndpointLimits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let slow = tokio::spawn({
+        let (url, endpoint, key) = (a.clone(), one.endpoint.clone(), one.key.clone());
+        async move { call(&url, &endpoint, "slow", &key).await.status() }
+    });
+    eventually("the slow call reached the replica", || async {
+        held.calls() == 1
+    })
+    .await;
+    let r = call(&b, &one.endpoint, "v1/models", &one.key).await;
+    assert_eq!(r.status(), 429, "the call in flight on A counts on B");
+    assert_eq!(held.calls(), 1);
+    held.release.notify_one();
+    assert_eq!(slow.await.unwrap(), 200);
+    eventually("the key may call through B again", || async {
+        call(&b, &one.endpoint, "v1/models", &one.key)
+            .await
+            .status()
+            == 200
+    })
+    .await;
 }
