@@ -94,6 +94,10 @@ pub struct ApiConfig {
     /// (either may be left out; empty: 8 cores and 64 GiB per GPU).
     #[arg(long, env = "KILN_INSTANCE_SHAPE", default_value = "", value_parser = crate::ops::instances::parse_shape)]
     pub instance_shape: crate::ops::instances::Shape,
+    /// On SIGTERM: stop accepting, end live streams, let requests in flight finish for at most
+    /// this many seconds, then exit.
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
 }
 
 impl ApiConfig {
@@ -125,6 +129,7 @@ impl ApiConfig {
             invoice_close_delay_ms: 3_600_000,
             gateway_url: "http://127.0.0.1:8090".into(),
             instance_shape: crate::ops::instances::Shape::default(),
+            shutdown_grace_secs: 25,
         }
     }
 

@@ -57,6 +57,13 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, "kiln-api listening");
-    kiln_api::serve(listener, state, kiln_telemetry::shutdown_signal()).await?;
+    let grace = std::time::Duration::from_secs(state.config.shutdown_grace_secs);
+    let (signal, deadline) = kiln_telemetry::shutdown_with_deadline(grace);
+    tokio::select! {
+        served = kiln_api::serve(listener, state, signal) => served?,
+        () = deadline => {
+            tracing::warn!(?grace, "requests still open after the shutdown grace period; exiting");
+        }
+    }
     Ok(())
 }

@@ -76,6 +76,10 @@ pub struct GatewayConfig {
         default_value_t = 60
     )]
     pub cold_start_timeout_secs: u64,
+    /// On SIGTERM: stop accepting, let calls in flight (streams too) finish for at most this
+    /// many seconds, then exit. Keep it under the orchestrator's grace period.
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
 }
 
 /// The largest request body forwarded to a replica.

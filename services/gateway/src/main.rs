@@ -49,7 +49,9 @@ async fn main() -> anyhow::Result<()> {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
+    let (signal, deadline) = kiln_telemetry::shutdown_with_deadline(grace);
+    let serving = axum::serve(
         listener,
         kiln_gateway::app(
             GatewayState::new(store)
@@ -60,7 +62,12 @@ async fn main() -> anyhow::Result<()> {
                 )),
         ),
     )
-    .with_graceful_shutdown(kiln_telemetry::shutdown_signal())
-    .await?;
+    .with_graceful_shutdown(signal);
+    tokio::select! {
+        served = serving => served?,
+        () = deadline => {
+            tracing::warn!(?grace, "calls still open after the shutdown grace period; exiting");
+        }
+    }
     Ok(())
 }

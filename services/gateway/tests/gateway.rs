@@ -388,6 +388,10 @@ struct GatewayProcess {
 
 impl GatewayProcess {
     async fn start(database_url: &str, namespace: &str) -> Self {
+        Self::start_with(database_url, namespace, &[]).await
+    }
+
+    async fn start_with(database_url: &str, namespace: &str, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -401,6 +405,7 @@ impl GatewayProcess {
             // A dead gateway's events are taken over after 1 s instead of 30.
             .env("KILN_GATEWAY_USAGE_CLAIM_IDLE_SECS", "1")
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .spawn()
             .expect("the kiln-gateway binary runs");
@@ -583,4 +588,100 @@ async fn two_gateways_enforce_one_rate_and_one_concurrency_limit(pool: PgPool) {
             == 200
     })
     .await;
+}
+
+/// SIGTERM to a gateway: it stops taking calls, lets the one in flight finish (its answer
+/// arrives whole), then exits; a call that never ends holds it no longer than the grace period.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_terminated_gateway_finishes_calls_in_flight_within_its_grace_period(pool: PgPool) {
+    let replica = Replica::default();
+    let addr = replica.serve().await;
+    let ep = kiln_testkit::gateway::seed_running_endpoint(&pool, addr, &EndpointLimits::default())
+        .await
+        .unwrap();
+    let database_url = kiln_testkit::database_url(&pool).await;
+    let namespace = format!("test-{}", uuid_v7());
+    let sigterm = |child: &tokio::process::Child| {
+        let pid = child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let exited = async |child: &mut tokio::process::Child, within: std::time::Duration| {
+        tokio::time::timeout(within, child.wait())
+            .await
+            .expect("the gateway exits")
+            .unwrap()
+    };
+
+    // A call in flight when SIGTERM arrives is answered, then the gateway exits cleanly.
+    let mut gw = GatewayProcess::start_with(
+        &database_url,
+        &namespace,
+        &[("KILN_SHUTDOWN_GRACE_SECS", "30")],
+    )
+    .await;
+    let in_flight = tokio::spawn({
+        let (url, endpoint, key) = (gw.url.clone(), ep.endpoint.clone(), ep.key.clone());
+        async move {
+            let r = call(&url, &endpoint, "slow", &key).await;
+            (r.status(), r.text().await.unwrap())
+        }
+    });
+    eventually("the call reached the replica", || async {
+        replica.calls() == 1
+    })
+    .await;
+    sigterm(&gw.child);
+    // It no longer takes calls...
+    let url = gw.url.clone();
+    eventually("the gateway to stop accepting", || async {
+        reqwest::get(format!("{url}/healthz")).await.is_err()
+    })
+    .await;
+    // ...but the one in flight finishes.
+    replica.release.notify_one();
+    assert_eq!(
+        in_flight.await.unwrap(),
+        (reqwest::StatusCode::OK, "ok".to_owned())
+    );
+    let status = exited(&mut gw.child, std::time::Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+
+    // A call that never ends holds a terminated gateway only for its grace period.
+    let mut gw = GatewayProcess::start_with(
+        &database_url,
+        &namespace,
+        &[("KILN_SHUTDOWN_GRACE_SECS", "1")],
+    )
+    .await;
+    let stuck = tokio::spawn({
+        let (url, endpoint, key) = (gw.url.clone(), ep.endpoint.clone(), ep.key.clone());
+        async move {
+            let sent = reqwest::Client::new()
+                .get(format!("{url}/v1/endpoints/{endpoint}/slow"))
+                .bearer_auth(key.expose())
+                .send()
+                .await;
+            match sent {
+                Ok(r) => r.text().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    });
+    eventually("the second call reached the replica", || async {
+        replica.calls() == 2
+    })
+    .await;
+    sigterm(&gw.child);
+    let status = exited(&mut gw.child, std::time::Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        !stuck.await.unwrap(),
+        "the stuck call was cut off, not answered"
+    );
 }

@@ -157,6 +157,31 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// A graceful shutdown with a bound: `signal` resolves on SIGTERM or Ctrl-C (hand it to
+/// `with_graceful_shutdown`, which then stops accepting and lets what is in flight finish);
+/// `deadline` resolves `grace` after that, for the caller to stop waiting on calls or streams
+/// that are still open.
+pub fn shutdown_with_deadline(
+    grace: std::time::Duration,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+    };
+    let deadline = async move {
+        if rx.wait_for(|signalled| *signalled).await.is_err() {
+            // The signal future was dropped without firing: no shutdown to bound.
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    (signal, deadline)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
