@@ -28,7 +28,13 @@ pub async fn bootstrap_token(pool: &sqlx::PgPool) -> Result<OpaqueSecret> {
 pub async fn tenant(http: &reqwest::Client, base: &str, who: &str) -> Result<(String, String)> {
     let slug: String = who
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let email = format!("{slug}-{}@example.com", Uuid::new_v4().simple());
     let password = format!("Bench-{}-pw!", Uuid::new_v4().simple());
