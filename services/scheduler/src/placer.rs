@@ -131,7 +131,9 @@ impl Placer {
         if claimed.is_empty() {
             tx.commit().await?;
             *guard = cached;
-            self.record_queue_depth().await;
+            // Nothing this replica could claim: none waits but what another replica holds
+            // (and reports). No extra query on the idle tick.
+            metrics::gauge!("kiln_scheduler_pending_workloads").set(0.0);
             return Ok(out);
         }
         let started = std::time::Instant::now();
@@ -289,7 +291,7 @@ impl Placer {
         Ok(out)
     }
 
-    /// `kiln_scheduler_pending_workloads`: the queue's depth after a pass.
+    /// `kiln_scheduler_pending_workloads`: the queue's depth after a pass that placed work.
     async fn record_queue_depth(&self) {
         match self.store.workloads_pending_count().await {
             Ok(n) => metrics::gauge!("kiln_scheduler_pending_workloads").set(n as f64),
