@@ -16,41 +16,10 @@ use sqlx::PgPool;
 
 mod common;
 
-use common::{ControlPlane, start_agent_with, until};
+use common::{ControlPlane, KillVms, run, start_agent_with, until, vm_image};
 
 /// Booting under TCG on two cores takes tens of seconds; a deadline, not a sleep.
 const BOOT: Duration = Duration::from_secs(240);
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/ensure-packages.sh all)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Kills the QEMU processes of the agent's VM directory when the test ends, passed or not.
-struct KillVms(PathBuf);
-impl Drop for KillVms {
-    fn drop(&mut self) {
-        for d in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            let meta = std::fs::read(d.path().join("meta.json")).unwrap_or_default();
-            if let Some(pid) = serde_json::from_slice::<Value>(&meta)
-                .ok()
-                .and_then(|m| m["pid"].as_u64())
-            {
-                let _ = Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
-}
 
 /// `ssh -i key -p port user@host command`, non-interactive.
 fn ssh(key: &Path, ssh: &Value, command: &str) -> Output {
@@ -125,13 +94,7 @@ impl Tenant<'_> {
 async fn a_tenant_creates_an_instance_logs_in_over_ssh_and_its_disk_survives_stop_and_start(
     pool: PgPool,
 ) {
-    let built = run(Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/build-vm-image.sh"
-        ))
-        .stderr(Stdio::inherit()));
-    let image_dir = PathBuf::from(String::from_utf8(built.stdout).unwrap().trim());
+    let image_dir = vm_image();
 
     // A small VM per GPU: this machine has two cores and runs the guest under TCG.
     let app = TestApp::spawn_with(pool, |c| {

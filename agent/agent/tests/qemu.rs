@@ -4,7 +4,7 @@
 //! running VM from a new runtime over the same state directory (an agent restart) without
 //! restarting it, reboots it on a grown reboot count, and removes it with its overlay. Needs `scripts/ensure-packages.sh all`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,43 +18,13 @@ use kiln_proto::node::v1::{
     Assignment, InstanceSpec, ObservedAssignment, ObservedState, PowerState, VmImage,
 };
 
+mod common;
+
+use common::{KillVms, run, vm_image};
+
 const DEADLINE: Duration = Duration::from_secs(240);
 const POLL: Duration = Duration::from_millis(250);
 const ID: &str = "asg_qemu_it";
-
-/// Kills every QEMU the test's state directory knows, also when the test fails.
-struct KillVms(PathBuf);
-impl Drop for KillVms {
-    fn drop(&mut self) {
-        let Ok(dirs) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for d in dirs.flatten() {
-            let meta = std::fs::read(d.path().join("meta.json")).unwrap_or_default();
-            let pid = serde_json::from_slice::<serde_json::Value>(&meta)
-                .ok()
-                .and_then(|m| m["pid"].as_u64());
-            if let Some(pid) = pid {
-                let _ = Command::new("kill")
-                    .args(["-9", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/ensure-packages.sh all)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn ssh(key: &Path, port: u32, command: &str) -> Output {
     Command::new("ssh")
@@ -173,13 +143,7 @@ fn ssh_port(o: &ObservedAssignment) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_boots_keeps_its_disk_across_power_and_survives_an_agent_restart() {
-    let out = run(Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/build-vm-image.sh"
-        ))
-        .stderr(Stdio::inherit()));
-    let image = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let image = vm_image();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path();
     let _guard = KillVms(state.join("vms"));
@@ -309,13 +273,7 @@ async fn an_instance_boots_keeps_its_disk_across_power_and_survives_an_agent_res
 /// A VM whose QEMU dies is reported FAILED with how it ended (no guest boot needed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_whose_qemu_dies_is_failed_with_the_reason() {
-    let out = run(Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/build-vm-image.sh"
-        ))
-        .stderr(Stdio::inherit()));
-    let image = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let image = vm_image();
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path();
     let _guard = KillVms(state.join("vms"));

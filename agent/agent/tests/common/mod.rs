@@ -220,3 +220,49 @@ pub async fn start_agent_with(
     .await;
     (agent, node)
 }
+
+/// Kills every QEMU the VM directory it names knows (by the pids in `meta.json`), also when
+/// the test fails: VMs outlive their runtime by design.
+pub struct KillVms(pub std::path::PathBuf);
+
+impl Drop for KillVms {
+    fn drop(&mut self) {
+        for d in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let meta = std::fs::read(d.path().join("meta.json")).unwrap_or_default();
+            if let Some(pid) = serde_json::from_slice::<serde_json::Value>(&meta)
+                .ok()
+                .and_then(|m| m["pid"].as_u64())
+            {
+                let _ = Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, asserting it succeeds; its output.
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/ensure-packages.sh all)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The project's VM guest (scripts/build-vm-image.sh, cached after the first build): the
+/// directory with its kernel, initramfs and disk.
+pub fn vm_image() -> std::path::PathBuf {
+    let out = run(Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/build-vm-image.sh"
+        ))
+        .stderr(std::process::Stdio::inherit()));
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
