@@ -35,10 +35,6 @@ pub struct InstancesPlan {
     pub startup: Duration,
 }
 
-const INVENTORY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../agent/inventory/inventories/h100-sxm-8x.toml"
-);
 const BUILD_VM_IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/build-vm-image.sh");
 /// Under TCG the guest boots in seconds; this bounds a broken run.
 const BOOT: Duration = Duration::from_secs(240);
@@ -118,34 +114,14 @@ pub async fn run(
         ),
     )?;
     let hostname = format!("bench-vms-{run_id}");
-    let agent = Command::new(agent_bin)
-        .arg("--config")
-        .arg(&config)
-        .args([
-            "--control-plane",
-            &format!("http://{fleet}"),
-            "--nvml",
-            "disabled",
-            "--docker",
-            "disabled",
-            "--hostname",
-            &hostname,
-            "--public-address",
-            "127.0.0.1",
-            "--simulated-inventory",
-            INVENTORY,
-        ])
-        .arg("--state-dir")
-        .arg(state_dir.join("state"))
-        .env("KILN_AGENT_BOOTSTRAP_TOKEN", token.expose())
-        .env("RUST_LOG", "warn")
-        .env_remove("KILN_AGENT_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kiln-agent")?;
+    let agent = crate::stack::spawn_agent(
+        agent_bin,
+        (fleet, &hostname),
+        &state_dir.join("state"),
+        &token,
+        "disabled",
+        &["--config".as_ref(), config.as_os_str()],
+    )?;
     children.push(agent);
     let outcome = measure(plan, &base, &pool, (&hostname, &state_dir), figure).await;
     kill_vms(&state_dir.join("state/vms"));

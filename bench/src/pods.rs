@@ -45,12 +45,6 @@ pub struct Binaries<'a> {
     pub gateway: &'a Path,
 }
 
-/// The simulated host the agent reports.
-const INVENTORY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../agent/inventory/inventories/h100-sxm-8x.toml"
-);
-
 pub async fn run(
     plan: &PodsPlan,
     bins: &Binaries<'_>,
@@ -103,33 +97,14 @@ pub async fn run(
     let token = crate::stack::bootstrap_token(&pool).await?;
     let state_dir = std::env::temp_dir().join(format!("kiln-bench-agent-{run_id}"));
     let hostname = format!("bench-pods-{run_id}");
-    let agent = Command::new(bins.agent)
-        .args([
-            "--control-plane",
-            &format!("http://{fleet}"),
-            "--nvml",
-            "disabled",
-            "--docker",
-            "auto",
-            "--hostname",
-            &hostname,
-            // Where the gateway reaches the replicas it starts (the hostname does not resolve).
-            "--public-address",
-            "127.0.0.1",
-            "--simulated-inventory",
-            INVENTORY,
-        ])
-        .arg("--state-dir")
-        .arg(&state_dir)
-        .env("KILN_AGENT_BOOTSTRAP_TOKEN", token.expose())
-        .env("RUST_LOG", "warn")
-        .env_remove("KILN_AGENT_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(std::io::stderr()))
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting kiln-agent")?;
+    let agent = crate::stack::spawn_agent(
+        bins.agent,
+        (fleet, &hostname),
+        &state_dir,
+        &token,
+        "auto",
+        &[],
+    )?;
     children.push(agent);
     let gateway_addr = crate::server::free_port()?;
     children.push(

@@ -1,11 +1,14 @@
 //! What the end-to-end benchmarks (`pods.rs`, `instances.rs`) share: a node bootstrap token
 //! straight into the database, a signed-up tenant, and polling with a deadline.
 
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use kiln_auth::OpaqueSecret;
 use serde_json::{Value, json};
+use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep};
 use uuid::Uuid;
 
@@ -103,4 +106,52 @@ pub async fn registered(pool: &sqlx::PgPool, hostname: &str) -> Result<()> {
         },
     )
     .await
+}
+
+/// The simulated 8× H100 host the end-to-end benches' agent reports.
+pub const INVENTORY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../agent/inventory/inventories/h100-sxm-8x.toml"
+);
+
+/// A `kiln-agent` joining the scheduler at `fleet` as `hostname` with `token`: the simulated
+/// 8× H100 inventory, public address 127.0.0.1 (the hostname does not resolve), state in
+/// `state_dir`, `docker` ("auto" or "disabled") and any `extra` flags. Its output goes to
+/// stderr (stdout is for BENCH lines); killed when dropped.
+pub fn spawn_agent(
+    bin: &Path,
+    (fleet, hostname): (std::net::SocketAddr, &str),
+    state_dir: &Path,
+    token: &OpaqueSecret,
+    docker: &str,
+    extra: &[&std::ffi::OsStr],
+) -> Result<Child> {
+    Command::new(bin)
+        .args(extra)
+        .args(["--control-plane", &format!("http://{fleet}")])
+        .args([
+            "--nvml",
+            "disabled",
+            "--docker",
+            docker,
+            "--hostname",
+            hostname,
+        ])
+        .args([
+            "--public-address",
+            "127.0.0.1",
+            "--simulated-inventory",
+            INVENTORY,
+        ])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .env("KILN_AGENT_BOOTSTRAP_TOKEN", token.expose())
+        .env("RUST_LOG", "warn")
+        .env_remove("KILN_AGENT_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting kiln-agent")
 }
