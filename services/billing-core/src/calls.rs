@@ -13,6 +13,13 @@
 //! ids differ, and their keys never collide. A replayed pass over the same claimed calls derives
 //! the same keys, which the ledger refuses to post twice.
 //!
+//! **Resale.** An endpoint's owner may let other orgs call it at a price of its own. Such a call
+//! is rated twice from the same aggregate: the owner pays the catalog price for it as for its
+//! own calls (the compute is the owner's), and the caller pays the owner the endpoint's price
+//! (as the gateway saw it when it answered), keyed `resale:<aggregate>:<product>`. A resale is
+//! paid from the caller's paid balance only — promotional credit is the operator's gift to that
+//! org, not money it can hand to another — see [`Posting::for_resale`](crate::Posting::for_resale).
+//!
 //! What is billable: calls the model answered, i.e. any status below 500. A 5xx (the replica
 //! failed or could not be reached after retries) is not charged; it is marked rated with no
 //! charge so it is not looked at again.
@@ -21,8 +28,9 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use crate::price::PriceBook;
-use crate::rate::{Charge, RateError, UsageEvent, rate_usage};
+use crate::money::Money;
+use crate::price::{EndpointPrices, PriceBook};
+use crate::rate::{Charge, RateError, UsageEvent, rate_usage, usage_charges};
 use crate::time::{Month, Timestamp};
 
 /// One completed call, as the gateway metered it.
@@ -38,6 +46,31 @@ pub struct MeteredCall {
     pub status: u16,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// The org whose API key made the call (the owner itself, or an org it granted).
+    pub caller: Uuid,
+    /// The endpoint's own price when the call was answered, if it has one: what a caller other
+    /// than the owner pays the owner.
+    pub resale: Option<EndpointPrices>,
+}
+
+impl MeteredCall {
+    /// What this call's caller owes the owner, per request and per 1k tokens (`None`: nothing —
+    /// the owner's own call, or an endpoint without a price).
+    fn resale_price(&self) -> Option<(i64, i64, i64)> {
+        let p = self.resale.as_ref().filter(|_| self.caller != self.org)?;
+        Some((
+            p.per_request.micros,
+            p.per_1k_prompt_tokens.micros,
+            p.per_1k_completion_tokens.micros,
+        ))
+    }
+}
+
+/// A charge the caller pays to the endpoint's owner (not to the operator).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resale {
+    pub charge: Charge,
+    pub payee: Uuid,
 }
 
 /// Whether a call with this status is charged.
@@ -45,11 +78,16 @@ pub fn is_billable(status: u16) -> bool {
     status < 500
 }
 
+/// The `detail` of a resale charge (an invoice line of its own for the caller).
+pub const RESALE_DETAIL: &str = "resale";
+
 /// What rating a batch of calls decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RatedCalls {
     /// Charges to post (amounts may be zero for a free price; the ledger skips those).
     pub charges: Vec<Charge>,
+    /// Callers' payments to endpoint owners (zero amounts likewise skipped).
+    pub resales: Vec<Resale>,
     /// Each rated call and the aggregate that accounts for it (`None`: not billable, free).
     pub rated: Vec<(Uuid, Option<String>)>,
     /// Calls that cannot be rated yet (no price for them), with why. They stay unrated.
@@ -58,7 +96,15 @@ pub struct RatedCalls {
 
 /// Group `calls` into aggregates and rate each with the price in effect at its calls' time.
 pub fn rate_calls(calls: &[MeteredCall], book: &PriceBook) -> RatedCalls {
-    type Key = (Uuid, Uuid, String, Timestamp, Month);
+    type Key = (
+        Uuid,
+        Uuid,
+        String,
+        Timestamp,
+        Month,
+        Uuid,
+        Option<(i64, i64, i64)>,
+    );
     let mut out = RatedCalls::default();
     let mut groups: BTreeMap<Key, Vec<&MeteredCall>> = BTreeMap::new();
     for call in calls {
@@ -89,11 +135,13 @@ pub fn rate_calls(calls: &[MeteredCall], book: &PriceBook) -> RatedCalls {
                 gpu_type.clone(),
                 version.effective_from,
                 Month::of(call.at),
+                call.caller,
+                call.resale_price(),
             ))
             .or_default()
             .push(call);
     }
-    for ((org, endpoint, gpu_type, _, _), mut members) in groups {
+    for ((org, endpoint, gpu_type, _, _, caller, resale), mut members) in groups {
         members.sort_by_key(|c| c.id);
         let (first, last) = (members[0], members[members.len() - 1]);
         let aggregate = UsageEvent {
@@ -108,9 +156,29 @@ pub fn rate_calls(calls: &[MeteredCall], book: &PriceBook) -> RatedCalls {
             prompt_tokens: members.iter().map(|c| c.prompt_tokens.max(0)).sum(),
             completion_tokens: members.iter().map(|c| c.completion_tokens.max(0)).sum(),
         };
-        match rate_usage(&aggregate, book) {
-            Ok(charges) => {
+        let resales = match resale {
+            None => Ok(Vec::new()),
+            Some((per_request, prompt, completion)) => usage_charges(
+                &format!("resale:{}", aggregate.id),
+                &aggregate,
+                caller,
+                &EndpointPrices {
+                    per_request: Money::from_micros(per_request),
+                    per_1k_prompt_tokens: Money::from_micros(prompt),
+                    per_1k_completion_tokens: Money::from_micros(completion),
+                },
+                aggregate.at,
+                Some(RESALE_DETAIL),
+            ),
+        };
+        match rate_usage(&aggregate, book).and_then(|c| Ok((c, resales?))) {
+            Ok((charges, resales)) => {
                 out.charges.extend(charges);
+                out.resales.extend(
+                    resales
+                        .into_iter()
+                        .map(|charge| Resale { charge, payee: org }),
+                );
                 out.rated.extend(
                     members
                         .iter()
@@ -128,8 +196,7 @@ pub fn rate_calls(calls: &[MeteredCall], book: &PriceBook) -> RatedCalls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::money::Money;
-    use crate::price::{EndpointPrices, GpuPrices, PriceVersion, Prices};
+    use crate::price::{GpuPrices, PriceVersion, Prices};
     use proptest::prelude::*;
 
     const H: &str = "h100-80gb";
@@ -172,7 +239,76 @@ mod tests {
             status,
             prompt_tokens: prompt,
             completion_tokens: completion,
+            caller: Uuid::from_u128(1 << 100),
+            resale: None,
         }
+    }
+
+    /// `c` made by another org, under the endpoint's price `(request, prompt, completion)`.
+    fn granted(mut c: MeteredCall, caller: u128, price: (i64, i64, i64)) -> MeteredCall {
+        c.caller = Uuid::from_u128(caller);
+        c.resale = Some(EndpointPrices {
+            per_request: Money::from_micros(price.0),
+            per_1k_prompt_tokens: Money::from_micros(price.1),
+            per_1k_completion_tokens: Money::from_micros(price.2),
+        });
+        c
+    }
+
+    #[test]
+    fn a_granted_caller_pays_the_owner_its_price_and_the_owner_pays_the_catalog() {
+        let b = book(&[(0, 100, 200, 600)]);
+        let owner = Uuid::from_u128(1 << 100);
+        let calls = [
+            granted(call(1, 10, 200, 1000, 500), 7, (1_000, 2_000, 4_000)),
+            granted(call(2, 11, 200, 0, 0), 7, (1_000, 2_000, 4_000)),
+            // The owner's own call under the same price: nothing is resold.
+            granted(call(3, 12, 200, 0, 0), 1 << 100, (1_000, 2_000, 4_000)),
+            // A 5xx: free for both.
+            granted(call(4, 13, 503, 10, 10), 7, (1_000, 2_000, 4_000)),
+        ];
+        let r = rate_calls(&calls, &b);
+        // The owner: 3 requests × 100 + 1,000 prompt × 200/1k + 500 completion × 600/1k.
+        assert!(r.charges.iter().all(|c| c.org == owner));
+        assert_eq!(total(&r), 300 + 200 + 300);
+        // The caller: 2 requests × 1,000 + 1,000 × 2,000/1k + 500 × 4,000/1k, to the owner.
+        let paid: i64 = r.resales.iter().map(|x| x.charge.amount.micros).sum();
+        assert_eq!(paid, 2_000 + 2_000 + 2_000);
+        assert!(r.resales.iter().all(|x| x.payee == owner
+            && x.charge.org == Uuid::from_u128(7)
+            && x.charge.key.starts_with("resale:")
+            && x.charge.detail.as_deref() == Some(RESALE_DETAIL)));
+        // Each resale is keyed by the aggregate that charges the owner for the same calls.
+        let aggregate = r.rated[1].1.clone().expect("charged");
+        assert!(r.resales.iter().all(|x| {
+            x.charge
+                .key
+                .starts_with(&aggregate.replacen("usage:", "resale:", 1))
+        }));
+        assert_eq!(r.rated.len(), 4);
+        // Rated again (a replayed pass), the same keys come out: the ledger posts them once.
+        assert_eq!(rate_calls(&calls, &b).resales, r.resales);
+    }
+
+    #[test]
+    fn calls_under_two_prices_or_from_two_callers_are_rated_apart() {
+        let b = book(&[(0, 100, 0, 0)]);
+        let r = rate_calls(
+            &[
+                granted(call(1, 10, 200, 0, 0), 7, (1_000, 0, 0)),
+                granted(call(2, 11, 200, 0, 0), 7, (3_000, 0, 0)),
+                granted(call(3, 12, 200, 0, 0), 8, (1_000, 0, 0)),
+            ],
+            &b,
+        );
+        let mut paid: Vec<(u128, i64)> = r
+            .resales
+            .iter()
+            .map(|x| (x.charge.org.as_u128(), x.charge.amount.micros))
+            .collect();
+        paid.sort();
+        assert_eq!(paid, vec![(7, 1_000), (7, 3_000), (8, 1_000)]);
+        assert_eq!(total(&r), 300);
     }
 
     fn total(r: &RatedCalls) -> i64 {

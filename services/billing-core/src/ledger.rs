@@ -241,6 +241,29 @@ impl Posting {
         Ok(Self::new(charge.key.clone(), charge.start, lines)?)
     }
 
+    /// A caller's payment for calls to another org's endpoint (`charge.org` pays `payee`, the
+    /// owner). Drawn from the caller's paid balance only: promotional credit is the operator's
+    /// gift to that org and is not turned into money for another.
+    pub fn for_resale(charge: &Charge, payee: Uuid) -> Result<Self, LedgerError> {
+        if charge.amount.micros <= 0 {
+            return Err(PostingError::NonPositiveAmount.into());
+        }
+        if payee == charge.org {
+            return Err(PostingError::TooFewLines.into());
+        }
+        Ok(Self::new(
+            charge.key.clone(),
+            charge.start,
+            vec![
+                (
+                    Account::OrgBalance(charge.org),
+                    charge.amount.checked_neg()?,
+                ),
+                (Account::OrgBalance(payee), charge.amount),
+            ],
+        )?)
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }

@@ -35,7 +35,7 @@ pub mod price;
 pub mod rate;
 pub mod time;
 
-pub use calls::{MeteredCall, RatedCalls, is_billable, rate_calls};
+pub use calls::{MeteredCall, RESALE_DETAIL, RatedCalls, Resale, is_billable, rate_calls};
 pub use invoice::{Invoice, InvoiceLine, invoice, ledger_charged_in_month};
 pub use ledger::{
     Account, Ledger, LedgerError, OrgFunds, Posted, Posting, PostingError, fold_balances, post,
@@ -46,6 +46,6 @@ pub use money::{Currency, Money, MoneyError, Usd};
 pub use price::{EndpointPrices, GpuPrices, PriceBook, PriceBookError, PriceVersion, Prices};
 pub use rate::{
     Charge, GpuRequest, Product, RateError, Tier, Unit, UsageEvent, WorkloadKind, WorkloadShape,
-    rate, rate_until, rate_usage,
+    rate, rate_until, rate_usage, usage_charges,
 };
 pub use time::{Month, Timestamp};

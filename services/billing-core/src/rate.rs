@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use crate::meter::{BillableInterval, IntervalKind, Transition, meter};
 use crate::money::{Money, MoneyError};
-use crate::price::{PriceBook, PriceVersion};
+use crate::price::{EndpointPrices, PriceBook, PriceVersion};
 use crate::time::{Month, Timestamp};
 
 const BPS: i128 = 10_000;
@@ -447,6 +447,31 @@ pub fn rate_usage(event: &UsageEvent, book: &PriceBook) -> Result<Vec<Charge>, R
             gpu_type: Some(event.gpu_type.clone()),
             version: version.effective_from,
         })?;
+    usage_charges(
+        &format!("usage:{}", event.id),
+        event,
+        event.org,
+        prices,
+        version.effective_from,
+        None,
+    )
+}
+
+/// Charges to `payer` for `event` at `prices`, keyed `<key_root>:<product>`: per request, per
+/// prompt token and per completion token, each rounded down to a micro; components with zero
+/// quantity are omitted. Shared by the catalog's price ([`rate_usage`]) and an endpoint owner's
+/// resale price (`calls::rate_calls`).
+pub fn usage_charges(
+    key_root: &str,
+    event: &UsageEvent,
+    payer: Uuid,
+    prices: &EndpointPrices,
+    price_version: Timestamp,
+    detail: Option<&str>,
+) -> Result<Vec<Charge>, RateError> {
+    if event.requests < 0 || event.prompt_tokens < 0 || event.completion_tokens < 0 {
+        return Err(RateError::InvalidShape("negative usage"));
+    }
     let parts = [
         (
             Product::InferenceRequests,
@@ -477,16 +502,16 @@ pub fn rate_usage(event: &UsageEvent, book: &PriceBook) -> Result<Vec<Charge>, R
         }
         let amount = (i128::from(price.micros) * i128::from(quantity)).div_euclid(per);
         out.push(Charge {
-            key: format!("usage:{}:{}", event.id, product.code()),
-            org: event.org,
+            key: format!("{key_root}:{}", product.code()),
+            org: payer,
             workload: event.endpoint,
             product,
             gpu_type: Some(event.gpu_type.clone()),
-            detail: None,
+            detail: detail.map(str::to_owned),
             tier: Tier::OnDemand,
             start: event.at,
             end: event.at,
-            price_version: version.effective_from,
+            price_version,
             unit,
             quantity,
             amount: Money::try_from_i128(amount)?,

@@ -156,6 +156,27 @@ pub fn charge_posting(
     promos: &[(Account, Money)],
 ) -> Result<NewPosting, BillingError> {
     let posting = kiln_billing_core::Posting::for_charge(charge, promos)?;
+    Ok(charge_row(charge, workload_kind, &posting))
+}
+
+/// A granted caller's payment to an endpoint's owner, as a row: a usage posting of the caller's
+/// (its invoice shows it as a `resale` line), whose other side is the owner's balance.
+pub fn resale_posting(charge: &Charge, payee: uuid::Uuid) -> Result<NewPosting, BillingError> {
+    let posting = kiln_billing_core::Posting::for_resale(charge, payee)?;
+    let mut row = charge_row(charge, Some("endpoint"), &posting);
+    row.description = format!(
+        "{} (paid to {})",
+        row.description,
+        kiln_domain::OrgId::from_uuid(payee)
+    );
+    Ok(row)
+}
+
+fn charge_row(
+    charge: &Charge,
+    workload_kind: Option<&str>,
+    posting: &kiln_billing_core::Posting,
+) -> NewPosting {
     let usage = matches!(
         charge.product,
         Product::InferenceRequests
@@ -167,7 +188,7 @@ pub fn charge_posting(
         (Some(g), None) => format!("{} {g}", charge.product.code()),
         _ => charge.product.code().to_owned(),
     };
-    Ok(NewPosting {
+    NewPosting {
         key: posting.key().to_owned(),
         org_id: Some(charge.org),
         kind: if usage { "usage" } else { "charge" },
@@ -187,8 +208,8 @@ pub fn charge_posting(
             quantity: charge.quantity,
         }),
         reference: None,
-        entries: entries(&posting),
-    })
+        entries: entries(posting),
+    }
 }
 
 /// A core posting's lines as entry rows.
@@ -227,4 +248,13 @@ pub fn charge(r: &ChargeRecord) -> Result<Charge, BillingError> {
         quantity: r.quantity,
         amount: Money::from_micros(r.amount_micros),
     })
+}
+
+/// The store's endpoint price as the core's prices.
+pub fn endpoint_prices(p: kiln_store::EndpointPrice) -> kiln_billing_core::EndpointPrices {
+    kiln_billing_core::EndpointPrices {
+        per_request: Money::from_micros(p.per_request_micros),
+        per_1k_prompt_tokens: Money::from_micros(p.per_1k_prompt_tokens_micros),
+        per_1k_completion_tokens: Money::from_micros(p.per_1k_completion_tokens_micros),
+    }
 }

@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_billing_core::{Account, Charge, Money, Posting};
+use kiln_billing_core::{Account, Charge, Money, Posting, Resale};
 use kiln_store::{NewPosting, PostingRecord, Store};
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::BillingError;
-use crate::convert::{charge_posting, entries, month_of_date, odt, ts};
+use crate::convert::{charge_posting, entries, month_of_date, odt, resale_posting, ts};
 
 /// Post `charges` (each with its workload's kind) in `conn`'s transaction: lock their orgs,
 /// read their usable promotional credit, and let the core split each charge. Charges already
@@ -21,16 +21,41 @@ pub async fn post_charges(
     conn: &mut PgConnection,
     charges: &[(Charge, Option<&str>)],
 ) -> Result<usize, BillingError> {
-    let charges: Vec<&(Charge, Option<&str>)> = charges
+    let items: Vec<(&Charge, Option<&str>, Option<Uuid>)> =
+        charges.iter().map(|(c, kind)| (c, *kind, None)).collect();
+    post_items(store, conn, &items).await
+}
+
+/// Post granted callers' payments to endpoint owners (`Posting::for_resale`: from the
+/// caller's paid balance to the owner's), like [`post_charges`] in every other respect.
+pub async fn post_resales(
+    store: &Store,
+    conn: &mut PgConnection,
+    resales: &[Resale],
+) -> Result<usize, BillingError> {
+    let items: Vec<(&Charge, Option<&str>, Option<Uuid>)> = resales
         .iter()
-        .filter(|(c, _)| c.amount.micros > 0)
+        .map(|r| (&r.charge, Some("endpoint"), Some(r.payee)))
+        .collect();
+    post_items(store, conn, &items).await
+}
+
+/// Charges, each with its workload's kind and, for a resale, the org it pays.
+async fn post_items(
+    store: &Store,
+    conn: &mut PgConnection,
+    charges: &[(&Charge, Option<&str>, Option<Uuid>)],
+) -> Result<usize, BillingError> {
+    let charges: Vec<&(&Charge, Option<&str>, Option<Uuid>)> = charges
+        .iter()
+        .filter(|(c, _, _)| c.amount.micros > 0)
         .collect();
     if charges.is_empty() {
         return Ok(0);
     }
     let orgs: Vec<Uuid> = charges
         .iter()
-        .map(|(c, _)| c.org)
+        .map(|(c, _, _)| c.org)
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -43,7 +68,7 @@ pub async fn post_charges(
         .map(|m| odt(month_of_date(m).end()));
     let earliest = charges
         .iter()
-        .map(|(c, _)| c.start)
+        .map(|(c, _, _)| c.start)
         .min()
         .unwrap_or_default();
     // What is left on each promotional account, kept in step as this batch spends it.
@@ -59,14 +84,17 @@ pub async fn post_charges(
         ));
     }
     let mut postings: Vec<NewPosting> = Vec::with_capacity(charges.len());
-    for (charge, kind) in charges {
+    for &&(charge, kind, payee) in &charges {
         let org_promos = promos.entry(charge.org).or_default();
         let usable: Vec<(Account, Money)> = org_promos
             .iter()
             .filter(|(_, left, expires)| left.micros > 0 && ts(*expires) > charge.start)
             .map(|(a, left, _)| (a.clone(), *left))
             .collect();
-        let mut posting = charge_posting(charge, *kind, &usable)?;
+        let mut posting = match payee {
+            None => charge_posting(charge, kind, &usable)?,
+            Some(payee) => resale_posting(charge, payee)?,
+        };
         if let Some(open_from) = open_from
             && posting.at < open_from
         {

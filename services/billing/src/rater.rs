@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::BillingError;
 use crate::convert::{odt, price_book, shape, transition, ts};
-use crate::ledger::post_charges;
+use crate::ledger::{post_charges, post_resales};
 
 /// What a pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -177,6 +177,8 @@ impl Rater {
                     status: u16::try_from(c.status).unwrap_or(u16::MAX),
                     prompt_tokens: c.prompt_tokens.unwrap_or(0),
                     completion_tokens: c.completion_tokens.unwrap_or(0),
+                    caller: c.caller_org_id.unwrap_or(c.org_id),
+                    resale: c.resale().map(crate::convert::endpoint_prices),
                 })
                 .collect();
             let rated = rate_calls(&calls, book);
@@ -205,6 +207,10 @@ impl Rater {
                 .charged_orgs
                 .extend(charges.iter().map(|(c, _)| c.org));
             report.postings += post_charges(&self.store, &mut tx, &charges).await?;
+            report
+                .charged_orgs
+                .extend(rated.resales.iter().map(|r| r.charge.org));
+            report.postings += post_resales(&self.store, &mut tx, &rated.resales).await?;
             self.store.usage_calls_rated(&mut tx, &rated.rated).await?;
             tx.commit().await.map_err(kiln_store::StoreError::from)?;
             report.calls += rated.rated.len();

@@ -644,6 +644,8 @@ async fn calls(
 ) -> Vec<Uuid> {
     let rows: Vec<kiln_store::UsageEventRow> = (0..n)
         .map(|i| kiln_store::UsageEventRow {
+            caller_org_id: None,
+            resale: None,
             id: Uuid::now_v7(),
             endpoint_id: endpoint,
             org_id: org,
@@ -721,6 +723,102 @@ async fn endpoint_calls_are_charged_per_request_and_token_exactly_once(pool: PgP
         balance(&pool, &format!("org:{org}:balance")).await,
         -(expected + 100)
     );
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_granted_caller_pays_the_owner_its_price_once_from_its_paid_balance(pool: PgPool) {
+    let store = Store::new(pool.clone());
+    let (owner, caller) = (org(&pool).await, org(&pool).await);
+    let ep = endpoint(&pool, owner, Some("h100-80gb")).await;
+    let start = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    // The caller has promotional credit: the operator's gift, not money to pass on.
+    let mut tx = store.begin().await.unwrap();
+    ledger::grant_promo(
+        &store,
+        &mut tx,
+        caller,
+        "welcome",
+        Money::from_micros(1_000_000),
+        start + secs(86_400),
+        start - secs(60),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let price = kiln_store::EndpointPrice {
+        per_request_micros: 1_000,
+        per_1k_prompt_tokens_micros: 2_000,
+        per_1k_completion_tokens_micros: 4_000,
+    };
+    let granted = calls(&pool, owner, ep, 10, 200, (10, 50), start).await;
+    sqlx::query(
+        "UPDATE usage_events SET caller_org_id = $2, resale_per_request_micros = $3,
+             resale_per_1k_prompt_tokens_micros = $4, resale_per_1k_completion_tokens_micros = $5
+         WHERE id = ANY($1)",
+    )
+    .bind(&granted)
+    .bind(caller)
+    .bind(price.per_request_micros)
+    .bind(price.per_1k_prompt_tokens_micros)
+    .bind(price.per_1k_completion_tokens_micros)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The owner's own calls, and a failed granted one (free for both).
+    calls(&pool, owner, ep, 2, 200, (10, 50), start).await;
+    let failed = calls(&pool, owner, ep, 1, 503, (0, 0), start).await;
+    sqlx::query("UPDATE usage_events SET caller_org_id = $2, resale_per_request_micros = 1000, resale_per_1k_prompt_tokens_micros = 0, resale_per_1k_completion_tokens_micros = 0 WHERE id = ANY($1)")
+        .bind(&failed)
+        .bind(caller)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let (a, b) = (rater(&pool), rater(&pool));
+    let now = OffsetDateTime::now_utc();
+    let (ra, rb) = tokio::join!(a.pass(now), b.pass(now));
+    assert_eq!(ra.unwrap().calls + rb.unwrap().calls, 13);
+    // The compute: 12 answered calls at the catalog's H100 prices, paid by the owner.
+    let catalog = 12 * 100 + 12 * (10 * 200 / 1000) + 12 * (50 * 600 / 1000);
+    // The resale: 10 calls × 1,000 + 100 prompt tokens' 200 + 500 completion tokens' 2,000.
+    let resale = 10 * 1_000 + 100 * 2_000 / 1000 + 500 * 4_000 / 1000;
+    assert_eq!(balance(&pool, "revenue:inference").await, catalog);
+    assert_eq!(
+        balance(&pool, &format!("org:{owner}:balance")).await,
+        resale - catalog
+    );
+    assert_eq!(
+        balance(&pool, &format!("org:{caller}:balance")).await,
+        -resale
+    );
+    assert_eq!(
+        balance(&pool, &format!("org:{caller}:promo:welcome")).await,
+        1_000_000,
+        "promotional credit is not passed on to another org"
+    );
+    // The caller's charges (and so its invoice) show the resale as its own lines.
+    // (Three products per aggregate; how many aggregates depends on how the raters split.)
+    let (lines, other): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE detail IS DISTINCT FROM 'resale')
+         FROM ledger_postings WHERE org_id = $1 AND kind = 'usage'",
+    )
+    .bind(caller)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(lines >= 3 && lines % 3 == 0, "{lines} resale postings");
+    assert_eq!(other, 0, "the caller is charged nothing but the resale");
+    let mut conn = pool.acquire().await.unwrap();
+    assert_eq!(
+        store
+            .ledger_org_charged(&mut conn, caller, start - secs(3600), now + secs(3600))
+            .await
+            .unwrap(),
+        resale
+    );
+    // Rated once: another pass posts nothing.
+    let again = a.pass(OffsetDateTime::now_utc()).await.unwrap();
+    assert_eq!((again.calls, again.postings), (0, 0));
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]

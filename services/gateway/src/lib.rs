@@ -1,7 +1,8 @@
 //! `kiln-gateway`: the inference entry point, `ANY /v1/endpoints/{endpoint}/{path…}`.
 //!
-//! A call is authenticated by an API key of the endpoint's org (401 for a missing, invalid,
-//! expired or revoked key; another org's endpoint is a 404, like an unknown one), then sent to
+//! A call is authenticated by an API key of the endpoint's org or of an org its owner granted
+//! (401 for a missing, invalid, expired or revoked key; another org's endpoint is a 404, like an
+//! unknown one), then sent to
 //! the ready replica with the fewest calls in flight on this gateway and streamed back as it
 //! comes. An org out of credit gets 402 (the billing core's decision on the ledger, as the API
 //! refuses new work), after the key check. No ready replica (scaled to zero, or starting):
@@ -315,8 +316,8 @@ async fn endpoint_call(
         return not_found();
     };
     let route = match route_of(&state, endpoint.as_uuid()).await {
-        Ok(Some(route)) if route.org_id == key.org_id.as_uuid() => route,
-        // Another org's endpoint is as unknown as a made-up one.
+        Ok(Some(route)) if route.admits(key.org_id.as_uuid()) => route,
+        // Another org's endpoint, unless it granted the caller's, is as unknown as a made-up one.
         Ok(_) => return not_found(),
         Err(error) => {
             tracing::error!(%error, "endpoint lookup failed");
@@ -431,6 +432,9 @@ async fn endpoint_call(
                         prompt_tokens: None,
                         completion_tokens: None,
                         at_unix_ms: 0,
+                        caller_org_id: (key.org_id.as_uuid() != route.org_id)
+                            .then(|| key.org_id.as_uuid()),
+                        resale: route.price.filter(|_| key.org_id.as_uuid() != route.org_id),
                     },
                 });
                 return relay(resp, (guard, permit), metered);
@@ -617,7 +621,7 @@ async fn hold_for_replica(
             tracing::error!(%error, "endpoint lookup failed");
             unavailable("the gateway cannot reach its database; retry shortly")
         })?;
-        let Some(route) = route.filter(|r| r.org_id == org) else {
+        let Some(route) = route.filter(|r| r.admits(org)) else {
             return Err(problem(
                 StatusCode::NOT_FOUND,
                 "Not found",
@@ -673,7 +677,7 @@ async fn out_of_credit(state: &GatewayState, org: Uuid) -> Option<Response> {
         Ok(true) => Some(problem(
             StatusCode::PAYMENT_REQUIRED,
             "Payment required",
-            "the endpoint's org is out of credit; calls resume after a top-up",
+            "the calling key's org is out of credit; calls resume after a top-up",
         )),
         Err(error) => {
             tracing::error!(%error, "credit check failed");

@@ -51,6 +51,12 @@ pub struct UsageEvent {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub at_unix_ms: i64,
+    /// The org whose key made the call, when it is not the endpoint's (a granted org).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_org_id: Option<Uuid>,
+    /// What that org pays the endpoint's owner for the call (the endpoint's price then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resale: Option<kiln_store::EndpointPrice>,
 }
 
 impl UsageEvent {
@@ -72,6 +78,8 @@ impl UsageEvent {
                 i128::from(self.at_unix_ms) * 1_000_000,
             )
             .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            caller_org_id: self.caller_org_id,
+            resale: self.resale,
         }
     }
 }

@@ -61,6 +61,64 @@ pub struct NewEndpoint<'a> {
     pub limits: EndpointLimits,
     pub autoscaling: Autoscaling,
     pub replica: ReplicaTemplate,
+    pub price: Option<EndpointPrice>,
+}
+
+/// What a call to an endpoint by an org the owner granted costs that org, paid to the owner:
+/// micro-USD per request and per 1,000 prompt and completion tokens (see the
+/// `…_endpoint_prices_grants` migration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EndpointPrice {
+    pub per_request_micros: i64,
+    pub per_1k_prompt_tokens_micros: i64,
+    pub per_1k_completion_tokens_micros: i64,
+}
+
+impl EndpointPrice {
+    /// From the three nullable columns (all set, or none).
+    pub fn from_columns(
+        per_request: Option<i64>,
+        prompt: Option<i64>,
+        completion: Option<i64>,
+    ) -> Option<Self> {
+        Some(Self {
+            per_request_micros: per_request?,
+            per_1k_prompt_tokens_micros: prompt?,
+            per_1k_completion_tokens_micros: completion?,
+        })
+    }
+}
+
+/// An org an endpoint's owner lets call the endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct EndpointGrantRecord {
+    pub endpoint_id: Uuid,
+    pub org_id: Uuid,
+    pub org_name: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// An endpoint another org granted the caller's org: what the grantee may know of it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct GrantedEndpointRecord {
+    pub endpoint_id: Uuid,
+    pub endpoint_name: String,
+    pub owner_org_id: Uuid,
+    pub owner_org_name: String,
+    pub price_per_request_micros: Option<i64>,
+    pub price_per_1k_prompt_tokens_micros: Option<i64>,
+    pub price_per_1k_completion_tokens_micros: Option<i64>,
+    pub created_at: OffsetDateTime,
+}
+
+impl GrantedEndpointRecord {
+    pub fn price(&self) -> Option<EndpointPrice> {
+        EndpointPrice::from_columns(
+            self.price_per_request_micros,
+            self.price_per_1k_prompt_tokens_micros,
+            self.price_per_1k_completion_tokens_micros,
+        )
+    }
 }
 
 /// How an endpoint scales (see the `…_endpoint_autoscaling` migration).
@@ -184,9 +242,21 @@ pub struct EndpointRecord {
     pub total_concurrency: Option<i32>,
     #[sqlx(flatten)]
     pub autoscaling: Autoscaling,
+    pub price_per_request_micros: Option<i64>,
+    pub price_per_1k_prompt_tokens_micros: Option<i64>,
+    pub price_per_1k_completion_tokens_micros: Option<i64>,
 }
 
 impl EndpointRecord {
+    /// The price the owner charges the orgs it granted, if any.
+    pub fn price(&self) -> Option<EndpointPrice> {
+        EndpointPrice::from_columns(
+            self.price_per_request_micros,
+            self.price_per_1k_prompt_tokens_micros,
+            self.price_per_1k_completion_tokens_micros,
+        )
+    }
+
     pub fn limits(&self) -> EndpointLimits {
         EndpointLimits::from_columns(
             (self.key_rate_per_s, self.key_burst, self.key_concurrency),
@@ -221,6 +291,17 @@ pub struct EndpointRoute {
     /// Replicas placed or starting: calls may wait for one instead of failing at once.
     pub coming: i64,
     pub limits: EndpointLimits,
+    /// Orgs besides the owner whose keys may call it.
+    pub grantees: Vec<Uuid>,
+    /// What a grantee's call costs it (paid to the owner).
+    pub price: Option<EndpointPrice>,
+}
+
+impl EndpointRoute {
+    /// Whether a key of `org` may call this endpoint: the owner's, or a granted org's.
+    pub fn admits(&self, org: Uuid) -> bool {
+        self.org_id == org || self.grantees.contains(&org)
+    }
 }
 
 /// An endpoint whose live replicas are not as many as it should have.
@@ -234,7 +315,8 @@ pub struct ReplicaImbalance {
 const ENDPOINT_COLUMNS: &str = "id, org_id, name, state, spec, port, health_path, min_replicas, \
      max_replicas, desired_replicas, created_at, updated_at, key_rate_per_s, key_burst, \
      key_concurrency, total_rate_per_s, total_burst, total_concurrency, target_concurrency, \
-     scale_down_window_s, scale_to_zero_after_s";
+     scale_down_window_s, scale_to_zero_after_s, price_per_request_micros, \
+     price_per_1k_prompt_tokens_micros, price_per_1k_completion_tokens_micros";
 
 /// Whether the endpoint `e`'s org is out of credit: kiln-billing has stopped its work, so no
 /// replica is added until a top-up lifts the mark (billing then resumes what it stopped).
@@ -258,9 +340,10 @@ impl Store {
             "INSERT INTO endpoints (id, org_id, name, spec, port, health_path, min_replicas,
                  max_replicas, desired_replicas, key_rate_per_s, key_burst, key_concurrency,
                  total_rate_per_s, total_burst, total_concurrency, target_concurrency,
-                 scale_down_window_s, scale_to_zero_after_s)
+                 scale_down_window_s, scale_to_zero_after_s, price_per_request_micros,
+                 price_per_1k_prompt_tokens_micros, price_per_1k_completion_tokens_micros)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11, $12, $13, $14, $15, $16,
-                 $17)
+                 $17, $18, $19, $20)
              ON CONFLICT (org_id, name) WHERE state = 'active' DO NOTHING
              RETURNING {ENDPOINT_COLUMNS}"
         ))
@@ -281,6 +364,9 @@ impl Store {
         .bind(new.autoscaling.target_concurrency)
         .bind(new.autoscaling.scale_down_window_s)
         .bind(new.autoscaling.scale_to_zero_after_s)
+        .bind(new.price.map(|p| p.per_request_micros))
+        .bind(new.price.map(|p| p.per_1k_prompt_tokens_micros))
+        .bind(new.price.map(|p| p.per_1k_completion_tokens_micros))
         .fetch_optional(&mut *conn)
         .await?;
         let Some(row) = row else {
@@ -444,6 +530,10 @@ impl Store {
             total_rate_per_s: Option<f64>,
             total_burst: Option<i32>,
             total_concurrency: Option<i32>,
+            grantees: Vec<Uuid>,
+            price_per_request_micros: Option<i64>,
+            price_per_1k_prompt_tokens_micros: Option<i64>,
+            price_per_1k_completion_tokens_micros: Option<i64>,
             workload_id: Option<Uuid>,
             host: Option<String>,
             host_port: Option<i32>,
@@ -455,6 +545,10 @@ impl Store {
                         AS coming,
                     e.key_rate_per_s, e.key_burst, e.key_concurrency, e.total_rate_per_s,
                     e.total_burst, e.total_concurrency,
+                    ARRAY(SELECT g.org_id FROM endpoint_grants g WHERE g.endpoint_id = e.id)
+                        AS grantees,
+                    e.price_per_request_micros, e.price_per_1k_prompt_tokens_micros,
+                    e.price_per_1k_completion_tokens_micros,
                     r.workload_id, r.host, r.host_port
              FROM endpoints e
              LEFT JOIN LATERAL (
@@ -478,6 +572,12 @@ impl Store {
             return Ok(None);
         };
         let (org_id, coming) = (first.org_id, first.coming);
+        let grantees = first.grantees.clone();
+        let price = EndpointPrice::from_columns(
+            first.price_per_request_micros,
+            first.price_per_1k_prompt_tokens_micros,
+            first.price_per_1k_completion_tokens_micros,
+        );
         let limits = EndpointLimits::from_columns(
             (first.key_rate_per_s, first.key_burst, first.key_concurrency),
             (
@@ -502,6 +602,8 @@ impl Store {
             ready,
             coming,
             limits,
+            grantees,
+            price,
         }))
     }
 
@@ -640,5 +742,138 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
+    }
+}
+
+impl Store {
+    /// Set (or with `None` remove) the price the endpoint's grantees pay. Calls answered before
+    /// keep the price they were answered under.
+    pub async fn endpoint_price_set(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+        price: Option<EndpointPrice>,
+    ) -> StoreResult<EndpointRecord> {
+        sqlx::query_as(&format!(
+            "UPDATE endpoints SET price_per_request_micros = $3,
+                 price_per_1k_prompt_tokens_micros = $4,
+                 price_per_1k_completion_tokens_micros = $5, updated_at = now()
+             WHERE id = $1 AND org_id = $2 AND state = 'active'
+             RETURNING {ENDPOINT_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(scope.org_id().as_uuid())
+        .bind(price.map(|p| p.per_request_micros))
+        .bind(price.map(|p| p.per_1k_prompt_tokens_micros))
+        .bind(price.map(|p| p.per_1k_completion_tokens_micros))
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::NotFound { what: "endpoint" })
+    }
+
+    /// Let `grantee`'s API keys call the scope's live endpoint `id`. Granting twice answers the
+    /// first grant. An unknown grantee org is `NotFound { what: "org" }`.
+    pub async fn endpoint_grant_add(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+        grantee: Uuid,
+    ) -> StoreResult<EndpointGrantRecord> {
+        let live: Option<(Uuid,)> = sqlx::query_as(
+            "SELECT id FROM endpoints WHERE id = $1 AND org_id = $2 AND state = 'active'
+             FOR SHARE",
+        )
+        .bind(id)
+        .bind(scope.org_id().as_uuid())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if live.is_none() {
+            return Err(StoreError::NotFound { what: "endpoint" });
+        }
+        let row: Option<EndpointGrantRecord> = sqlx::query_as(
+            "WITH ins AS (
+                 INSERT INTO endpoint_grants (endpoint_id, org_id)
+                 SELECT $1, o.id FROM orgs o WHERE o.id = $2
+                 ON CONFLICT (endpoint_id, org_id) DO NOTHING
+                 RETURNING endpoint_id, org_id, created_at)
+             SELECT g.endpoint_id, g.org_id, o.name AS org_name, g.created_at
+             FROM (SELECT * FROM ins
+                   UNION ALL
+                   SELECT endpoint_id, org_id, created_at FROM endpoint_grants
+                   WHERE endpoint_id = $1 AND org_id = $2) g
+             JOIN orgs o ON o.id = g.org_id
+             LIMIT 1",
+        )
+        .bind(id)
+        .bind(grantee)
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.ok_or(StoreError::NotFound { what: "org" })
+    }
+
+    /// Take a grant back: the grantee's keys get 404 from the gateways at once. Answers
+    /// whether there was one.
+    pub async fn endpoint_grant_remove(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+        grantee: Uuid,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "DELETE FROM endpoint_grants g USING endpoints e
+             WHERE g.endpoint_id = $1 AND g.org_id = $3 AND e.id = g.endpoint_id AND e.org_id = $2",
+        )
+        .bind(id)
+        .bind(scope.org_id().as_uuid())
+        .bind(grantee)
+        .execute(&mut *conn)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The orgs the scope's endpoint `id` is granted to, oldest grant first.
+    pub async fn endpoint_grant_list(
+        &self,
+        conn: &mut PgConnection,
+        scope: &OrgScope,
+        id: Uuid,
+    ) -> StoreResult<Vec<EndpointGrantRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT g.endpoint_id, g.org_id, o.name AS org_name, g.created_at
+             FROM endpoint_grants g
+             JOIN endpoints e ON e.id = g.endpoint_id
+             JOIN orgs o ON o.id = g.org_id
+             WHERE g.endpoint_id = $1 AND e.org_id = $2
+             ORDER BY g.created_at, g.org_id",
+        )
+        .bind(id)
+        .bind(scope.org_id().as_uuid())
+        .fetch_all(&mut *conn)
+        .await?)
+    }
+
+    /// Live endpoints of other orgs that the scope's org may call, newest grant first.
+    pub async fn endpoints_granted_to(
+        &self,
+        scope: &OrgScope,
+    ) -> StoreResult<Vec<GrantedEndpointRecord>> {
+        Ok(sqlx::query_as(
+            "SELECT e.id AS endpoint_id, e.name AS endpoint_name, e.org_id AS owner_org_id,
+                    o.name AS owner_org_name, e.price_per_request_micros,
+                    e.price_per_1k_prompt_tokens_micros, e.price_per_1k_completion_tokens_micros,
+                    g.created_at
+             FROM endpoint_grants g
+             JOIN endpoints e ON e.id = g.endpoint_id AND e.state = 'active'
+             JOIN orgs o ON o.id = e.org_id
+             WHERE g.org_id = $1
+             ORDER BY g.created_at DESC, e.id
+             LIMIT 500",
+        )
+        .bind(scope.org_id().as_uuid())
+        .fetch_all(&self.pool)
+        .await?)
     }
 }

@@ -42,8 +42,9 @@ pub use billing::{
 };
 pub use catalog::{CatalogGpu, CatalogSlot};
 pub use endpoints::{
-    Autoscaling, EndpointLimits, EndpointRecord, EndpointRoute, NewEndpoint, RateLimit,
-    ReadyReplica, ReplicaImbalance, ReplicaTemplate, ScalingTarget, TrafficBucket, TrafficTotals,
+    Autoscaling, EndpointGrantRecord, EndpointLimits, EndpointPrice, EndpointRecord, EndpointRoute,
+    GrantedEndpointRecord, NewEndpoint, RateLimit, ReadyReplica, ReplicaImbalance, ReplicaTemplate,
+    ScalingTarget, TrafficBucket, TrafficTotals,
 };
 pub use fleet::{
     ASSIGNMENT_CHANNEL, AssignmentEventRecord, AssignmentKind, AssignmentPut, AssignmentRecord,

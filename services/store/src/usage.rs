@@ -20,6 +20,10 @@ pub struct UsageEventRow {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub occurred_at: OffsetDateTime,
+    /// The org whose key made the call (`None`: the endpoint's own org).
+    pub caller_org_id: Option<Uuid>,
+    /// The endpoint's price for a granted caller, as the gateway saw it.
+    pub resale: Option<crate::EndpointPrice>,
 }
 
 impl Store {
@@ -33,12 +37,15 @@ impl Store {
         let done = sqlx::query(
             "INSERT INTO usage_events (id, endpoint_id, org_id, api_key_id, replica_id, status,
                  duration_ms, request_bytes, response_bytes, prompt_tokens, completion_tokens,
-                 occurred_at)
+                 occurred_at, caller_org_id, resale_per_request_micros,
+                 resale_per_1k_prompt_tokens_micros, resale_per_1k_completion_tokens_micros)
              SELECT u.* FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[],
                  $6::int[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
-                 $12::timestamptz[])
+                 $12::timestamptz[], $13::uuid[], $14::bigint[], $15::bigint[], $16::bigint[])
                  AS u(id, endpoint_id, org_id, api_key_id, replica_id, status, duration_ms,
-                      request_bytes, response_bytes, prompt_tokens, completion_tokens, occurred_at)
+                      request_bytes, response_bytes, prompt_tokens, completion_tokens, occurred_at,
+                      caller_org_id, resale_per_request_micros, resale_per_1k_prompt_tokens_micros,
+                      resale_per_1k_completion_tokens_micros)
              -- An endpoint removed for good takes its events with it (instead of failing the batch).
              WHERE EXISTS (SELECT 1 FROM endpoints e WHERE e.id = u.endpoint_id)
              ON CONFLICT (id) DO NOTHING",
@@ -55,6 +62,10 @@ impl Store {
         .bind(col(|r| r.prompt_tokens))
         .bind(col(|r| r.completion_tokens))
         .bind(rows.iter().map(|r| r.occurred_at).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.caller_org_id).collect::<Vec<_>>())
+        .bind(col(|r| r.resale.map(|p| p.per_request_micros)))
+        .bind(col(|r| r.resale.map(|p| p.per_1k_prompt_tokens_micros)))
+        .bind(col(|r| r.resale.map(|p| p.per_1k_completion_tokens_micros)))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -72,6 +83,22 @@ pub struct CallToRate {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub occurred_at: OffsetDateTime,
+    /// The org whose key made the call (`None`: the endpoint's own org).
+    pub caller_org_id: Option<Uuid>,
+    pub resale_per_request_micros: Option<i64>,
+    pub resale_per_1k_prompt_tokens_micros: Option<i64>,
+    pub resale_per_1k_completion_tokens_micros: Option<i64>,
+}
+
+impl CallToRate {
+    /// The endpoint's price the caller was answered under, if any.
+    pub fn resale(&self) -> Option<crate::EndpointPrice> {
+        crate::EndpointPrice::from_columns(
+            self.resale_per_request_micros,
+            self.resale_per_1k_prompt_tokens_micros,
+            self.resale_per_1k_completion_tokens_micros,
+        )
+    }
 }
 
 impl Store {
@@ -87,7 +114,9 @@ impl Store {
     ) -> StoreResult<Vec<CallToRate>> {
         Ok(sqlx::query_as(
             "SELECT u.id, u.org_id, u.endpoint_id, e.spec -> 'replica' ->> 'gpu_type' AS gpu_type,
-                    u.status, u.prompt_tokens, u.completion_tokens, u.occurred_at
+                    u.status, u.prompt_tokens, u.completion_tokens, u.occurred_at,
+                    u.caller_org_id, u.resale_per_request_micros,
+                    u.resale_per_1k_prompt_tokens_micros, u.resale_per_1k_completion_tokens_micros
              FROM usage_events u JOIN endpoints e ON e.id = u.endpoint_id
              WHERE u.rated_at IS NULL AND u.occurred_at < $1 AND NOT (u.endpoint_id = ANY($3))
              ORDER BY u.occurred_at, u.id
