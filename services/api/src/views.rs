@@ -705,7 +705,68 @@ pub struct CreateEndpointInput {
     /// How replicas follow the load. Default: 4 calls in flight per replica, scale down after
     /// 60 s of less load, to zero (when `min_replicas` is 0) after 300 s without a call.
     pub autoscaling: Option<AutoscalingSpec>,
+    /// What orgs you grant the endpoint to pay you per call (see `…/grants`). Omitted: they
+    /// call it free of any charge of yours. Your own calls are priced by the catalog either way.
+    pub price: Option<EndpointPriceSpec>,
 }
+
+/// An endpoint's price for the orgs its owner grants it to, in integer micro-units: per
+/// request, per 1,000 prompt tokens and per 1,000 completion tokens (rounded down over each
+/// rating pass's calls). Paid from the caller's paid balance to the owner's.
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema, SimpleObject, InputObject,
+)]
+#[graphql(input_name = "EndpointPriceInput")]
+#[serde(default)]
+pub struct EndpointPriceSpec {
+    /// Per answered request (status below 500), 0–10⁹. Default 0.
+    #[schema(example = 2000)]
+    pub per_request_micros: Option<i64>,
+    /// Per 1,000 prompt tokens, 0–10⁹. Default 0.
+    #[schema(example = 500)]
+    pub per_1k_prompt_tokens_micros: Option<i64>,
+    /// Per 1,000 completion tokens, 0–10⁹. Default 0.
+    #[schema(example = 1500)]
+    pub per_1k_completion_tokens_micros: Option<i64>,
+    /// `USD` (the default, and the only one).
+    pub currency: Option<String>,
+}
+
+/// Let another org's API keys call an endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, InputObject)]
+#[serde(default)]
+pub struct CreateEndpointGrantInput {
+    /// The org to grant, `org_…`.
+    #[schema(example = "org_0193f0c5e8a77c3b9b1e2d5f6a7b8c9d")]
+    pub org: String,
+}
+
+/// An org granted an endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct EndpointGrantView {
+    pub endpoint: String,
+    pub org: String,
+    pub org_name: String,
+    pub created_at: String,
+}
+
+list_view!(EndpointGrantList, EndpointGrantView);
+
+/// Another org's endpoint your org's API keys may call.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, SimpleObject)]
+pub struct GrantedEndpointView {
+    pub id: String,
+    pub name: String,
+    /// Call it here with one of your org's API keys.
+    pub url: String,
+    pub owner_org: String,
+    pub owner_org_name: String,
+    /// What each call costs your org (paid to the owner); none: free.
+    pub price: Option<EndpointPriceSpec>,
+    pub granted_at: String,
+}
+
+list_view!(GrantedEndpointList, GrantedEndpointView);
 
 /// How an endpoint's replicas follow its load (calls in flight, as the gateways count them).
 #[derive(
@@ -787,6 +848,8 @@ pub struct EndpointView {
     pub limits: EndpointLimitsSpec,
     /// How replicas follow the load.
     pub autoscaling: AutoscalingSpec,
+    /// What granted orgs pay per call; none: they call free of any charge of yours.
+    pub price: Option<EndpointPriceSpec>,
     /// `ready` (a replica takes calls), `starting`, `idle` (scaled to zero) or `deleted`.
     pub state: String,
     /// Live replicas, oldest first.

@@ -8,7 +8,8 @@
 
 use kiln_domain::{EndpointId, OrgId, Permission};
 use kiln_store::{
-    Autoscaling, EndpointLimits, EndpointRecord, NewEndpoint, OrgScope, RateLimit, ReplicaTemplate,
+    Autoscaling, EndpointLimits, EndpointPrice, EndpointRecord, NewEndpoint, OrgScope, RateLimit,
+    ReplicaTemplate,
 };
 use sqlx::PgConnection;
 
@@ -208,6 +209,10 @@ pub async fn create(
     }
     let limits = limits(&mut checks, input.limits.as_ref());
     let autoscaling = autoscaling(&mut checks, input.autoscaling.as_ref());
+    let price = input
+        .price
+        .as_ref()
+        .and_then(|p| price(&mut checks, "price", p));
     // Each replica is a pod in all but name: the same validation, the port as its one port.
     let as_pod = CreatePodInput {
         name: input.name.clone(),
@@ -261,6 +266,7 @@ pub async fn create(
                     disk_gib: pod.disk_gib,
                     spec: pod.spec,
                 },
+                price,
             },
         )
         .await
@@ -284,10 +290,238 @@ pub async fn create(
             "max_replicas": max,
             "limits": limits_view(&limits),
             "autoscaling": autoscaling_view(&autoscaling),
+            "price": price.map(|p| price_view(&p)),
         }),
     );
     state.store.audit_record(conn, &event).await?;
     view(state, conn, &scope, &record).await
+}
+
+/// The highest price of one request, or of 1,000 tokens: 1,000 USD.
+pub const MAX_PRICE_MICROS: i64 = 1_000_000_000;
+
+/// An endpoint's price from the request (missing parts are free); problems go to `checks`
+/// under `field`.
+fn price(checks: &mut Checks, field: &str, input: &EndpointPriceSpec) -> Option<EndpointPrice> {
+    let before = checks.len();
+    if input
+        .currency
+        .as_deref()
+        .is_some_and(|c| !c.eq_ignore_ascii_case(super::billing::CURRENCY))
+    {
+        checks.push(&format!("{field}.currency"), "only USD is supported");
+    }
+    let mut part = |name: &str, value: Option<i64>| {
+        let v = value.unwrap_or(0);
+        if !(0..=MAX_PRICE_MICROS).contains(&v) {
+            checks.push(
+                &format!("{field}.{name}"),
+                format!("must be between 0 and {MAX_PRICE_MICROS} micro-units"),
+            );
+        }
+        v
+    };
+    let price = EndpointPrice {
+        per_request_micros: part("per_request_micros", input.per_request_micros),
+        per_1k_prompt_tokens_micros: part(
+            "per_1k_prompt_tokens_micros",
+            input.per_1k_prompt_tokens_micros,
+        ),
+        per_1k_completion_tokens_micros: part(
+            "per_1k_completion_tokens_micros",
+            input.per_1k_completion_tokens_micros,
+        ),
+    };
+    (checks.len() == before).then_some(price)
+}
+
+pub fn price_view(p: &EndpointPrice) -> EndpointPriceSpec {
+    EndpointPriceSpec {
+        per_request_micros: Some(p.per_request_micros),
+        per_1k_prompt_tokens_micros: Some(p.per_1k_prompt_tokens_micros),
+        per_1k_completion_tokens_micros: Some(p.per_1k_completion_tokens_micros),
+        currency: Some(super::billing::CURRENCY.to_owned()),
+    }
+}
+
+/// Set the price granted orgs pay per call (`None`: they call free). Calls already answered
+/// keep the price they were answered under.
+pub async fn set_price(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+    input: Option<&EndpointPriceSpec>,
+) -> Result<EndpointView, ApiError> {
+    let scope = state
+        .store
+        .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let mut checks = Checks::default();
+    let new = input.and_then(|p| price(&mut checks, "price", p));
+    checks.finish()?;
+    let e = state
+        .store
+        .endpoint_price_set(conn, &scope, id.as_uuid(), new)
+        .await?;
+    let event = audit(
+        &scope,
+        caller,
+        "endpoint.price",
+        id.to_string(),
+        serde_json::json!({ "price": new.map(|p| price_view(&p)) }),
+    );
+    state.store.audit_record(conn, &event).await?;
+    view(state, conn, &scope, &e).await
+}
+
+fn grant_view(g: &kiln_store::EndpointGrantRecord) -> EndpointGrantView {
+    EndpointGrantView {
+        endpoint: EndpointId::from_uuid(g.endpoint_id).to_string(),
+        org: OrgId::from_uuid(g.org_id).to_string(),
+        org_name: g.org_name.clone(),
+        created_at: ts(g.created_at),
+    }
+}
+
+/// Let `input.org`'s API keys call the endpoint (billed the endpoint's price, paid to its
+/// owner). Granting an org twice answers the first grant.
+pub async fn grant(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+    input: &CreateEndpointGrantInput,
+) -> Result<EndpointGrantView, ApiError> {
+    let scope = state
+        .store
+        .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let Ok(grantee) = input.org.trim().parse::<OrgId>() else {
+        return Err(ApiError::field("org", "must be an org id, `org_…`"));
+    };
+    if grantee == org {
+        return Err(ApiError::field(
+            "org",
+            "is the endpoint's own org, whose keys call it already",
+        ));
+    }
+    let g = state
+        .store
+        .endpoint_grant_add(conn, &scope, id.as_uuid(), grantee.as_uuid())
+        .await
+        .map_err(|e| match e {
+            kiln_store::StoreError::NotFound { what: "org" } => {
+                ApiError::field("org", "no org has this id")
+            }
+            e => e.into(),
+        })?;
+    let event = audit(
+        &scope,
+        caller,
+        "endpoint.grant",
+        id.to_string(),
+        serde_json::json!({ "org": grantee.to_string() }),
+    );
+    state.store.audit_record(conn, &event).await?;
+    Ok(grant_view(&g))
+}
+
+/// Take a grant back: the org's keys get 404 from the gateways at once.
+pub async fn revoke_grant(
+    state: &AppState,
+    conn: &mut PgConnection,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+    grantee: &str,
+) -> Result<(), ApiError> {
+    let scope = state
+        .store
+        .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let grantee: OrgId = grantee.parse().map_err(|_| ApiError::NotFound("grant"))?;
+    if !state
+        .store
+        .endpoint_grant_remove(conn, &scope, id.as_uuid(), grantee.as_uuid())
+        .await?
+    {
+        return Err(ApiError::NotFound("grant"));
+    }
+    let event = audit(
+        &scope,
+        caller,
+        "endpoint.revoke_grant",
+        id.to_string(),
+        serde_json::json!({ "org": grantee.to_string() }),
+    );
+    state.store.audit_record(conn, &event).await?;
+    Ok(())
+}
+
+/// The orgs an endpoint is granted to.
+pub async fn grants(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    endpoint: &str,
+) -> Result<EndpointGrantList, ApiError> {
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::WorkloadRead)
+        .await?;
+    let id = parse_endpoint(endpoint)?;
+    let mut conn = acquire(state).await?;
+    // Exists and is this org's (else 404).
+    state
+        .store
+        .endpoint_get(&mut conn, &scope, id.as_uuid())
+        .await?;
+    let items = state
+        .store
+        .endpoint_grant_list(&mut conn, &scope, id.as_uuid())
+        .await?;
+    Ok(EndpointGrantList {
+        items: items.iter().map(grant_view).collect(),
+        next_cursor: None,
+    })
+}
+
+/// Other orgs' endpoints this org's API keys may call, with their URL and price.
+pub async fn granted(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+) -> Result<GrantedEndpointList, ApiError> {
+    let scope = state
+        .store
+        .authorize(&caller.principal, org, Permission::WorkloadRead)
+        .await?;
+    let rows = state.store.endpoints_granted_to(&scope).await?;
+    let gateway = state.config.gateway_url.trim_end_matches('/');
+    Ok(GrantedEndpointList {
+        items: rows
+            .iter()
+            .map(|g| {
+                let id = EndpointId::from_uuid(g.endpoint_id).to_string();
+                GrantedEndpointView {
+                    url: format!("{gateway}/v1/endpoints/{id}"),
+                    id,
+                    name: g.endpoint_name.clone(),
+                    owner_org: OrgId::from_uuid(g.owner_org_id).to_string(),
+                    owner_org_name: g.owner_org_name.clone(),
+                    price: g.price().map(|p| price_view(&p)),
+                    granted_at: ts(g.created_at),
+                }
+            })
+            .collect(),
+        next_cursor: None,
+    })
 }
 
 /// Most requests per second (and burst, and calls in flight) one key may be given.
@@ -519,6 +753,7 @@ pub async fn view(
         desired_replicas: i64::from(e.desired_replicas),
         limits: limits_view(&e.limits()),
         autoscaling: autoscaling_view(&e.autoscaling),
+        price: e.price().map(|p| price_view(&p)),
         state: endpoint_state.into(),
         replicas: replicas
             .iter()

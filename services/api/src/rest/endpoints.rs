@@ -121,3 +121,108 @@ pub async fn delete(
     tx.commit().await.map_err(kiln_store::StoreError::from)?;
     Ok((StatusCode::ACCEPTED, Json(view)).into_response())
 }
+
+/// Set what the orgs you grant the endpoint pay you per call (paid from their balance to
+/// yours). Calls already answered keep the price they were answered under.
+#[utoipa::path(put, path = "/v1/orgs/{org}/endpoints/{endpoint}/price", tag = "endpoints",
+    request_body = EndpointPriceSpec, params(("org" = String, Path), ("endpoint" = String, Path)),
+    responses((status = 200, body = EndpointView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn price_set(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+    body: JsonBody<EndpointPriceSpec>,
+) -> Result<Json<EndpointView>, ApiError> {
+    let org = parse_org(&org)?;
+    let mut tx = state.store.begin().await?;
+    let view =
+        ops::endpoints::set_price(&state, &mut tx, &caller, org, &endpoint, Some(&body.value))
+            .await?;
+    tx.commit().await.map_err(kiln_store::StoreError::from)?;
+    Ok(Json(view))
+}
+
+/// Remove the endpoint's price: granted orgs call it free of any charge of yours.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/endpoints/{endpoint}/price", tag = "endpoints",
+    params(("org" = String, Path), ("endpoint" = String, Path)),
+    responses((status = 200, body = EndpointView), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn price_remove(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+) -> Result<Json<EndpointView>, ApiError> {
+    let org = parse_org(&org)?;
+    let mut tx = state.store.begin().await?;
+    let view = ops::endpoints::set_price(&state, &mut tx, &caller, org, &endpoint, None).await?;
+    tx.commit().await.map_err(kiln_store::StoreError::from)?;
+    Ok(Json(view))
+}
+
+/// The orgs whose API keys may call the endpoint besides yours.
+#[utoipa::path(get, path = "/v1/orgs/{org}/endpoints/{endpoint}/grants", tag = "endpoints",
+    params(("org" = String, Path), ("endpoint" = String, Path)),
+    responses((status = 200, body = EndpointGrantList), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn grants(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+) -> Result<Json<EndpointGrantList>, ApiError> {
+    ops::endpoints::grants(&state, &caller, parse_org(&org)?, &endpoint)
+        .await
+        .map(Json)
+}
+
+/// Let another org's API keys call the endpoint: each call it makes is billed to it at the
+/// endpoint's price and paid to you (you pay the catalog price for the compute, as for your own
+/// calls). Granting an org again answers the first grant.
+#[utoipa::path(post, path = "/v1/orgs/{org}/endpoints/{endpoint}/grants", tag = "endpoints",
+    request_body = CreateEndpointGrantInput, params(("org" = String, Path), ("endpoint" = String, Path)),
+    responses((status = 201, body = EndpointGrantView), (status = 403, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn grant(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint)): Path<(String, String)>,
+    body: JsonBody<CreateEndpointGrantInput>,
+) -> Result<Response, ApiError> {
+    let org = parse_org(&org)?;
+    let mut tx = state.store.begin().await?;
+    let view = ops::endpoints::grant(&state, &mut tx, &caller, org, &endpoint, &body.value).await?;
+    tx.commit().await.map_err(kiln_store::StoreError::from)?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// Take a grant back: that org's keys get 404 from the gateway within a second.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/endpoints/{endpoint}/grants/{grantee}", tag = "endpoints",
+    params(("org" = String, Path), ("endpoint" = String, Path), ("grantee" = String, Path)),
+    responses((status = 204), (status = 403, body = Problem), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn revoke_grant(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path((org, endpoint, grantee)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let org = parse_org(&org)?;
+    let mut tx = state.store.begin().await?;
+    ops::endpoints::revoke_grant(&state, &mut tx, &caller, org, &endpoint, &grantee).await?;
+    tx.commit().await.map_err(kiln_store::StoreError::from)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Other orgs' endpoints your org's API keys may call, with their URL and price.
+#[utoipa::path(get, path = "/v1/orgs/{org}/granted-endpoints", tag = "endpoints",
+    params(("org" = String, Path)),
+    responses((status = 200, body = GrantedEndpointList), (status = 404, body = Problem)),
+    security(("bearer" = [])))]
+pub async fn granted(
+    State(state): State<AppState>,
+    Auth(caller): Auth,
+    Path(org): Path<String>,
+) -> Result<Json<GrantedEndpointList>, ApiError> {
+    ops::endpoints::granted(&state, &caller, parse_org(&org)?)
+        .await
+        .map(Json)
+}

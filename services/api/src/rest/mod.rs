@@ -16,7 +16,7 @@ use axum::Json;
 use axum::Router;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use futures::future::BoxFuture;
 use kiln_domain::OrgId;
 use kiln_store::{Claim, IdempotencyScope};
@@ -97,6 +97,19 @@ pub fn router() -> Router<AppState> {
             "/v1/orgs/{org}/endpoints/{endpoint}/traffic",
             get(endpoints::traffic),
         )
+        .route(
+            "/v1/orgs/{org}/endpoints/{endpoint}/price",
+            put(endpoints::price_set).delete(endpoints::price_remove),
+        )
+        .route(
+            "/v1/orgs/{org}/endpoints/{endpoint}/grants",
+            get(endpoints::grants).post(endpoints::grant),
+        )
+        .route(
+            "/v1/orgs/{org}/endpoints/{endpoint}/grants/{grantee}",
+            delete(endpoints::revoke_grant),
+        )
+        .route("/v1/orgs/{org}/granted-endpoints", get(endpoints::granted))
         .route("/v1/gpu-types", get(catalog::gpu_types))
         .route("/v1/images", get(images::list))
         .route(
@@ -245,6 +258,8 @@ where
         quotas::list,
         pods::list, pods::create, pods::get, pods::delete, pods::events, pods::logs,
         endpoints::list, endpoints::create, endpoints::get, endpoints::delete, endpoints::traffic,
+        endpoints::price_set, endpoints::price_remove, endpoints::grants, endpoints::grant,
+        endpoints::revoke_grant, endpoints::granted,
         instances::list, instances::create, instances::get, instances::stop, instances::start,
         instances::reboot, instances::delete, instances::console,
         catalog::gpu_types, images::list,

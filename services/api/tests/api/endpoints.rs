@@ -221,3 +221,178 @@ async fn traffic_shows_calls_errors_latency_and_tokens_to_the_org_only(pool: PgP
     assert_eq!(g["data"]["endpointTraffic"], Value::Null, "{g}");
     assert_eq!(g["errors"][0]["extensions"]["status"], 404, "{g}");
 }
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_owner_prices_its_endpoint_and_grants_it_to_another_org(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let ada = app.user("ada").await;
+    let bob = app.user("bob").await;
+    let path = format!("/v1/orgs/{}/endpoints", ada.org_id);
+
+    // Every bad part of a price is named; nothing is created.
+    let mut bad = endpoint(Value::Null);
+    bad["price"] = json!({"per_request_micros": -1, "per_1k_completion_tokens_micros": 1_000_000_001_i64,
+                          "currency": "EUR"});
+    let (status, body) = app.post(&path, &ada.access_token, bad).await;
+    assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+    let mut fields = error_fields(&body);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "price.currency",
+            "price.per_1k_completion_tokens_micros",
+            "price.per_request_micros",
+        ]
+    );
+    let (_, list) = app.get(&path, &ada.access_token).await;
+    assert_eq!(list["items"], json!([]), "nothing was created");
+
+    // A price's missing parts are free; no price at all is shown as null.
+    let mut priced = endpoint(Value::Null);
+    priced["price"] = json!({"per_request_micros": 2000});
+    let (status, ep) = app.post(&path, &ada.access_token, priced).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ep}");
+    assert_eq!(
+        ep["price"],
+        json!({"per_request_micros": 2000, "per_1k_prompt_tokens_micros": 0,
+               "per_1k_completion_tokens_micros": 0, "currency": "USD"})
+    );
+    let id = ep["id"].as_str().unwrap();
+    let ep_path = format!("{path}/{id}");
+
+    // Grants: to another org (twice is the same grant), never to one's own or a made-up org.
+    let grants = format!("{ep_path}/grants");
+    let (status, g) = app
+        .post(&grants, &ada.access_token, json!({"org": bob.org_id}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{g}");
+    assert_eq!(
+        (g["org"].as_str(), g["endpoint"].as_str()),
+        (Some(bob.org_id.as_str()), Some(id))
+    );
+    let (status, again) = app
+        .post(&grants, &ada.access_token, json!({"org": bob.org_id}))
+        .await;
+    assert_eq!(
+        (status, &again["created_at"]),
+        (StatusCode::CREATED, &g["created_at"])
+    );
+    let ghost = format!("org_{}", uuid::Uuid::now_v7().simple());
+    for org in [ada.org_id.as_str(), "org_nonsense", ghost.as_str(), ""] {
+        let (status, body) = app
+            .post(&grants, &ada.access_token, json!({ "org": org }))
+            .await;
+        assert_problem(status, &body, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(error_fields(&body), ["org"], "{org}");
+    }
+    let (_, list) = app.get(&grants, &ada.access_token).await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    // The grantee sees what it may call, where, and at what price — and nothing of the owner's.
+    let granted = format!("/v1/orgs/{}/granted-endpoints", bob.org_id);
+    let (status, mine) = app.get(&granted, &bob.access_token).await;
+    assert_eq!(status, StatusCode::OK);
+    let item = &mine["items"][0];
+    assert_eq!(item["id"], ep["id"]);
+    assert_eq!(item["url"], ep["url"]);
+    assert_eq!(item["owner_org"].as_str(), Some(ada.org_id.as_str()));
+    assert_eq!(item["price"], ep["price"]);
+    for (method, p) in [
+        (reqwest::Method::GET, ep_path.clone()),
+        (reqwest::Method::GET, grants.clone()),
+        (reqwest::Method::DELETE, format!("{grants}/{}", bob.org_id)),
+        (reqwest::Method::DELETE, format!("{ep_path}/price")),
+        // The owner's endpoint under the grantee's own org is no endpoint of its.
+        (
+            reqwest::Method::GET,
+            format!("/v1/orgs/{}/endpoints/{id}", bob.org_id),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!(
+                "/v1/orgs/{}/endpoints/{id}/grants/{}",
+                bob.org_id, bob.org_id
+            ),
+        ),
+    ] {
+        let (status, body) = app
+            .call(method.clone(), &p, Some(&bob.access_token), None)
+            .await;
+        assert_problem(status, &body, StatusCode::NOT_FOUND);
+        assert!(
+            !body.to_string().contains(&ada.email),
+            "{method} {p} leaked"
+        );
+    }
+    let (_, none) = app
+        .get(
+            &format!("/v1/orgs/{}/granted-endpoints", ada.org_id),
+            &ada.access_token,
+        )
+        .await;
+    assert_eq!(none["items"], json!([]), "an owner is not granted its own");
+
+    // The price changes (and goes) for future calls; the grant stays.
+    let (status, changed) = app
+        .call(
+            reqwest::Method::PUT,
+            &format!("{ep_path}/price"),
+            Some(&ada.access_token),
+            Some(json!({"per_1k_completion_tokens_micros": 700})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(changed["price"]["per_1k_completion_tokens_micros"], 700);
+    assert_eq!(changed["price"]["per_request_micros"], 0);
+    let (status, removed) = app
+        .call(
+            reqwest::Method::DELETE,
+            &format!("{ep_path}/price"),
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!((status, &removed["price"]), (StatusCode::OK, &Value::Null));
+    let (_, mine) = app.get(&granted, &bob.access_token).await;
+    assert_eq!(mine["items"][0]["price"], Value::Null);
+
+    // Taken back: gone for the grantee; a second revoke has nothing to remove.
+    let revoke = format!("{grants}/{}", bob.org_id);
+    let (status, _) = app
+        .call(
+            reqwest::Method::DELETE,
+            &revoke,
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = app
+        .call(
+            reqwest::Method::DELETE,
+            &revoke,
+            Some(&ada.access_token),
+            None,
+        )
+        .await;
+    assert_problem(status, &body, StatusCode::NOT_FOUND);
+    let (_, mine) = app.get(&granted, &bob.access_token).await;
+    assert_eq!(mine["items"], json!([]));
+    // Every change is in the owner's audit log.
+    let (_, log) = app
+        .get(
+            &format!("/v1/orgs/{}/audit-log", ada.org_id),
+            &ada.access_token,
+        )
+        .await;
+    let actions: Vec<&str> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for a in ["endpoint.grant", "endpoint.price", "endpoint.revoke_grant"] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+}

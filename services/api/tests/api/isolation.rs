@@ -13,7 +13,7 @@ fn tenant_routes(
     org: &str,
     member: &str,
     key: &str,
-    (pod, endpoint, invoice): &(String, String, String),
+    (pod, endpoint, invoice, grantee): &(String, String, String, String),
 ) -> Vec<(Method, String, Option<Value>)> {
     // The pod's UUID as an instance id (another kind's row: 404 for anyone), or the placeholder.
     let ins = pod
@@ -120,6 +120,36 @@ fn tenant_routes(
             format!("/v1/orgs/{org}/endpoints/{endpoint}"),
             None,
         ),
+        (
+            Method::PUT,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}/price"),
+            Some(json!({"per_request_micros": 1})),
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}/price"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}/grants"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}/grants"),
+            Some(json!({"org": grantee})),
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/orgs/{org}/endpoints/{endpoint}/grants/{grantee}"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/v1/orgs/{org}/granted-endpoints"),
+            None,
+        ),
         (Method::GET, format!("/v1/orgs/{org}/balance"), None),
         (
             Method::POST,
@@ -146,7 +176,12 @@ fn the_walk_covers_every_tenant_scoped_route() {
         "{org}",
         "{user}",
         "{key}",
-        &("{pod}".into(), "{endpoint}".into(), "{invoice}".into()),
+        &(
+            "{pod}".into(),
+            "{endpoint}".into(),
+            "{invoice}".into(),
+            "{grantee}".into(),
+        ),
     )
     .into_iter()
     .map(|(m, p, _)| (m.as_str().to_lowercase(), p))
@@ -164,7 +199,9 @@ fn the_walk_covers_every_tenant_scoped_route() {
     }
 }
 
-async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String, String), String) {
+type Ids = (String, String, String, String);
+
+async fn setup(app: &TestApp) -> (TestUser, TestUser, String, Ids, String) {
     let victim = app.user("victim").await;
     let member = app.user("member").await;
     app.add_member(&victim, &victim.org_id, &member, "member")
@@ -201,10 +238,25 @@ async fn setup(app: &TestApp) -> (TestUser, TestUser, String, (String, String, S
         )
         .await
         .unwrap();
+    // A partner org the victim grants its endpoint to.
+    let partner = app.user("partner").await;
+    let (status, grant) = app
+        .post(
+            &format!(
+                "/v1/orgs/{}/endpoints/{}/grants",
+                victim.org_id,
+                endpoint["id"].as_str().unwrap()
+            ),
+            &victim.access_token,
+            json!({"org": partner.org_id}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{grant}");
     let pod_id = (
         pod["id"].as_str().unwrap().to_owned(),
         endpoint["id"].as_str().unwrap().to_owned(),
         kiln_domain::InvoiceId::from_uuid(invoice.id).to_string(),
+        partner.org_id.clone(),
     );
     let attacker = app.user("mallory").await;
     (
@@ -223,7 +275,8 @@ async fn fingerprint(app: &TestApp) -> Value {
             'keys', (SELECT json_agg(json_build_array(id, revoked_at) ORDER BY id) FROM api_keys),
             'orgs', (SELECT json_agg(json_build_array(id, name) ORDER BY id) FROM orgs),
             'workloads', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM workloads),
-            'endpoints', (SELECT json_agg(json_build_array(id, org_id, state, updated_at) ORDER BY id) FROM endpoints),
+            'endpoints', (SELECT json_agg(json_build_array(id, org_id, state, updated_at, price_per_request_micros) ORDER BY id) FROM endpoints),
+            'grants', (SELECT json_agg(json_build_array(endpoint_id, org_id) ORDER BY endpoint_id, org_id) FROM endpoint_grants),
             'postings', (SELECT count(*) FROM ledger_postings))",
     )
     .fetch_one(app.store().pool())
