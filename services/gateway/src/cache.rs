@@ -288,6 +288,8 @@ mod tests {
             ready: Vec::new(),
             coming: 0,
             limits: Default::default(),
+            grantees: Vec::new(),
+            price: None,
         }))
     }
 

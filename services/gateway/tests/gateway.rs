@@ -685,3 +685,149 @@ async fn a_terminated_gateway_finishes_calls_in_flight_within_its_grace_period(p
         "the stuck call was cut off, not answered"
     );
 }
+
+/// An endpoint's owner grants another org: that org's keys reach the endpoint, each answered
+/// call is recorded with who made it and the price it owes the owner, and once the grant is
+/// taken back its keys get 404 again (pushed to the gateway, not waited out).
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_granted_org_calls_another_orgs_endpoint_until_the_grant_is_taken_back(pool: PgPool) {
+    let replica = Replica::default();
+    let addr = replica.serve().await;
+    let ep = kiln_testkit::gateway::seed_running_endpoint(&pool, addr, &EndpointLimits::default())
+        .await
+        .unwrap();
+    let (partner, partner_key) = org_with_key(&pool).await;
+    let (_, stranger_key) = org_with_key(&pool).await;
+    sqlx::query(
+        "UPDATE endpoints SET price_per_request_micros = 1500,
+             price_per_1k_prompt_tokens_micros = 10, price_per_1k_completion_tokens_micros = 20
+         WHERE id = $1",
+    )
+    .bind(ep.endpoint_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Metered into Redis and ingested into Postgres as the binary does; cached answers live for
+    // an hour, so only the grant's notice can change what the gateway says.
+    let namespace = format!("test-{}", uuid_v7());
+    let store = Store::new(pool.clone());
+    let meter = kiln_gateway::metering::Meter::connect(&kiln_testkit::redis_url(), &namespace)
+        .await
+        .unwrap();
+    let ingester = kiln_gateway::metering::Ingester::new(
+        store.clone(),
+        &kiln_testkit::redis_url(),
+        &namespace,
+    )
+    .unwrap();
+    tokio::spawn(ingester.run());
+    let url = &serve(GatewayState::with_cache_ttls(store, FOREVER).with_meter(meter)).await;
+    for key in [&partner_key, &stranger_key] {
+        let r = call(url, &ep.endpoint, "v1/models", key).await;
+        assert_eq!(
+            r.status(),
+            404,
+            "not granted: as unknown as a made-up endpoint"
+        );
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+    }
+    assert_eq!(replica.calls(), 0);
+
+    sqlx::query("INSERT INTO endpoint_grants (endpoint_id, org_id) VALUES ($1, $2)")
+        .bind(ep.endpoint_id)
+        .bind(partner)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("the grant reaches the gateway", || async {
+        call(url, &ep.endpoint, "v1/models", &partner_key)
+            .await
+            .status()
+            == 200
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            call(url, &ep.endpoint, "v1/models", &partner_key)
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(
+        call(url, &ep.endpoint, "v1/models", &ep.key).await.status(),
+        200
+    );
+    assert_eq!(
+        call(url, &ep.endpoint, "v1/models", &stranger_key)
+            .await
+            .status(),
+        404,
+        "a grant to one org opens the endpoint to no other"
+    );
+
+    // Each answered call is metered once, the partner's with the price it owes the owner.
+    let rows =
+        || async {
+            sqlx::query_as::<_, (Option<sqlx::types::Uuid>, Option<i64>, Option<i64>, Option<i64>)>(
+            "SELECT caller_org_id, resale_per_request_micros, resale_per_1k_prompt_tokens_micros,
+                    resale_per_1k_completion_tokens_micros
+             FROM usage_events WHERE endpoint_id = $1 ORDER BY id",
+        )
+        .bind(ep.endpoint_id)
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        };
+    let answered = replica.calls();
+    eventually("every answered call is ingested", || async {
+        rows().await.len() == answered
+    })
+    .await;
+    let rows = rows().await;
+    let by_partner: Vec<_> = rows.iter().filter(|r| r.0 == Some(partner)).collect();
+    assert_eq!(
+        by_partner.len(),
+        answered - 1,
+        "all but the owner's one call"
+    );
+    assert!(
+        by_partner
+            .iter()
+            .all(|r| (r.1, r.2, r.3) == (Some(1500), Some(10), Some(20)))
+    );
+    let by_owner: Vec<_> = rows.iter().filter(|r| r.0.is_none()).collect();
+    assert_eq!(by_owner.len(), 1);
+    assert_eq!(
+        (by_owner[0].1, by_owner[0].2),
+        (None, None),
+        "the owner owes itself nothing"
+    );
+
+    // Taken back: refused again at once, before any replica is called.
+    sqlx::query("DELETE FROM endpoint_grants WHERE endpoint_id = $1 AND org_id = $2")
+        .bind(ep.endpoint_id)
+        .bind(partner)
+        .execute(&pool)
+        .await
+        .unwrap();
+    eventually("the revocation reaches the gateway", || async {
+        call(url, &ep.endpoint, "v1/models", &partner_key)
+            .await
+            .status()
+            == 404
+    })
+    .await;
+    let reached = replica.calls();
+    assert_eq!(
+        call(url, &ep.endpoint, "v1/models", &partner_key)
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(replica.calls(), reached);
+    assert_eq!(
+        call(url, &ep.endpoint, "v1/models", &ep.key).await.status(),
+        200
+    );
+}
