@@ -61,7 +61,42 @@ pub enum EndpointsCommand {
         /// Calls in flight for the endpoint in total [server default: unlimited].
         #[arg(long, value_name = "N")]
         total_concurrency: Option<i64>,
+        #[command(flatten)]
+        price: PriceArgs,
     },
+    /// Set what orgs you grant the endpoint pay you per call, or `--free` to remove the price.
+    Price {
+        #[arg(value_name = "ENDPOINT_ID")]
+        id: String,
+        #[command(flatten)]
+        price: PriceArgs,
+        /// Remove the price: granted orgs call it free of any charge of yours.
+        #[arg(long, conflicts_with_all = ["per_request_micros", "per_1k_prompt_micros", "per_1k_completion_micros"])]
+        free: bool,
+    },
+    /// Let another org's API keys call the endpoint (billed to it at the endpoint's price,
+    /// paid to you).
+    Grant {
+        #[arg(value_name = "ENDPOINT_ID")]
+        id: String,
+        /// The org to grant, `org_…`.
+        #[arg(value_name = "ORG_ID")]
+        grantee: String,
+    },
+    /// Take a grant back: that org's keys get 404 at once.
+    Revoke {
+        #[arg(value_name = "ENDPOINT_ID")]
+        id: String,
+        #[arg(value_name = "ORG_ID")]
+        grantee: String,
+    },
+    /// The orgs an endpoint is granted to.
+    Grants {
+        #[arg(value_name = "ENDPOINT_ID")]
+        id: String,
+    },
+    /// Other orgs' endpoints your org may call, with their URL and price.
+    Granted,
     /// One endpoint: URL, state and replicas.
     Get {
         #[arg(value_name = "ENDPOINT_ID")]
@@ -72,6 +107,52 @@ pub enum EndpointsCommand {
         #[arg(value_name = "ENDPOINT_ID")]
         id: String,
     },
+}
+
+/// An endpoint's price for the orgs it is granted to, in micro-USD.
+#[derive(Debug, Default, clap::Args)]
+pub struct PriceArgs {
+    /// Per answered call, in micro-USD (granted orgs pay you this).
+    #[arg(long, value_name = "MICROS")]
+    per_request_micros: Option<i64>,
+    /// Per 1,000 prompt tokens, in micro-USD.
+    #[arg(long, value_name = "MICROS")]
+    per_1k_prompt_micros: Option<i64>,
+    /// Per 1,000 completion tokens, in micro-USD.
+    #[arg(long, value_name = "MICROS")]
+    per_1k_completion_micros: Option<i64>,
+}
+
+impl PriceArgs {
+    /// The API's price object, or `None` when no part was given.
+    fn body(&self) -> Option<Value> {
+        let parts = [
+            ("per_request_micros", self.per_request_micros),
+            ("per_1k_prompt_tokens_micros", self.per_1k_prompt_micros),
+            (
+                "per_1k_completion_tokens_micros",
+                self.per_1k_completion_micros,
+            ),
+        ];
+        let price: serde_json::Map<String, Value> = parts
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_owned(), json!(v?))))
+            .collect();
+        (!price.is_empty()).then_some(Value::Object(price))
+    }
+}
+
+/// `2000 µ$/call, 0 µ$/1k prompt, 0 µ$/1k completion tokens`, or `none`.
+fn price(p: &Value) -> String {
+    if p.is_null() {
+        return "none (granted orgs call free)".to_owned();
+    }
+    format!(
+        "{} µ$/call, {} µ$/1k prompt, {} µ$/1k completion tokens",
+        cell(p, "per_request_micros"),
+        cell(p, "per_1k_prompt_tokens_micros"),
+        cell(p, "per_1k_completion_tokens_micros")
+    )
 }
 
 pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
@@ -111,6 +192,7 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
             key_concurrency,
             total_rps,
             total_concurrency,
+            price,
         } => {
             let mut body = json!({ "name": name, "image": image, "port": port });
             if let Some(g) = gpu {
@@ -148,6 +230,9 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
             if !per_key.is_empty() || !total.is_empty() {
                 body["limits"] = json!({"per_key": per_key, "total": total});
             }
+            if let Some(p) = price.body() {
+                body["price"] = p;
+            }
             let e = ctx.client.create(&base, &body).await?;
             ctx.show(&e, |e| {
                 println!(
@@ -171,8 +256,85 @@ pub async fn run(ctx: &mut Ctx, command: EndpointsCommand) -> Result<()> {
                     ("Port", cell(e, "port")),
                     ("Replicas", replicas(e)),
                     ("Limits", limits(e)),
+                    ("Price", price(&e["price"])),
                     ("Created", when(e, "created_at")),
                 ]);
+            });
+        }
+        EndpointsCommand::Price { id, price: p, free } => {
+            let path = format!("{base}/{}/price", seg(&id));
+            let e = match (free, p.body()) {
+                (true, _) => ctx.client.delete(&path).await?,
+                (false, Some(body)) => ctx.client.put(&path, &body).await?,
+                (false, None) => anyhow::bail!(
+                    "give --per-request-micros, --per-1k-prompt-micros or --per-1k-completion-micros, or --free"
+                ),
+            };
+            ctx.show(&e, |e| {
+                println!(
+                    "Price of {} ({id}): {}.",
+                    cell(e, "name"),
+                    price(&e["price"])
+                );
+            });
+        }
+        EndpointsCommand::Grant { id, grantee } => {
+            let g = ctx
+                .client
+                .create(
+                    &format!("{base}/{}/grants", seg(&id)),
+                    &json!({ "org": grantee }),
+                )
+                .await?;
+            ctx.show(&g, |g| {
+                println!(
+                    "Granted {} to {} ({}): its API keys may call it now.",
+                    cell(g, "endpoint"),
+                    cell(g, "org_name"),
+                    cell(g, "org")
+                );
+            });
+        }
+        EndpointsCommand::Revoke { id, grantee } => {
+            ctx.client
+                .delete(&format!("{base}/{}/grants/{}", seg(&id), seg(&grantee)))
+                .await?;
+            if ctx.format != Format::Json {
+                println!("Revoked {grantee}'s grant of {id}.");
+            }
+        }
+        EndpointsCommand::Grants { id } => {
+            let list = ctx
+                .client
+                .get(&format!("{base}/{}/grants", seg(&id)))
+                .await?;
+            ctx.show(&list, |list| {
+                output::table(
+                    &["ORG", "NAME", "GRANTED"],
+                    items(list)
+                        .iter()
+                        .map(|g| vec![cell(g, "org"), cell(g, "org_name"), when(g, "created_at")]),
+                );
+            });
+        }
+        EndpointsCommand::Granted => {
+            let list = ctx
+                .client
+                .get(&format!("/v1/orgs/{}/granted-endpoints", seg(&org)))
+                .await?;
+            ctx.show(&list, |list| {
+                output::table(
+                    &["ID", "NAME", "OWNER", "PRICE", "URL"],
+                    items(list).iter().map(|e| {
+                        vec![
+                            cell(e, "id"),
+                            cell(e, "name"),
+                            cell(e, "owner_org_name"),
+                            price(&e["price"]),
+                            cell(e, "url"),
+                        ]
+                    }),
+                );
             });
         }
         EndpointsCommand::Delete { id } => {

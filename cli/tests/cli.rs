@@ -1306,6 +1306,60 @@ async fn endpoints_are_deployed_listed_shown_and_deleted(pool: sqlx::PgPool) {
 }
 
 #[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_endpoint_is_priced_granted_to_another_org_and_taken_back(pool: sqlx::PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let (ada, bob) = (app.user("ada").await, app.user("bob").await);
+    let (kiln, bobs) = (Kiln::new(&app), Kiln::new(&app));
+    kiln.login(&ada.email, &ada.password).await.ok();
+    bobs.login(&bob.email, &bob.password).await.ok();
+    let ep = kiln
+        .run(&[
+            "endpoints",
+            "create",
+            "llm",
+            "--image",
+            "kiln/demo-model:1",
+            "--port",
+            "8000",
+            "--min-replicas",
+            "0",
+            "--per-request-micros",
+            "2000",
+            "-o",
+            "json",
+        ])
+        .await
+        .ok()
+        .json();
+    assert_eq!(ep["price"]["per_request_micros"], 2000);
+    let id = ep["id"].as_str().unwrap().to_owned();
+    let granted = kiln
+        .run(&["endpoints", "grant", &id, &bob.org_id])
+        .await
+        .ok();
+    assert!(granted.stdout.contains("Granted"), "{}", granted.stdout);
+    let grants = kiln.run(&["endpoints", "grants", &id]).await.ok();
+    assert!(grants.stdout.contains(&bob.org_id), "{}", grants.stdout);
+    // Bob sees what he may call and what it costs him.
+    let his = bobs.run(&["endpoints", "granted"]).await.ok();
+    assert!(his.stdout.contains(&id), "{}", his.stdout);
+    assert!(his.stdout.contains("2000 µ$/call"), "{}", his.stdout);
+    // Bob cannot grant himself anything of Ada's.
+    let refused = bobs.run(&["endpoints", "grant", &id, &bob.org_id]).await;
+    assert_ne!(refused.code, 0);
+    // The price goes; the grant stays until revoked.
+    let free = kiln.run(&["endpoints", "price", &id, "--free"]).await.ok();
+    assert!(free.stdout.contains("none"), "{}", free.stdout);
+    let none = kiln.run(&["endpoints", "price", &id]).await;
+    assert_ne!(none.code, 0, "a price with no part is refused locally");
+    kiln.run(&["endpoints", "revoke", &id, &bob.org_id])
+        .await
+        .ok();
+    let his = bobs.run(&["endpoints", "granted", "-o", "json"]).await.ok();
+    assert!(items(&his.json()).is_empty());
+}
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
 async fn operators_credit_orgs_and_tenants_see_their_balance(pool: sqlx::PgPool) {
     let app = TestApp::spawn(pool).await;
     let hash = app.state.hasher.hash("operator password 123").unwrap();
