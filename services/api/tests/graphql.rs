@@ -1085,3 +1085,80 @@ fragment TypeRef on __Type {
     ofType { kind name ofType { kind name ofType { kind name } } } } } } }
 }
 "#;
+
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_endpoint_is_priced_and_granted_through_graphql_and_only_by_its_owner(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let (ada, bob) = (app.user("ada").await, app.user("bob").await);
+    let created = gql(
+        &app,
+        Some(&ada.access_token),
+        "mutation($org: ID!) { createEndpoint(orgId: $org, input: {name: \"llm\", image: \"kiln/demo-model:1\",
+            port: 8000, minReplicas: 0, price: {perRequestMicros: 1500}}) { id price { perRequestMicros currency } } }",
+        json!({ "org": ada.org_id }),
+    )
+    .await;
+    let ep = &data(&created)["createEndpoint"];
+    assert_eq!(
+        ep["price"],
+        json!({"perRequestMicros": 1500, "currency": "USD"})
+    );
+    let id = ep["id"].as_str().unwrap();
+    let grant = "mutation($org: ID!, $id: ID!, $to: ID!) {
+        grantEndpoint(orgId: $org, id: $id, grantee: $to) { org orgName } }";
+    // Bob cannot grant himself Ada's endpoint, through his org or hers.
+    for org in [&bob.org_id, &ada.org_id] {
+        let body = gql(
+            &app,
+            Some(&bob.access_token),
+            grant,
+            json!({ "org": org, "id": id, "to": bob.org_id }),
+        )
+        .await;
+        assert_eq!(only_error(&body).1, 404, "{body}");
+    }
+    let body = gql(
+        &app,
+        Some(&ada.access_token),
+        grant,
+        json!({ "org": ada.org_id, "id": id, "to": bob.org_id }),
+    )
+    .await;
+    assert_eq!(data(&body)["grantEndpoint"]["org"], json!(bob.org_id));
+    let granted = "query($org: ID!) { grantedEndpoints(orgId: $org) { items { id url price { perRequestMicros } } } }";
+    let body = gql(
+        &app,
+        Some(&bob.access_token),
+        granted,
+        json!({ "org": bob.org_id }),
+    )
+    .await;
+    let items = &data(&body)["grantedEndpoints"]["items"];
+    assert_eq!(items[0]["id"], json!(id));
+    assert_eq!(items[0]["price"]["perRequestMicros"], 1500);
+    // A bad price is a validation error naming the field.
+    let body = gql(
+        &app,
+        Some(&ada.access_token),
+        "mutation($org: ID!, $id: ID!) { setEndpointPrice(orgId: $org, id: $id, price: {perRequestMicros: -5}) { id } }",
+        json!({ "org": ada.org_id, "id": id }),
+    )
+    .await;
+    assert_eq!(error_fields(&body), ["price.perRequestMicros"]);
+    let body = gql(
+        &app,
+        Some(&ada.access_token),
+        "mutation($org: ID!, $id: ID!, $to: ID!) { revokeEndpointGrant(orgId: $org, id: $id, grantee: $to) }",
+        json!({ "org": ada.org_id, "id": id, "to": bob.org_id }),
+    )
+    .await;
+    assert_eq!(data(&body)["revokeEndpointGrant"], true);
+    let body = gql(
+        &app,
+        Some(&bob.access_token),
+        granted,
+        json!({ "org": bob.org_id }),
+    )
+    .await;
+    assert_eq!(data(&body)["grantedEndpoints"]["items"], json!([]));
+}

@@ -325,6 +325,64 @@ impl MutationRoot {
         Ok(Some(view))
     }
 
+    /// Set (or with `price: null` remove) what orgs granted the endpoint pay per call (as
+    /// `PUT`/`DELETE /v1/orgs/{org}/endpoints/{id}/price`).
+    async fn set_endpoint_price(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+        price: Option<EndpointPriceSpec>,
+    ) -> Result<Option<EndpointView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        let view = ops::endpoints::set_price(st, &mut tx, caller, org, &id, price.as_ref())
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
+    /// Let another org's API keys call the endpoint (as `POST …/endpoints/{id}/grants`).
+    async fn grant_endpoint(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+        #[graphql(desc = "The org to grant (`org_…`).")] grantee: ID,
+    ) -> Result<Option<EndpointGrantView>> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let input = CreateEndpointGrantInput {
+            org: grantee.to_string(),
+        };
+        let mut tx = begin(st).await?;
+        let view = ops::endpoints::grant(st, &mut tx, caller, org, &id, &input)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(Some(view))
+    }
+
+    /// Take a grant back (as `DELETE …/endpoints/{id}/grants/{grantee}`).
+    async fn revoke_endpoint_grant(
+        &self,
+        ctx: &Context<'_>,
+        org_id: ID,
+        id: ID,
+        grantee: ID,
+    ) -> Result<bool> {
+        let (st, caller) = (state(ctx), caller(ctx)?);
+        let org = parse_org(&org_id).map_err(gql)?;
+        let mut tx = begin(st).await?;
+        ops::endpoints::revoke_grant(st, &mut tx, caller, org, &id, &grantee)
+            .await
+            .map_err(gql)?;
+        commit(tx).await?;
+        Ok(true)
+    }
+
     /// Operators only: cordon a node (it keeps its work, takes no new work).
     async fn cordon_node(&self, ctx: &Context<'_>, id: ID) -> Result<Option<NodeView>> {
         Ok(Some(

@@ -260,6 +260,37 @@ impl QueryRoot {
         ))
     }
 
+    /// The orgs an endpoint of the org is granted to.
+    async fn endpoint_grants(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+        #[graphql(desc = "The endpoint's id (`ep_…`).")] id: ID,
+    ) -> Result<Option<EndpointGrantList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        Ok(Some(
+            ops::endpoints::grants(state(ctx), caller, org, &id)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
+    /// Other orgs' endpoints the org's API keys may call, with their URL and price.
+    async fn granted_endpoints(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "The org's id (`org_…`).")] org_id: ID,
+    ) -> Result<Option<GrantedEndpointList>> {
+        let caller = caller(ctx)?;
+        let org = parse_org(&org_id).map_err(gql)?;
+        Ok(Some(
+            ops::endpoints::granted(state(ctx), caller, org)
+                .await
+                .map_err(gql)?,
+        ))
+    }
+
     /// An endpoint's traffic over the last `minutes` (default 60, at most a day): calls,
     /// requests per second, errors and latency percentiles per bucket, and totals — what the
     /// console's charts draw (`GET …/endpoints/{id}/traffic`).

@@ -401,6 +401,8 @@ pub async fn grant(
         .authorize_in(conn, &caller.principal, org, Permission::WorkloadWrite)
         .await?;
     let id = parse_endpoint(endpoint)?;
+    // An endpoint that is not the org's is not found, whatever the grantee.
+    state.store.endpoint_get(conn, &scope, id.as_uuid()).await?;
     let Ok(grantee) = input.org.trim().parse::<OrgId>() else {
         return Err(ApiError::field("org", "must be an org id, `org_…`"));
     };
