@@ -1360,6 +1360,89 @@ async fn endpoint_pages_show_the_url_a_curl_example_and_charts_to_the_org_only(p
     }
 }
 
+/// Ada shares her endpoint from its page: a bad price is explained, a good one shown; she
+/// grants Grace's org by its id, Grace finds it under "Shared with this org" with its price,
+/// and after Ada revokes the grant it is gone from Grace's list.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn an_owner_prices_and_shares_an_endpoint_from_the_console(pool: PgPool) {
+    let app = TestApp::spawn(pool).await;
+    let (ada, grace) = (app.user("ada").await, app.user("grace").await);
+    let (status, ep) = app
+        .post(
+            &format!("/v1/orgs/{}/endpoints", ada.org_id),
+            &ada.access_token,
+            json!({"name": "llm", "image": "kiln/demo-model:1", "port": 8000, "min_replicas": 0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{ep}");
+    let id = ep["id"].as_str().expect("an id").to_owned();
+    let driver = Chromedriver::start().await;
+    let b = Browser::open(&driver, "endpoint-sharing").await;
+    b.goto(&format!("{}/login", app.url)).await;
+    b.fill("#email", &ada.email).await;
+    b.fill("#password", &ada.password).await;
+    b.click("#sign-in").await;
+    b.wait_for("#org-list").await;
+    b.goto(&format!("{}/orgs/{}/endpoints/{id}", app.url, ada.org_id))
+        .await;
+    assert!(b.text("#endpoint-price").await.starts_with("free"));
+    assert!(b.text("#no-grants").await.contains("Not granted"));
+
+    b.fill("#price-request", "-3").await;
+    b.click("#price-submit").await;
+    wait_for_text(
+        &b,
+        "#alert",
+        "Per call: must be between 0 and 1000000000 micro-units.",
+    )
+    .await;
+    b.fill("#price-request", "2500").await;
+    b.fill("#price-completion", "900").await;
+    b.click("#price-submit").await;
+    wait_for_notice(&b, "is now 2500 µ$ per call").await;
+    assert_eq!(
+        b.text("#endpoint-price").await,
+        "2500 µ$ per call, 0 µ$ per 1k prompt and 900 µ$ per 1k completion tokens"
+    );
+
+    b.fill("#grant-org", &grace.org_id).await;
+    b.click("#grant-submit").await;
+    wait_for_notice(&b, "its API keys may call this endpoint now").await;
+    assert!(b.text("#grants").await.contains(&grace.org_id));
+    b.screenshot("endpoint-shared").await;
+
+    // Grace's side, over plain HTTP with her own session.
+    let http = no_redirects();
+    let theirs = cookie_header(&console_login(&app, &grace.email, &grace.password).await);
+    let list = || {
+        let (http, theirs) = (http.clone(), theirs.clone());
+        let url = format!("{}/orgs/{}/endpoints", app.url, grace.org_id);
+        async move {
+            http.get(url)
+                .header("cookie", theirs)
+                .send()
+                .await
+                .expect("GET")
+                .text()
+                .await
+                .expect("body")
+        }
+    };
+    let page = list().await;
+    assert!(page.contains("Shared with this org"), "{page}");
+    assert!(page.contains(&format!("data-endpoint=\"{id}\"")), "{page}");
+    assert!(page.contains("2500 µ$ per call"), "{page}");
+
+    b.click(&format!("tr[data-grantee=\"{}\"] button", grace.org_id))
+        .await;
+    b.accept_dialog().await;
+    wait_for_notice(&b, "can no longer call this endpoint").await;
+    assert!(b.text("#no-grants").await.contains("Not granted"));
+    let page = list().await;
+    assert!(!page.contains("Shared with this org"), "{page}");
+    b.close().await;
+}
+
 // ---- instances ----
 
 /// Wait until the flash message reads `want` (the page after a form post has loaded; the one

@@ -2,17 +2,25 @@
 //! copy, its replicas, its limits and autoscaling, and its traffic of the last hour as charts
 //! (calls per second, latency percentiles, errors) drawn on the server as SVG, with the
 //! usage totals. Deploying is done with the API or `kiln endpoints create` (the page says so).
+//! Sharing is done here too: the endpoint's price for other orgs, the orgs it is granted to
+//! (grant by org id, revoke), and on the list page the other orgs' endpoints this org may call.
 
 use askama::Template;
+use axum::Form;
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::Response;
+use kiln_domain::Permission;
 
 use super::orgs::{OrgNav, PageQuery, load_org};
+use super::session::redirect_with_notice;
 use super::{Chrome, Ctx, render, when};
-use crate::error::ApiError;
-use crate::ops;
-use crate::views::{EndpointTrafficView, EndpointView};
+use crate::error::{ApiError, FieldError};
+use crate::ops::{self, parse_org};
+use crate::views::{
+    CreateEndpointGrantInput, EndpointPriceSpec, EndpointTrafficView, EndpointView,
+    GrantedEndpointView,
+};
 
 pub(super) struct EndpointRow {
     pub id: String,
@@ -57,6 +65,39 @@ struct EndpointsPage {
     org: OrgNav,
     endpoints: Vec<EndpointRow>,
     next_cursor: Option<String>,
+    /// Other orgs' endpoints this org's keys may call.
+    granted: Vec<GrantedRow>,
+}
+
+pub(super) struct GrantedRow {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub url: String,
+    pub price: String,
+}
+
+/// `2000 µ$ per call, 0 µ$ per 1k prompt and 0 µ$ per 1k completion tokens`, or `free`.
+fn price_text(p: Option<&EndpointPriceSpec>) -> String {
+    match p {
+        None => "free (no price set)".to_owned(),
+        Some(p) => format!(
+            "{} µ$ per call, {} µ$ per 1k prompt and {} µ$ per 1k completion tokens",
+            p.per_request_micros.unwrap_or_default(),
+            p.per_1k_prompt_tokens_micros.unwrap_or_default(),
+            p.per_1k_completion_tokens_micros.unwrap_or_default()
+        ),
+    }
+}
+
+fn granted_row(g: &GrantedEndpointView) -> GrantedRow {
+    GrantedRow {
+        id: g.id.clone(),
+        name: g.name.clone(),
+        owner: g.owner_org_name.clone(),
+        url: g.url.clone(),
+        price: price_text(g.price.as_ref()),
+    }
 }
 
 pub(super) async fn list(
@@ -68,11 +109,13 @@ pub(super) async fn list(
         let (id, _, nav) = load_org(&ctx, &org, "endpoints").await?;
         let list = ops::endpoints::list(&ctx.state, &ctx.caller, id, Some(50), q.cursor.as_deref())
             .await?;
+        let granted = ops::endpoints::granted(&ctx.state, &ctx.caller, id).await?;
         let page = EndpointsPage {
             chrome: ctx.chrome(Some(&nav.id)).await?,
             org: nav,
             endpoints: list.items.iter().map(row).collect(),
             next_cursor: list.next_cursor,
+            granted: granted.items.iter().map(granted_row).collect(),
         };
         Ok::<_, ApiError>(render(StatusCode::OK, &page))
     }
@@ -111,6 +154,18 @@ struct EndpointPage {
     replicas: Vec<ReplicaRow>,
     charts: Vec<Chart>,
     traffic: EndpointTrafficView,
+    price: String,
+    /// The price's parts as the form shows them (empty: none set).
+    price_form: [String; 3],
+    grants: Vec<GrantRow>,
+    /// The viewer may change the price and the grants.
+    can_share: bool,
+}
+
+pub(super) struct GrantRow {
+    pub org: String,
+    pub org_name: String,
+    pub created_at: String,
 }
 
 const CHART_W: f64 = 600.0;
@@ -192,8 +247,13 @@ fn charts(t: &EndpointTrafficView) -> Vec<Chart> {
     ]
 }
 
-async fn endpoint_page(ctx: &Ctx, raw_org: &str, raw_ep: &str) -> Result<Response, ApiError> {
-    let (id, _, nav) = load_org(ctx, raw_org, "endpoints").await?;
+async fn endpoint_page(
+    ctx: &Ctx,
+    raw_org: &str,
+    raw_ep: &str,
+    failure: Option<(StatusCode, String)>,
+) -> Result<Response, ApiError> {
+    let (id, role, nav) = load_org(ctx, raw_org, "endpoints").await?;
     let e = ops::endpoints::get(&ctx.state, &ctx.caller, id, raw_ep).await?;
     let traffic = ops::endpoints::traffic(&ctx.state, &ctx.caller, id, raw_ep, Some(60)).await?;
     let per_key = e.limits.per_key.clone().unwrap_or_default();
@@ -247,9 +307,45 @@ async fn endpoint_page(ctx: &Ctx, raw_org: &str, raw_ep: &str) -> Result<Respons
             created_at: when(&r.created_at),
         })
         .collect();
+    let grants = ops::endpoints::grants(&ctx.state, &ctx.caller, id, raw_ep).await?;
+    let part = |v: Option<i64>| {
+        e.price
+            .as_ref()
+            .map(|_| v.unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    let price_form = [
+        part(e.price.as_ref().and_then(|p| p.per_request_micros)),
+        part(e.price.as_ref().and_then(|p| p.per_1k_prompt_tokens_micros)),
+        part(
+            e.price
+                .as_ref()
+                .and_then(|p| p.per_1k_completion_tokens_micros),
+        ),
+    ];
+    let mut chrome = ctx.chrome(Some(&nav.id)).await?;
+    let status = match failure {
+        Some((status, alert)) => {
+            chrome.alert = Some(alert);
+            status
+        }
+        None => StatusCode::OK,
+    };
     let page = EndpointPage {
-        chrome: ctx.chrome(Some(&nav.id)).await?,
+        chrome,
         org: nav,
+        price: price_text(e.price.as_ref()),
+        price_form,
+        grants: grants
+            .items
+            .iter()
+            .map(|g| GrantRow {
+                org: g.org.clone(),
+                org_name: g.org_name.clone(),
+                created_at: when(&g.created_at),
+            })
+            .collect(),
+        can_share: role.allows(Permission::WorkloadWrite) && e.state != "deleted",
         endpoint: row(&e),
         curl,
         port: e.port,
@@ -260,11 +356,164 @@ async fn endpoint_page(ctx: &Ctx, raw_org: &str, raw_ep: &str) -> Result<Respons
         charts: charts(&traffic),
         traffic,
     };
-    Ok(render(StatusCode::OK, &page))
+    Ok(render(status, &page))
 }
 
 pub(super) async fn show(ctx: Ctx, Path((org, ep)): Path<(String, String)>) -> Response {
-    let r = endpoint_page(&ctx, &org, &ep).await;
+    let r = endpoint_page(&ctx, &org, &ep, None).await;
+    ctx.finish(r).await
+}
+
+/// The price form: three micro-unit amounts (empty = 0), or `free` to remove the price.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub(super) struct PriceForm {
+    per_request_micros: String,
+    per_1k_prompt_tokens_micros: String,
+    per_1k_completion_tokens_micros: String,
+    free: Option<String>,
+}
+
+impl PriceForm {
+    fn spec(&self) -> Result<Option<EndpointPriceSpec>, ApiError> {
+        if self.free.is_some() {
+            return Ok(None);
+        }
+        let mut errors = Vec::new();
+        let mut part = |field: &str, raw: &str| {
+            let raw = raw.trim();
+            if raw.is_empty() {
+                return None;
+            }
+            raw.parse::<i64>().map(Some).unwrap_or_else(|_| {
+                errors.push(FieldError {
+                    field: format!("price.{field}"),
+                    message: "must be a whole number of micro-units".into(),
+                });
+                None
+            })
+        };
+        let spec = EndpointPriceSpec {
+            per_request_micros: part("per_request_micros", &self.per_request_micros),
+            per_1k_prompt_tokens_micros: part(
+                "per_1k_prompt_tokens_micros",
+                &self.per_1k_prompt_tokens_micros,
+            ),
+            per_1k_completion_tokens_micros: part(
+                "per_1k_completion_tokens_micros",
+                &self.per_1k_completion_tokens_micros,
+            ),
+            currency: None,
+        };
+        if errors.is_empty() {
+            Ok(Some(spec))
+        } else {
+            Err(ApiError::Validation(errors))
+        }
+    }
+}
+
+/// A refused sharing change, told on the endpoint's own page; anything else as usual.
+async fn share_result(
+    ctx: &Ctx,
+    org: &str,
+    ep: &str,
+    result: Result<String, ApiError>,
+) -> Result<Response, ApiError> {
+    match result {
+        Ok(notice) => Ok(redirect_with_notice(
+            &ctx.state,
+            &format!("/orgs/{org}/endpoints/{ep}"),
+            &notice,
+        )),
+        Err(ApiError::Validation(errors)) => {
+            let label = |field: &str| match field {
+                "org" => "The org",
+                "price.per_request_micros" => "Per call",
+                "price.per_1k_prompt_tokens_micros" => "Per 1k prompt tokens",
+                "price.per_1k_completion_tokens_micros" => "Per 1k completion tokens",
+                _ => "The price",
+            };
+            let alert = errors
+                .iter()
+                .map(|e| super::sentence(&format!("{}: {}", label(&e.field), e.message)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            endpoint_page(
+                ctx,
+                org,
+                ep,
+                Some((StatusCode::UNPROCESSABLE_ENTITY, alert)),
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// `POST /orgs/{org}/endpoints/{endpoint}/price`.
+pub(super) async fn set_price(
+    ctx: Ctx,
+    Path((org, ep)): Path<(String, String)>,
+    Form(form): Form<PriceForm>,
+) -> Response {
+    let result = async {
+        let org_id = parse_org(&org)?;
+        let spec = form.spec()?;
+        let mut tx = ctx.state.store.begin().await?;
+        let v =
+            ops::endpoints::set_price(&ctx.state, &mut tx, &ctx.caller, org_id, &ep, spec.as_ref())
+                .await?;
+        tx.commit().await.map_err(kiln_store::StoreError::from)?;
+        Ok(format!(
+            "The price of {} for granted orgs is now {}.",
+            v.name,
+            price_text(v.price.as_ref())
+        ))
+    }
+    .await;
+    let r = share_result(&ctx, &org, &ep, result).await;
+    ctx.finish(r).await
+}
+
+/// `POST /orgs/{org}/endpoints/{endpoint}/grants` with the org to grant.
+pub(super) async fn grant(
+    ctx: Ctx,
+    Path((org, ep)): Path<(String, String)>,
+    Form(form): Form<CreateEndpointGrantInput>,
+) -> Response {
+    let result = async {
+        let org_id = parse_org(&org)?;
+        let mut tx = ctx.state.store.begin().await?;
+        let g = ops::endpoints::grant(&ctx.state, &mut tx, &ctx.caller, org_id, &ep, &form).await?;
+        tx.commit().await.map_err(kiln_store::StoreError::from)?;
+        Ok(format!(
+            "Granted to {} ({}): its API keys may call this endpoint now.",
+            g.org_name, g.org
+        ))
+    }
+    .await;
+    let r = share_result(&ctx, &org, &ep, result).await;
+    ctx.finish(r).await
+}
+
+/// `POST /orgs/{org}/endpoints/{endpoint}/grants/{grantee}/revoke`.
+pub(super) async fn revoke(
+    ctx: Ctx,
+    Path((org, ep, grantee)): Path<(String, String, String)>,
+) -> Response {
+    let result = async {
+        let org_id = parse_org(&org)?;
+        let mut tx = ctx.state.store.begin().await?;
+        ops::endpoints::revoke_grant(&ctx.state, &mut tx, &ctx.caller, org_id, &ep, &grantee)
+            .await?;
+        tx.commit().await.map_err(kiln_store::StoreError::from)?;
+        Ok(format!(
+            "Revoked {grantee}'s grant: its keys can no longer call this endpoint."
+        ))
+    }
+    .await;
+    let r = share_result(&ctx, &org, &ep, result).await;
     ctx.finish(r).await
 }
 
