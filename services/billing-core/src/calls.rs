@@ -396,5 +396,52 @@ mod tests {
             prop_assert!(total(&r) - one_by_one <= 2 * n);
             prop_assert_eq!(r.rated.len(), calls.len());
         }
+
+        /// Resales: only granted callers pay, always the owner, exactly their calls' usage at
+        /// their price rounded down per caller; the owner's catalog charges are those of the
+        /// same calls made by itself, but for rounding.
+        #[test]
+        fn granted_callers_pay_the_owner_exactly_their_own_usage(
+            calls in prop::collection::vec((0u16..600, 0i64..5_000, 0i64..5_000, 0u128..3), 1..40),
+            price in (0i64..10_000, 0i64..10_000, 0i64..10_000),
+        ) {
+            let b = book(&[(0, 100, 200, 600)]);
+            let owner = 1u128 << 100;
+            let calls: Vec<MeteredCall> = calls
+                .iter()
+                .enumerate()
+                .map(|(i, &(s, p, c, who))| {
+                    let caller = if who == 0 { owner } else { 7 + who };
+                    granted(call(i as u128 + 1, i as i64, s, p, c), caller, price)
+                })
+                .collect();
+            let r = rate_calls(&calls, &b);
+            for caller in [8u128, 9] {
+                let mine: Vec<&MeteredCall> = calls
+                    .iter()
+                    .filter(|c| c.caller.as_u128() == caller && is_billable(c.status))
+                    .collect();
+                let n = mine.len() as i64;
+                let p: i64 = mine.iter().map(|c| c.prompt_tokens).sum();
+                let c: i64 = mine.iter().map(|c| c.completion_tokens).sum();
+                let paid: i64 = r
+                    .resales
+                    .iter()
+                    .filter(|x| x.charge.org.as_u128() == caller)
+                    .map(|x| x.charge.amount.micros)
+                    .sum();
+                prop_assert_eq!(paid, n * price.0 + p * price.1 / 1000 + c * price.2 / 1000);
+            }
+            prop_assert!(r.resales.iter().all(|x| x.payee.as_u128() == owner
+                && x.charge.org.as_u128() != owner));
+            let mut anonymous = calls.clone();
+            for c in &mut anonymous {
+                c.caller = c.org;
+            }
+            // Split by caller, the owner's aggregates round down apart: less, by under a micro
+            // per token component and extra aggregate, never more.
+            let together = total(&rate_calls(&anonymous, &b));
+            prop_assert!(total(&r) <= together && together - total(&r) <= 4);
+        }
     }
 }
