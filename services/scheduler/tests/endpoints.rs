@@ -54,6 +54,7 @@ async fn a_failed_replica_is_replaced_once_and_a_deleted_endpoint_gets_none(pool
                 limits: Default::default(),
                 autoscaling: Default::default(),
                 replica: template(),
+                price: None,
             },
         )
         .await
