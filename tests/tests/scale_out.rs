@@ -8,6 +8,9 @@
 //! pod's container is gone and every other pod runs, each Idempotency-Key answers the same pod
 //! on either API, and every answered inference call is metered exactly once.
 //!
+//! A second test stops a scheduler the way an orchestrator does (SIGTERM): the other takes over
+//! the autoscaler's leadership and its agent, and it exits cleanly.
+//!
 //! The binaries are the workspace's own (`target/<profile>/kiln-*`, built by
 //! `cargo nextest run --workspace`). Needs Docker and `scripts/build-images.sh`.
 
@@ -64,6 +67,22 @@ impl Processes {
         let (_, child) = self.0.iter_mut().find(|(n, _)| n == name).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// SIGTERM, as Kubernetes or systemd stopping it would.
+    fn terminate(&self, name: &str) {
+        let (_, child) = self.0.iter().find(|(n, _)| n == name).unwrap();
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {name}");
+    }
+
+    /// How it exited, once it has.
+    fn exited(&mut self, name: &str) -> Option<std::process::ExitStatus> {
+        let (_, child) = self.0.iter_mut().find(|(n, _)| n == name).unwrap();
+        child.try_wait().unwrap()
     }
 }
 
@@ -618,4 +637,142 @@ fn running_containers(node: &str) -> Vec<String> {
                 .to_owned()
         })
         .collect()
+}
+
+/// Two schedulers over one database and an agent behind the load balancer, connected to the
+/// one that leads the autoscaler. SIGTERM to that one: the server ends the agent's streams
+/// itself (the agent is told it is shutting down, rather than losing the connection when the
+/// process dies), the agent registers again through the balancer with the other, which also
+/// takes the autoscaler's lock; the terminated one exits 0 without running into its grace
+/// period.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_terminated_scheduler_hands_over_its_agents_and_the_autoscaler(pool: PgPool) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let db = kiln_testkit::database_url(&pool).await;
+    let namespace = format!("shutdown-{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path();
+    let log_of = |name: &str| std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap();
+    let mut procs = Processes::default();
+    let http = reqwest::Client::new();
+
+    let fleet = [free_addr(), free_addr()];
+    for (i, fleet) in fleet.iter().enumerate() {
+        let ops = free_addr();
+        procs.start(
+            &format!("scheduler-{i}"),
+            Command::new(binary("kiln-scheduler"))
+                .env("DATABASE_URL", &db)
+                .env("REDIS_URL", kiln_testkit::redis_url())
+                .env("KILN_REDIS_NAMESPACE", &namespace)
+                .env("KILN_FLEET_LISTEN", fleet.to_string())
+                .env("KILN_SCHEDULER_OPS_LISTEN", ops.to_string())
+                .env("KILN_HEARTBEAT_INTERVAL_MS", "500")
+                .env("KILN_AUTOSCALE_TICK_MS", "200")
+                // Long enough that exiting before it means nothing held the process open.
+                .env("KILN_SHUTDOWN_GRACE_SECS", "600")
+                .env("RUST_LOG", "warn,kiln_scheduler=info"),
+            logs,
+        );
+        healthy(&http, &format!("http://{ops}")).await;
+    }
+    const LEADS: &str = "this scheduler now runs the endpoint autoscaler";
+    let leader = until(
+        "one scheduler to lead",
+        Duration::from_secs(30),
+        async || (0..2).find(|i| log_of(&format!("scheduler-{i}")).contains(LEADS)),
+    )
+    .await;
+    let other = 1 - leader;
+    assert!(
+        !log_of(&format!("scheduler-{other}")).contains(LEADS),
+        "one leader"
+    );
+
+    // The agent reaches the leader through the balancer.
+    let upstream = Arc::new(Mutex::new(fleet[leader]));
+    let balancer = forwarder(upstream.clone()).await;
+    let store = kiln_store::Store::new(pool.clone());
+    let token = kiln_testkit::fleet::bootstrap_token(&store, Duration::from_secs(600)).await;
+    let hostname = format!("shutdown-{}", std::process::id());
+    procs.start(
+        "agent",
+        Command::new(binary("kiln-agent"))
+            .args(["--control-plane", &format!("http://{balancer}")])
+            .args(["--nvml", "disabled", "--docker", "disabled"])
+            .args(["--hostname", &hostname, "--metrics-interval-ms", "300"])
+            .arg("--state-dir")
+            .arg(dir.path().join("agent"))
+            .arg("--simulated-inventory")
+            .arg(format!("{root}/agent/inventory/inventories/l40s-2x.toml"))
+            .env_remove("KILN_AGENT_CONFIG")
+            .env("KILN_AGENT_BOOTSTRAP_TOKEN", &token)
+            .env("RUST_LOG", "warn,kiln_agent=info"),
+        logs,
+    );
+    const REGISTERED: &str = "registered with the control plane";
+    until(
+        "the agent to register",
+        Duration::from_secs(60),
+        async || log_of("agent").contains(REGISTERED).then_some(()),
+    )
+    .await;
+
+    // The orchestrator stops the leader and takes it out of the balancer.
+    procs.terminate(&format!("scheduler-{leader}"));
+    *upstream.lock().unwrap() = fleet[other];
+
+    let status = until(
+        "the terminated scheduler to exit",
+        Duration::from_secs(60),
+        async || procs.exited(&format!("scheduler-{leader}")),
+    )
+    .await;
+    assert!(status.success(), "{status}");
+    let stopped = log_of(&format!("scheduler-{leader}"));
+    assert!(!stopped.contains("grace period"), "{stopped}");
+    until(
+        "the other scheduler to lead the autoscaler",
+        Duration::from_secs(30),
+        async || {
+            log_of(&format!("scheduler-{other}"))
+                .contains(LEADS)
+                .then_some(())
+        },
+    )
+    .await;
+    // The agent was told, and came back through the balancer to the survivor, which keeps
+    // the node alive.
+    let agent_log = until(
+        "the agent to register again",
+        Duration::from_secs(30),
+        async || {
+            let log = log_of("agent");
+            (log.matches(REGISTERED).count() >= 2).then_some(log)
+        },
+    )
+    .await;
+    assert!(
+        agent_log.contains("shutting down; reconnect"),
+        "the server ended the streams: {agent_log}"
+    );
+    let (since,): (time::OffsetDateTime,) = sqlx::query_as("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    until(
+        "a heartbeat through the survivor",
+        Duration::from_secs(30),
+        async || {
+            let (at, state): (Option<time::OffsetDateTime>, String) = sqlx::query_as(
+                "SELECT last_heartbeat_at, liveness::text FROM nodes WHERE hostname = $1",
+            )
+            .bind(&hostname)
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (at? > since && state == "online").then_some(())
+        },
+    )
+    .await;
 }

@@ -308,6 +308,7 @@ async fn agents_join_die_resume_are_cut_off_heal_and_report_gpu_faults(pool: PgP
         redis_url: None,
         redis_namespace: "kiln".into(),
         secrets_key: None,
+        shutdown_grace_secs: 25,
     };
     config.validate().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -1,8 +1,9 @@
 //! A pod end to end, every part real: the API (in process), the scheduler (in process), a
 //! `kiln-agent` process with the Docker runtime, and the machine's Docker engine running the
 //! demo model image the local stack builds. A tenant creates a pod over HTTP, it is placed,
-//! started, reachable on the port the API reports, and deleting it frees the GPU and removes
-//! the container.
+//! started, reachable on the port the API reports; the agent stopped (SIGTERM) exits 0 and
+//! leaves the container running, and a new agent adopts it; deleting the pod frees the GPU and
+//! removes the container.
 
 use std::process::Command;
 use std::time::Duration;
@@ -36,7 +37,7 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
     let control = ControlPlane::start(&app).await;
     let dir = tempfile::tempdir().unwrap();
     let hostname = format!("e2e-{}", std::process::id());
-    let (_agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
+    let (agent, node) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
 
     let ada = app.user("ada").await;
     let pods = format!("/v1/orgs/{}/pods", ada.org_id);
@@ -174,6 +175,74 @@ async fn a_tenant_runs_a_pod_reaches_it_and_deletes_it(pool: PgPool) {
         .unwrap();
     let org_net = format!("kiln-org-{}", ada.org_id);
     assert_eq!(String::from_utf8_lossy(&nets.stdout).trim(), org_net);
+
+    // Stopping the agent (an upgrade, a restart of the unit: SIGTERM, KillMode=process) leaves
+    // the workload running; the next agent adopts the same container.
+    let container = format!("kiln-{}", running_assignment(&store, &id).await);
+    let container_state = || {
+        let out = Command::new("docker")
+            .args([
+                "inspect",
+                "--format",
+                "{{.Id}} {{.State.Running}}",
+                &container,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let before = container_state();
+    assert!(before.ends_with(" true"), "{before}");
+    let mut agent = agent;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &agent.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exited = until("the agent to exit", Duration::from_secs(60), async || {
+        agent.0.try_wait().unwrap()
+    })
+    .await;
+    assert_eq!(exited.code(), Some(0), "{exited}");
+    assert_eq!(container_state(), before, "still running, untouched");
+    let r = reqwest::Client::new()
+        .post(format!("http://{host}:{port}/v1/completions"))
+        .json(&json!({"prompt": "kiln runs pods"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "served with no agent on the node"
+    );
+    drop(agent);
+    let (since,): (time::OffsetDateTime,) = sqlx::query_as("SELECT now()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let (_agent, again) = start_agent(&store, &control.fleet_url, &hostname, dir.path()).await;
+    assert_eq!(again, node);
+    until(
+        "the new agent to report the pod",
+        Duration::from_secs(30),
+        async || {
+            // Its report comes after its reconcile of what Docker runs.
+            let (at, state): (time::OffsetDateTime, String) =
+                sqlx::query_as("SELECT reported_at, state FROM node_observed WHERE node_id = $1")
+                    .bind(node.as_uuid())
+                    .fetch_one(store.pool())
+                    .await
+                    .ok()?;
+            (at > since && state == "running").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(container_state(), before, "adopted, not recreated");
+    let (_, p) = app.get(&format!("{pods}/{id}"), &ada.access_token).await;
+    assert_eq!(p["state"], "running", "{p}");
 
     let (status, body) = app
         .call(

@@ -29,6 +29,11 @@ pub struct BillingConfig {
     /// How long after a month ends its final invoices are written (late charges rated first).
     #[arg(long, env = "KILN_INVOICE_CLOSE_DELAY_MS", default_value_t = 3_600_000)]
     pub invoice_close_delay_ms: u64,
+    /// After SIGTERM no new tick starts and the one under way finishes (each of its
+    /// transactions commits); after this long it is cut off (what it had not committed rolls
+    /// back, to be done again by the next replica's tick) and the process exits.
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
 }
 
 impl BillingConfig {
@@ -42,7 +47,12 @@ impl BillingConfig {
             rating_settle_ms: 0,
             grace_ms: 0,
             invoice_close_delay_ms: 3_600_000,
+            shutdown_grace_secs: 25,
         }
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 
     pub fn tick(&self) -> Duration {

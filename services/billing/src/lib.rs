@@ -108,7 +108,8 @@ pub async fn tick(
 }
 
 impl Billing {
-    /// Serve ops and tick every `KILN_RATING_TICK_MS` until `shutdown`.
+    /// Serve ops and tick every `KILN_RATING_TICK_MS` until `shutdown`; a tick under way
+    /// then finishes (the binary bounds it by `KILN_SHUTDOWN_GRACE_SECS`).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -140,9 +141,11 @@ impl Billing {
         let mut interval = tokio::time::interval(config.tick());
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Stop first: once asked, no new tick starts (the one under way has finished).
             tokio::select! {
-                _ = interval.tick() => {}
+                biased;
                 _ = stop_rx.wait_for(|s| *s) => break,
+                _ = interval.tick() => {}
             }
             let started = std::time::Instant::now();
             match tick(&store, &config, OffsetDateTime::now_utc()).await {

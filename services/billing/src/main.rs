@@ -34,11 +34,22 @@ async fn main() -> anyhow::Result<()> {
         tick_ms = config.rating_tick_ms,
         "kiln-billing running"
     );
-    Billing {
+    let pool = store.pool().clone();
+    let grace = config.shutdown_grace();
+    let (signal, deadline) = kiln_telemetry::shutdown_with_deadline(grace);
+    let billing = Billing {
         store,
         config,
         ops_listener,
+    };
+    tokio::select! {
+        ran = billing.run(signal) => ran?,
+        () = deadline => {
+            // Transactions not yet committed roll back whole; the next tick redoes them.
+            tracing::warn!(?grace, "billing tick still under way after the shutdown grace period; exiting");
+        }
     }
-    .run(kiln_telemetry::shutdown_signal())
-    .await
+    pool.close().await;
+    tracing::info!("kiln-billing stopped");
+    Ok(())
 }

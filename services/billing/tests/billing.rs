@@ -970,3 +970,104 @@ async fn a_charge_rated_after_its_months_final_invoice_goes_on_the_next_one(pool
     .unwrap();
     assert!(late.contains("after that month's invoice"), "{late}");
 }
+
+/// SIGTERM to the `kiln-billing` binary while a tick is under way (held on the org's billing
+/// lock, which the test holds): the tick finishes — its charges and the cursor they move are
+/// committed together — and the process exits 0 instead of being cut off by its grace period.
+#[sqlx::test(migrator = "kiln_store::MIGRATOR")]
+async fn a_terminated_billing_service_finishes_the_tick_under_way(pool: PgPool) {
+    let org = org(&pool).await;
+    let started = kiln_billing::rater::whole_second(OffsetDateTime::now_utc()) - secs(60);
+    let pod = running_pod(&pool, org, 1, started).await;
+    // The test holds the org's billing lock: the service's charges wait for it.
+    let mut held = pool.begin().await.unwrap();
+    sqlx::query("SELECT org_id FROM billing_settings WHERE org_id = $1 FOR UPDATE")
+        .bind(org)
+        .execute(&mut *held)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("billing.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln-billing"))
+        .env("DATABASE_URL", kiln_testkit::database_url(&pool).await)
+        .env("KILN_BILLING_OPS_LISTEN", "127.0.0.1:0")
+        .env("KILN_RATING_TICK_MS", "100")
+        .env("KILN_RATING_SETTLE_MS", "0")
+        // Long enough that exiting before it means the tick ran to its end.
+        .env("KILN_SHUTDOWN_GRACE_SECS", "600")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the kiln-billing binary runs");
+    kiln_testkit::eventually(
+        "the service's tick to wait on the org's lock",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move {
+                let (waiting,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (waiting > 0).then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(charged(&pool, pod).await.2, 0, "nothing posted yet");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    kiln_testkit::eventually(
+        "the service to take the signal",
+        Duration::from_secs(30),
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .ok()?
+                    .contains("shutting down")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    held.rollback().await.unwrap();
+
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("kiln-billing exits")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(!output.contains("grace period"), "{output}");
+    // The pod's running time up to where its cursor now stands is charged, no more, no less:
+    // the charges and the cursor were committed together.
+    let (rated_until,): (OffsetDateTime,) =
+        sqlx::query_as("SELECT rated_until FROM billing_rating_cursors WHERE workload_id = $1")
+            .bind(pod)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let (amount, quantity, _) = charged(&pool, pod).await;
+    assert!(quantity >= 60 && amount > 0, "{quantity} s, {amount} µ");
+    assert_eq!(quantity, (rated_until - started).whole_seconds());
+    let (unbalanced,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(sum(amount_micros), 0)::int8 FROM ledger_entries")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unbalanced, 0, "every posting balanced");
+}

@@ -95,6 +95,10 @@ pub struct NodeControlService {
     secrets: Option<kiln_auth::SecretBox>,
     /// Where pushed workload output goes; `None`: `PushLogs` is UNAVAILABLE.
     logs: Option<kiln_logs::LogStore>,
+    /// Set when the server begins to shut down: the streams it holds end with UNAVAILABLE, so
+    /// agents reconnect (through the load balancer, to another replica) instead of holding
+    /// this one open.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl NodeControlService {
@@ -111,7 +115,26 @@ impl NodeControlService {
             credentials,
             secrets: None,
             logs: None,
+            stopping: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// End the streams this service holds (and refuse new ones): the server is shutting down.
+    /// [`serve_service`] calls it when its shutdown future completes.
+    pub fn begin_shutdown(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Completes once the service is shutting down.
+    fn stopping(&self) -> impl Future<Output = ()> + Send + 'static + use<> {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|stopping| *stopping).await;
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
     }
 
     /// Open pods' secret env values with the deployment's secrets key (`KILN_SECRETS_KEY`, the
@@ -238,6 +261,13 @@ pub async fn serve_service(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let hub = tokio::spawn(service.hub().clone().run(pool));
+    // Streams end first (they would hold the graceful drain open for good); unary calls in
+    // flight finish.
+    let stopping = service.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping.begin_shutdown();
+    };
     let served = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
@@ -246,6 +276,11 @@ pub async fn serve_service(
         .await;
     hub.abort();
     served
+}
+
+/// What a stream gets when this replica shuts down: the agent reconnects, to another one.
+fn shutting_down() -> Status {
+    Status::unavailable("this control-plane replica is shutting down; reconnect")
 }
 
 /// Log an unexpected failure with its chain and answer a generic INTERNAL.
@@ -424,7 +459,13 @@ impl NodeControl for NodeControlService {
         let node = self.authenticate(&request).await?;
         let mut reports = request.into_inner();
         let mut summary = MetricsSummary::default();
-        while let Some(report) = reports.message().await? {
+        let mut stopping = std::pin::pin!(self.stopping());
+        loop {
+            let report = tokio::select! {
+                report = reports.message() => report?,
+                () = &mut stopping => return Err(shutting_down()),
+            };
+            let Some(report) = report else { break };
             check_node(node, &report.node_id)?;
             let samples = convert::samples(&report)?;
             self.liveness
@@ -445,6 +486,9 @@ impl NodeControl for NodeControlService {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchAssignmentsStream>, Status> {
         let node = self.authenticate(&request).await?;
+        if self.is_stopping() {
+            return Err(shutting_down());
+        }
         let watch = request.into_inner();
         check_node(node, &watch.node_id)?;
         let events = watch::stream(
@@ -455,6 +499,12 @@ impl NodeControl for NodeControlService {
             self.config.stream_recheck,
             self.secrets.clone(),
         );
+        // Ends with UNAVAILABLE when this replica shuts down (nothing more when the stream
+        // ended on its own).
+        let stopped = self.stopping.clone();
+        let farewell = futures::stream::once(async move { *stopped.borrow() })
+            .filter_map(|stopped| async move { stopped.then(|| Err(shutting_down())) });
+        let events = events.take_until(self.stopping()).chain(farewell);
         Ok(Response::new(events.boxed()))
     }
 
@@ -496,7 +546,13 @@ impl NodeControl for NodeControlService {
         let mut stream = request.into_inner();
         let mut owners = logs::Owners::default();
         let mut accepted = 0u64;
-        while let Some(batch) = stream.message().await? {
+        let mut stopping = std::pin::pin!(self.stopping());
+        loop {
+            let batch = tokio::select! {
+                batch = stream.message() => batch?,
+                () = &mut stopping => return Err(shutting_down()),
+            };
+            let Some(batch) = batch else { break };
             accepted += logs::store_batch(&self.store, logs, node, &mut owners, batch).await?;
         }
         Ok(Response::new(LogAck { accepted }))

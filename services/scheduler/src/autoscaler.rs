@@ -200,10 +200,30 @@ impl Autoscaler {
                 tracing::warn!(error = %e, "autoscaler pass failed; retrying");
             }
             tokio::select! {
-                () = &mut stop => return,
+                biased;
+                () = &mut stop => break,
                 () = tokio::time::sleep(every) => {}
             }
         }
+        self.resign().await;
+    }
+
+    /// Give up leadership at once (another replica takes it at its next pass) rather than
+    /// when this process's connections happen to close.
+    async fn resign(&mut self) {
+        if let Some(mut conn) = self.leader.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(LEADER_LOCK)
+                .execute(&mut *conn)
+                .await;
+            if let Err(error) = unlocked {
+                tracing::warn!(%error, "releasing the autoscaler lock failed; closing its session");
+            }
+            // Closing the session releases the lock in any case.
+            let _ = conn.close().await;
+            tracing::info!("this scheduler no longer runs the endpoint autoscaler");
+        }
+        self.lock_pool.close().await;
     }
 }
 

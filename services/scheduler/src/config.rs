@@ -61,6 +61,11 @@ pub struct SchedulerConfig {
     /// fleet service opens them as it streams a pod to its node. Unset: such pods fail there.
     #[arg(long, env = "KILN_SECRETS_KEY", hide_env_values = true)]
     pub secrets_key: Option<String>,
+    /// After SIGTERM: no new placement pass starts, agents' streams end (they reconnect to
+    /// another replica), passes under way finish; after this long whatever is still running
+    /// is cut off (its transaction rolls back) and the process exits.
+    #[arg(long, env = "KILN_SHUTDOWN_GRACE_SECS", default_value_t = 25)]
+    pub shutdown_grace_secs: u64,
 }
 
 /// A setting that makes no sense, said plainly.
@@ -121,6 +126,10 @@ impl SchedulerConfig {
 
     pub fn autoscale_tick(&self) -> Duration {
         Duration::from_millis(self.autoscale_tick_ms.max(50))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
     }
 
     pub fn credential_cache(&self) -> Duration {

@@ -45,6 +45,7 @@ impl EndpointController {
                 tracing::warn!(error = %e, "endpoint controller pass failed; retrying");
             }
             tokio::select! {
+                biased;
                 () = &mut stop => return,
                 () = tokio::time::sleep(every) => {}
             }

@@ -39,7 +39,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Serve node control and ops, and run the lifecycle controller, until `shutdown`.
+    /// Serve node control and ops, and run the lifecycle controller, until `shutdown`; then
+    /// start no new pass, end the agents' streams (they reconnect to another replica), give up
+    /// the autoscaler's leadership, let what is under way finish, and return. The caller bounds
+    /// how long that may take (`KILN_SHUTDOWN_GRACE_SECS` in the binary) and closes the pool.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -82,12 +85,15 @@ impl Scheduler {
         let controller_stop = stopped(stop_rx.clone());
         let controller_task = tokio::spawn(controller.run(tick, controller_stop));
 
-        let liveness = match &config.liveness_database_url {
-            Some(url) => Store::connect_relaxed(url, config.db_max_connections).await?,
-            None => store.clone(),
+        let (liveness, own_liveness_pool) = match &config.liveness_database_url {
+            Some(url) => (
+                Store::connect_relaxed(url, config.db_max_connections).await?,
+                true,
+            ),
+            None => (store.clone(), false),
         };
-        let mut service =
-            NodeControlService::new(store.clone(), fleet_config).with_liveness_store(liveness);
+        let mut service = NodeControlService::new(store.clone(), fleet_config)
+            .with_liveness_store(liveness.clone());
         if let Some(raw) = &config.secrets_key {
             service = service.with_secrets(kiln_auth::SecretBox::from_base64(raw)?);
         }
@@ -132,6 +138,9 @@ impl Scheduler {
             t.await?;
         }
         ops_task.await??;
+        if own_liveness_pool {
+            liveness.pool().close().await;
+        }
         Ok(())
     }
 }

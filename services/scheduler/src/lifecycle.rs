@@ -117,6 +117,7 @@ impl LifecycleController {
         tokio::pin!(stop);
         loop {
             tokio::select! {
+                biased;
                 () = &mut stop => return,
                 _ = interval.tick() => {}
             }

@@ -35,12 +35,24 @@ async fn main() -> anyhow::Result<()> {
         ops = %ops_listener.local_addr()?,
         "kiln-scheduler listening"
     );
-    Scheduler {
+    let pool = store.pool().clone();
+    let grace = config.shutdown_grace();
+    let (signal, deadline) = kiln_telemetry::shutdown_with_deadline(grace);
+    let scheduler = Scheduler {
         store,
         config,
         fleet_listener,
         ops_listener,
+    };
+    tokio::select! {
+        ran = scheduler.run(signal) => ran?,
+        () = deadline => {
+            tracing::warn!(?grace, "work still under way after the shutdown grace period; exiting");
+        }
     }
-    .run(kiln_telemetry::shutdown_signal())
-    .await
+    // Session locks and LISTENs go with their connections: close them now, not whenever the
+    // process's sockets are torn down.
+    pool.close().await;
+    tracing::info!("kiln-scheduler stopped");
+    Ok(())
 }

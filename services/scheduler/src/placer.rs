@@ -384,6 +384,13 @@ impl Placer {
         });
         tokio::pin!(stop);
         loop {
+            // No pass starts once asked to stop (a pass under way runs to its commit, or is
+            // rolled back whole if the process is cut off).
+            tokio::select! {
+                biased;
+                () = &mut stop => break,
+                () = std::future::ready(()) => {}
+            }
             let busy = match self.pass().await {
                 Ok(o) => o.claimed as i64 == self.batch || o.conflicts > 0,
                 Err(e) => {
@@ -395,6 +402,7 @@ impl Placer {
                 continue;
             }
             tokio::select! {
+                biased;
                 () = &mut stop => break,
                 _ = wake_rx.changed() => {}
                 () = tokio::time::sleep(every) => {}

@@ -87,6 +87,7 @@ impl ControlPlane {
             redis_url: Some(kiln_testkit::redis_url()),
             redis_namespace: app.config().redis_namespace.clone(),
             secrets_key: app.config().secrets_key.clone(),
+            shutdown_grace_secs: 25,
         };
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(
