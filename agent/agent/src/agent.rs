@@ -23,6 +23,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument as _;
 
 use crate::backoff::{Backoff, StuckDetector};
 use crate::config::{Config, ConfigError};
@@ -923,10 +924,15 @@ impl<R: Runtime> Agent<R> {
                     let event = message
                         .map_err(|status| SessionError::Rpc { call: "WatchAssignments", status })?
                         .ok_or(SessionError::WatchEnded)?;
-                    let applied = self.apply_event(event, first).await?;
+                    let (applied, traced) = self.apply_event(event, first).await?;
                     first = false;
-                    if applied {
-                        self.report_observed(&mut client).await?;
+                    match (applied, traced) {
+                        // The report of a traced assignment goes on in its trace.
+                        (true, Some(span)) => {
+                            self.report_observed(&mut client).instrument(span).await?;
+                        }
+                        (true, None) => self.report_observed(&mut client).await?,
+                        (false, _) => {}
                     }
                 }
                 _ = timer.tick() => self.report_observed(&mut client).await?,
@@ -937,12 +943,13 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
-    /// Applies one event if it is new; true when it was applied (and persisted).
+    /// Applies one event if it is new; true when it was applied (and persisted), with the span
+    /// of the last assignment applied under a trace the control plane sent (`trace_parent`).
     async fn apply_event(
         &self,
         event: pb::AssignmentEvent,
         first: bool,
-    ) -> Result<bool, SessionError> {
+    ) -> Result<(bool, Option<tracing::Span>), SessionError> {
         let mut state = self.state.lock().await;
         let plan = match state.plan_in_stream(&event, first) {
             Step::AlreadyApplied {
@@ -954,7 +961,7 @@ impl<R: Runtime> Agent<R> {
                     applied_revision,
                     "ignoring an assignment event at or below the applied revision"
                 );
-                return Ok(false);
+                return Ok((false, None));
             }
             Step::Apply(plan) => plan,
         };
@@ -975,10 +982,22 @@ impl<R: Runtime> Agent<R> {
                 r.what
             );
         }
+        let mut traced = None;
         for action in &plan.actions {
             match action {
                 Action::Apply(a) => {
-                    let observed = self.runtime.apply(a).await;
+                    let observed = if a.trace_parent.is_empty() {
+                        self.runtime.apply(a).await
+                    } else {
+                        let span = tracing::info_span!(
+                            "apply assignment",
+                            assignment = %a.assignment_id,
+                            generation = a.generation
+                        );
+                        kiln_telemetry::set_remote_parent(&span, &a.trace_parent);
+                        traced = Some(span.clone());
+                        self.runtime.apply(a).instrument(span).await
+                    };
                     tracing::debug!(assignment = %a.assignment_id, generation = a.generation, state = observed.state, reason = %observed.reason, "runtime applied assignment");
                 }
                 Action::Remove {
@@ -1001,7 +1020,7 @@ impl<R: Runtime> Agent<R> {
             kind = plan.kind.as_str(),
             "applied assignment event"
         );
-        Ok(true)
+        Ok((true, traced))
     }
 
     /// Tells the GPU source what is placed on each GPU now.
@@ -1024,18 +1043,22 @@ impl<R: Runtime> Agent<R> {
         let applied_revision = self.applied.load(Ordering::Acquire);
         let assignments = self.runtime.observe_all().await;
         let count = assignments.len();
-        match rpc(
-            "ReportObserved",
-            client.report_observed(pb::ObservedReport {
-                node_id: self.node_id.clone(),
-                applied_revision,
-                assignments,
-                complete: true,
-                ..Default::default()
-            }),
-        )
-        .await
+        let mut request = tonic::Request::new(pb::ObservedReport {
+            node_id: self.node_id.clone(),
+            applied_revision,
+            assignments,
+            complete: true,
+            ..Default::default()
+        });
+        // Under a traced assignment's span, the fleet service's handling joins its trace.
+        if let Some(value) =
+            kiln_telemetry::current_traceparent().and_then(|t| AsciiMetadataValue::try_from(t).ok())
         {
+            request
+                .metadata_mut()
+                .insert(kiln_telemetry::TRACEPARENT, value);
+        }
+        match rpc("ReportObserved", client.report_observed(request)).await {
             Ok(ack) => {
                 tracing::debug!(
                     applied_revision,

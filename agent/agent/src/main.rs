@@ -55,23 +55,6 @@ struct Cli {
     metrics_interval_ms: Option<u64>,
 }
 
-fn init_logging() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    if std::env::var("KILN_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        fmt()
-            .with_env_filter(filter)
-            .json()
-            .with_writer(std::io::stderr)
-            .init();
-    } else {
-        fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .init();
-    }
-}
-
 fn load_config(cli: Cli) -> Result<Config, kiln_agent::config::ConfigError> {
     Config::load(cli.config.as_deref())?.with_overrides(Overrides {
         control_plane: cli.control_plane,
@@ -117,7 +100,8 @@ fn refuse(e: &dyn std::error::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // Held to the end of main: dropping it flushes the last spans.
+    let _telemetry = kiln_telemetry::init_tracing("kiln-agent");
     let config = match load_config(cli) {
         Ok(c) => c,
         Err(e) => return refuse(&e),

@@ -318,14 +318,19 @@ pub struct Assignment {
     pub assignment_id: ::prost::alloc::string::String,
     #[prost(uint64, tag = "2")]
     pub generation: u64,
-    /// Field numbers 3..=9 are meant for fields common to every kind (e.g. owner, desired run
+    /// The W3C `traceparent` of the request that created this work (empty when tracing is off):
+    /// the agent applies the assignment in a span under it, so one trace follows the work from the
+    /// API through the scheduler to the node. Added in minor 4.
+    #[prost(string, tag = "3")]
+    pub trace_parent: ::prost::alloc::string::String,
+    /// Field numbers 4..=9 are meant for fields common to every kind (e.g. owner, desired run
     /// state, labels), 12..=19 for new kinds in the oneof.
     #[prost(oneof = "assignment::Kind", tags = "10, 11")]
     pub kind: ::core::option::Option<assignment::Kind>,
 }
 /// Nested message and enum types in `Assignment`.
 pub mod assignment {
-    /// Field numbers 3..=9 are meant for fields common to every kind (e.g. owner, desired run
+    /// Field numbers 4..=9 are meant for fields common to every kind (e.g. owner, desired run
     /// state, labels), 12..=19 for new kinds in the oneof.
     #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Kind {

@@ -54,7 +54,9 @@ pub fn app(state: AppState) -> Router {
         .merge(kiln_telemetry::ops_router("kiln-api", health))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(kiln_telemetry::http_metrics))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(kiln_telemetry::http_span),
+        )
 }
 
 /// Periodic upkeep every replica runs: key rotation and forgetting old idempotency records.

@@ -26,7 +26,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kiln_telemetry::init_tracing("kiln-api");
+    // Held to the end of main: dropping it flushes the last spans.
+    let _telemetry = kiln_telemetry::init_tracing("kiln-api");
     let cli = Cli::parse();
     let config = cli.config;
     let store = kiln_store::Store::connect(&config.database_url, 2)

@@ -16,7 +16,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kiln_telemetry::init_tracing("kiln-billing");
+    // Held to the end of main: dropping it flushes the last spans.
+    let _telemetry = kiln_telemetry::init_tracing("kiln-billing");
     let config = Cli::parse().config;
     anyhow::ensure!(
         config.rating_tick_ms > 0,

@@ -41,6 +41,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 pub use credentials::CredentialCache;
 pub use hub::WatchHub;
@@ -376,6 +377,34 @@ impl NodeControlService {
     }
 }
 
+impl NodeControlService {
+    /// `ReportObserved`'s work, in whatever span the caller runs it.
+    async fn observed(
+        &self,
+        request: Request<ObservedReport>,
+    ) -> Result<Response<ObservedAck>, Status> {
+        let node = self.authenticate(&request).await?;
+        let report = request.into_inner();
+        check_node(node, &report.node_id)?;
+        let rows = convert::observed(&report)?;
+        let outcome = self
+            .store
+            .observed_report(node, report.applied_revision, &rows, report.complete)
+            .await
+            .map_err(|e| store_status("report observed", e))?;
+        if outcome.refused > 0 {
+            tracing::warn!(%node, refused = outcome.refused, "observed report names other nodes' assignments");
+            return Err(Status::permission_denied(format!(
+                "{} entries name assignments of another node and were ignored; the rest were recorded",
+                outcome.refused
+            )));
+        }
+        Ok(Response::new(ObservedAck {
+            recorded_revision: outcome.recorded_revision,
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl NodeControl for NodeControlService {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
@@ -512,25 +541,21 @@ impl NodeControl for NodeControlService {
         &self,
         request: Request<ObservedReport>,
     ) -> Result<Response<ObservedAck>, Status> {
-        let node = self.authenticate(&request).await?;
-        let report = request.into_inner();
-        check_node(node, &report.node_id)?;
-        let rows = convert::observed(&report)?;
-        let outcome = self
-            .store
-            .observed_report(node, report.applied_revision, &rows, report.complete)
-            .await
-            .map_err(|e| store_status("report observed", e))?;
-        if outcome.refused > 0 {
-            tracing::warn!(%node, refused = outcome.refused, "observed report names other nodes' assignments");
-            return Err(Status::permission_denied(format!(
-                "{} entries name assignments of another node and were ignored; the rest were recorded",
-                outcome.refused
-            )));
+        // A report sent under a traced assignment (gRPC metadata `traceparent`) is handled in
+        // that trace.
+        let parent = request
+            .metadata()
+            .get(kiln_telemetry::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        match parent {
+            Some(parent) => {
+                let span = tracing::info_span!("ReportObserved", otel.kind = "server");
+                kiln_telemetry::set_remote_parent(&span, &parent);
+                self.observed(request).instrument(span).await
+            }
+            None => self.observed(request).await,
         }
-        Ok(Response::new(ObservedAck {
-            recorded_revision: outcome.recorded_revision,
-        }))
     }
 
     async fn push_logs(

@@ -718,5 +718,7 @@ pub fn app(state: GatewayState) -> Router {
         .with_state(state)
         .merge(kiln_telemetry::ops_router("kiln-gateway", health))
         .layer(axum::middleware::from_fn(kiln_telemetry::http_metrics))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(kiln_telemetry::http_span),
+        )
 }

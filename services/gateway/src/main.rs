@@ -14,7 +14,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kiln_telemetry::init_tracing("kiln-gateway");
+    // Held to the end of main: dropping it flushes the last spans.
+    let _telemetry = kiln_telemetry::init_tracing("kiln-gateway");
     let config = Cli::parse().config;
     let store = kiln_store::Store::connect(&config.database_url, config.db_max_connections)
         .await

@@ -16,7 +16,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    kiln_telemetry::init_tracing("kiln-scheduler");
+    // Held to the end of main: dropping it flushes the last spans.
+    let _telemetry = kiln_telemetry::init_tracing("kiln-scheduler");
     let mut config = Cli::parse().config;
     config.validate()?;
     config.liveness_database_url = Some(config.database_url.clone());

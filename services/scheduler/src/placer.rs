@@ -236,9 +236,16 @@ impl Placer {
             .iter()
             .map(|d| holds(&d.placement, &self.policy))
             .collect();
+        // Each traced workload's placement is a span under its creator's trace, kept open to
+        // the end of the pass; its context goes on to the agent in the assignment.
+        let mut spans: Vec<tracing::Span> = Vec::new();
         let specs: Vec<Vec<u8>> = batch
             .iter()
-            .map(|d| assignment_spec(d.workload, &d.placement))
+            .map(|d| {
+                let (span, trace_parent) = placement_span(d.workload);
+                spans.extend(span);
+                assignment_spec(d.workload, &d.placement, &trace_parent)
+            })
             .collect();
         let commits: Vec<PlacementCommit<'_>> = batch
             .iter()
@@ -285,6 +292,7 @@ impl Placer {
         for w in waits {
             metrics::histogram!("kiln_scheduler_placement_wait_seconds").record(w.max(0.0));
         }
+        drop(spans);
         *guard = Some(view);
         drop(guard);
         self.record_queue_depth().await;
@@ -337,7 +345,8 @@ impl Placer {
             out.preempted += 1;
         }
         let holds = holds(&p, &self.policy);
-        let spec = assignment_spec(w, &p);
+        let (_span, trace_parent) = placement_span(w);
+        let spec = assignment_spec(w, &p, &trace_parent);
         let decided = Decided {
             workload: w,
             req: d.req,
@@ -690,9 +699,24 @@ fn holds(p: &Placement, policy: &Policy) -> Vec<GpuHold> {
     }
 }
 
+/// The span of placing `w`, a child of the trace that created it, and that span's own
+/// `traceparent` for the assignment. No span for a workload created without tracing.
+fn placement_span(w: &WorkloadRecord) -> (Option<tracing::Span>, String) {
+    if w.trace_parent.is_empty() {
+        return (None, String::new());
+    }
+    let span = tracing::info_span!("place", workload = %WorkloadId::from_uuid(w.id));
+    kiln_telemetry::set_remote_parent(&span, &w.trace_parent);
+    let trace_parent = span
+        .in_scope(kiln_telemetry::current_traceparent)
+        .unwrap_or_default();
+    (Some(span), trace_parent)
+}
+
 /// The agent's desired state for a placed workload: the kind's spec from the workload row
-/// (image, command, env, ports for pods; image, keys for instances) and the GPUs placed.
-pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
+/// (image, command, env, ports for pods; image, keys for instances), the GPUs placed, and the
+/// trace the agent applies it under (`trace_parent`, empty without tracing).
+pub fn assignment_spec(w: &WorkloadRecord, p: &Placement, trace_parent: &str) -> Vec<u8> {
     let text = |k: &str| {
         w.spec
             .get(k)
@@ -810,6 +834,7 @@ pub fn assignment_spec(w: &WorkloadRecord, p: &Placement) -> Vec<u8> {
     };
     pb::Assignment {
         kind: Some(kind),
+        trace_parent: trace_parent.to_string(),
         ..pb::Assignment::default()
     }
     .encode_to_vec()

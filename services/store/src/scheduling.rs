@@ -46,11 +46,14 @@ pub struct WorkloadRecord {
     pub assignment_id: Option<Uuid>,
     pub placed_at: Option<OffsetDateTime>,
     pub created_at: OffsetDateTime,
+    /// The W3C `traceparent` of the request that created it ('' when tracing was off).
+    #[sqlx(default)]
+    pub trace_parent: String,
 }
 
 pub(crate) const WORKLOAD_COLUMNS: &str = "id, org_id, kind, name, state, state_reason, state_changed_at, \
      tier, priority, gpu_mode, gpu_type, gpu_count, mig_profile, share_memory_mib, cpu_millis, \
-     memory_mib, disk_gib, spec, node_id, assignment_id, placed_at, created_at";
+     memory_mib, disk_gib, spec, node_id, assignment_id, placed_at, created_at, trace_parent";
 
 /// What a tenant asks to run. Validated by the caller (the API's operations).
 #[derive(Debug, Clone)]
@@ -189,9 +192,9 @@ pub(crate) async fn insert_workload(
     Ok(sqlx::query_as(&format!(
         "INSERT INTO workloads (id, org_id, kind, name, tier, priority, gpu_mode, gpu_type,
              gpu_count, mig_profile, share_memory_mib, cpu_millis, memory_mib, disk_gib, spec,
-             state_reason, endpoint_id)
+             state_reason, endpoint_id, trace_parent)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-             'waiting for the scheduler', $16)
+             'waiting for the scheduler', $16, $17)
          RETURNING {WORKLOAD_COLUMNS}"
     ))
     .bind(WorkloadId::new().as_uuid())
@@ -210,6 +213,8 @@ pub(crate) async fn insert_workload(
     .bind(new.disk_gib)
     .bind(&new.spec)
     .bind(endpoint)
+    // The current span's trace (the API request's), so the work's trace goes on from here.
+    .bind(kiln_telemetry::current_traceparent().unwrap_or_default())
     .fetch_one(&mut *conn)
     .await?)
 }

@@ -15,26 +15,63 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+mod otel;
+
+pub use otel::{TRACEPARENT, TracingGuard, current_traceparent, set_remote_parent};
+
 /// Start logging. `RUST_LOG` filters (default `info`); `KILN_LOG_FORMAT=json` for JSON lines.
-pub fn init_tracing(service: &'static str) {
-    use tracing_subscriber::{EnvFilter, fmt};
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, spans are
+/// also exported as OpenTelemetry traces over OTLP/HTTP, named `OTEL_SERVICE_NAME` or
+/// `service`. Keep the returned guard until shutdown: dropping it flushes the last spans.
+pub fn init_tracing(service: &'static str) -> TracingGuard {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _, fmt};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("KILN_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let result = if json {
-        fmt()
-            .with_env_filter(filter)
-            .json()
-            .with_writer(std::io::stderr)
-            .try_init()
+    let fmt_layer = if json {
+        fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .try_init()
+        fmt::layer().with_writer(std::io::stderr).boxed()
     };
+    let (provider, otel_error) = if otel::enabled() {
+        match otel::provider(service) {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        }
+    } else {
+        (None, None)
+    };
+    let otel_layer = provider.as_ref().map(|p| {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        otel::layer(p, service).with_filter(filter)
+    });
+    let result = tracing_subscriber::registry()
+        .with(fmt_layer.with_filter(filter))
+        .with(otel_layer)
+        .try_init();
     if result.is_ok() {
-        tracing::info!(service, "logging started");
+        tracing::info!(service, traces = provider.is_some(), "logging started");
+        if let Some(error) = otel_error {
+            tracing::warn!(%error, "OpenTelemetry export is configured but could not start");
+        }
     }
+    TracingGuard { provider }
+}
+
+/// The span of one HTTP request (for `tower_http`'s `TraceLayer::make_span_with`): at INFO, so
+/// it is exported, and a child of the caller's trace when the request carries `traceparent`.
+pub fn http_span<B>(req: &axum::http::Request<B>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        uri = %req.uri().path(),
+        otel.kind = "server",
+    );
+    if let Some(parent) = req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
+        set_remote_parent(&span, parent);
+    }
+    span
 }
 
 /// The process-wide Prometheus recorder (installed once, shared by every server in the process).
