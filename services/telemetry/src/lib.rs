@@ -24,6 +24,16 @@ pub use otel::{TRACEPARENT, TracingGuard, current_traceparent, set_remote_parent
 /// also exported as OpenTelemetry traces over OTLP/HTTP, named `OTEL_SERVICE_NAME` or
 /// `service`. Keep the returned guard until shutdown: dropping it flushes the last spans.
 pub fn init_tracing(service: &'static str) -> TracingGuard {
+    init(service, None)
+}
+
+/// [`init_tracing`], exporting traces to the OTLP/HTTP collector at `otlp_endpoint` whatever
+/// the environment says (for tests and embedders that cannot set the process environment).
+pub fn init_tracing_to(service: &'static str, otlp_endpoint: &str) -> TracingGuard {
+    init(service, Some(otlp_endpoint))
+}
+
+fn init(service: &'static str, endpoint: Option<&str>) -> TracingGuard {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, Layer as _, fmt};
@@ -34,8 +44,8 @@ pub fn init_tracing(service: &'static str) -> TracingGuard {
     } else {
         fmt::layer().with_writer(std::io::stderr).boxed()
     };
-    let (provider, otel_error) = if otel::enabled() {
-        match otel::provider(service) {
+    let (provider, otel_error) = if endpoint.is_some() || otel::enabled() {
+        match otel::provider(service, endpoint) {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
         }

@@ -28,11 +28,18 @@ pub(crate) fn enabled() -> bool {
 }
 
 /// A batch exporter to the configured endpoint, named `OTEL_SERVICE_NAME` or `service`.
-pub(crate) fn provider(service: &'static str) -> Result<SdkTracerProvider, String> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-        .map_err(|e| e.to_string())?;
+/// With `endpoint` (the collector's base URL), spans go to its `/v1/traces` whatever the
+/// environment says.
+pub(crate) fn provider(
+    service: &'static str,
+    endpoint: Option<&str>,
+) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
+    }
+    let exporter = builder.build().map_err(|e| e.to_string())?;
     let name = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|v| !v.trim().is_empty())
@@ -65,6 +72,13 @@ pub struct TracingGuard {
 }
 
 impl TracingGuard {
+    /// Send the spans ended so far now, not at the next batch.
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider {
+            let _ = provider.force_flush();
+        }
+    }
+
     /// Flush and stop the exporter now (idempotent; also done on drop).
     pub fn shutdown(&mut self) {
         if let Some(provider) = self.provider.take() {
