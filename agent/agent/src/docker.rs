@@ -1298,6 +1298,7 @@ mod tests {
 
     fn assignment(pod: PodSpec) -> Assignment {
         Assignment {
+            trace_parent: String::new(),
             assignment_id: "asg_1".into(),
             generation: 4,
             kind: Some(Kind::Pod(pod)),

@@ -190,11 +190,13 @@ mod tests {
     async fn placeholder_reports_pending_with_an_honest_reason() {
         let rt = PlaceholderRuntime::default();
         let pod = Assignment {
+            trace_parent: String::new(),
             assignment_id: "asg_pod".into(),
             generation: 2,
             kind: Some(Kind::Pod(PodSpec::default())),
         };
         let vm = Assignment {
+            trace_parent: String::new(),
             assignment_id: "asg_vm".into(),
             generation: 1,
             kind: Some(Kind::Instance(InstanceSpec::default())),

@@ -388,6 +388,7 @@ mod tests {
 
     fn pod(id: &str, generation: u64) -> Assignment {
         Assignment {
+            trace_parent: String::new(),
             assignment_id: id.into(),
             generation,
             kind: Some(Kind::Pod(PodSpec {
@@ -615,6 +616,7 @@ mod tests {
     #[test]
     fn gpu_use_of_each_mode() {
         let with = |kind| Assignment {
+            trace_parent: String::new(),
             assignment_id: "x".into(),
             generation: 1,
             kind: Some(Kind::Pod(PodSpec {
@@ -642,6 +644,7 @@ mod tests {
         })));
         assert_eq!(share.gpu_uuids, vec!["GPU-s".to_owned()]);
         let inst = AppliedAssignment::of(&Assignment {
+            trace_parent: String::new(),
             assignment_id: "i".into(),
             generation: 1,
             kind: Some(Kind::Instance(InstanceSpec {
@@ -652,6 +655,7 @@ mod tests {
         assert_eq!(inst.kind, SpecKind::Instance);
         assert_eq!(inst.gpu_uuids.len(), 2);
         let cpu_only = AppliedAssignment::of(&Assignment {
+            trace_parent: String::new(),
             assignment_id: "c".into(),
             generation: 1,
             kind: Some(Kind::Pod(PodSpec::default())),

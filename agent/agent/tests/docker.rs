@@ -149,6 +149,7 @@ fn assignment(id: &str, generation: u64, pod: PodSpec) -> Assignment {
     Assignment {
         assignment_id: id.into(),
         generation,
+        trace_parent: String::new(),
         kind: Some(Kind::Pod(pod)),
     }
 }

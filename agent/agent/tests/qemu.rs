@@ -71,6 +71,7 @@ fn instance(generation: u64, public_key: &str, power: PowerState) -> Assignment 
     Assignment {
         assignment_id: ID.into(),
         generation,
+        trace_parent: String::new(),
         kind: Some(Kind::Instance(InstanceSpec {
             image: "kiln-tiny".into(),
             cpu_millis: 1000,

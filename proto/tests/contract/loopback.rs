@@ -39,6 +39,7 @@ fn pod(generation: u64) -> Assignment {
     Assignment {
         assignment_id: "asg_1".into(),
         generation,
+        trace_parent: String::new(),
         kind: Some(assignment::Kind::Pod(PodSpec {
             image: "kiln/echo:1".into(),
             command: vec!["echo".into(), "hi".into()],
